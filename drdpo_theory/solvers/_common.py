@@ -1,0 +1,158 @@
+"""Shared pieces of the exact solvers: validation, weighted DPO loss and its derivatives,
+the Frank-Wolfe certificate on the parameter ball, and cvxpy solving with fallbacks."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ..data import PreferenceData
+from ..losses import dpo_curvature, dpo_grad, dpo_loss
+from .result import SolverError
+
+__all__ = [
+    "check_common",
+    "weighted_loss",
+    "weighted_grad_hess",
+    "ball_fw_gap",
+    "curvature_floor",
+    "check_radius",
+    "Timer",
+    "solve_cvxpy",
+]
+
+
+def check_common(data: PreferenceData, beta: float, radius: float) -> None:
+    """Validate the arguments shared by all solvers (clear ``ValueError`` messages)."""
+    if not isinstance(data, PreferenceData):
+        raise TypeError(f"data must be a PreferenceData, got {type(data).__name__}")
+    if not (np.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if not (np.isfinite(radius) and radius > 0):
+        raise ValueError(f"radius (the parameter ball B) must be a finite number > 0, got {radius!r}")
+    nref = float(np.linalg.norm(data.theta_ref))
+    if nref > radius * (1 + 1e-12):
+        raise ValueError(f"theta_ref must lie in the parameter ball: ||theta_ref|| = {nref:.6g} > B = {radius}")
+
+
+def check_radius(name: str, value: float) -> float:
+    """A radius (rho, eps, kappa) must be a number >= 0 (kappa may be inf)."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}") from None
+    if math.isnan(v) or v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    return v
+
+
+def weighted_loss(theta, data: PreferenceData, beta: float) -> float:
+    """``sum_i w_i l(z_i; theta)``."""
+    return float(data.weights @ dpo_loss(theta, data.x, data.y, beta, data.theta_ref))
+
+
+def weighted_grad_hess(theta, data: PreferenceData, beta: float, weights=None):
+    """Gradient (d,) and Hessian (d, d) of ``sum_i w_i l(z_i; theta)``."""
+    w = data.weights if weights is None else weights
+    g = w @ dpo_grad(theta, data.x, data.y, beta, data.theta_ref)
+    c = w * dpo_curvature(theta, data.x, data.y, beta, data.theta_ref)
+    H = (data.x * c[:, None]).T @ data.x
+    return g, H
+
+
+def ball_fw_gap(grad, theta, radius: float, mu: float = 0.0) -> float:
+    r"""Certified suboptimality on the ball ``{||t|| <= B}`` from one (sub)gradient.
+
+    If ``f(t) >= f(theta) + grad.(t - theta) + (mu/2)||t - theta||^2`` on the ball (``mu >= 0`` a
+    valid strong-convexity constant there), then
+
+    .. math:: f(\theta) - \min_{\|t\|\le B} f \le
+              -\min_{\|t\| \le B}\bigl[g\cdot(t-\theta) + \tfrac{\mu}{2}\|t-\theta\|^2\bigr].
+
+    ``mu = 0`` is the Frank-Wolfe gap ``g.theta + B||g||``. For ``mu > 0`` the quadratic is
+    isotropic, so its minimiser over the ball is the projection of ``theta - g/mu`` (closed form).
+    The result is the smaller (both are valid), floored at 0.
+    """
+    g = np.asarray(grad, float)
+    theta = np.asarray(theta, float)
+    fw = float(g @ theta + radius * np.linalg.norm(g))
+    best = fw
+    if mu > 0:
+        t = theta - g / mu
+        nt = np.linalg.norm(t)
+        if nt > radius:
+            t = t * (radius / nt)
+        diff = t - theta
+        best = min(fw, -float(g @ diff + 0.5 * mu * diff @ diff))
+    return max(0.0, best)
+
+
+def curvature_floor(data: PreferenceData, beta: float, radius: float, weights=None) -> float:
+    """A valid strong-convexity constant of ``sum_i w_i l_i`` on ``{||theta|| <= B}``.
+
+    ``hess = beta^2 sum_i w_i s(t_i) x_i x_i^T`` with ``s(t) = sigma(t)sigma(-t)`` decreasing in
+    ``|t|`` and ``|t_i| <= beta ||x_i|| (B + ||theta_ref||)`` on the ball, so
+    ``mu = beta^2 lambda_min(sum_i w_i s(t_i^max) x_i x_i^T)`` (THEORY.md section 2: c_B).
+    """
+    from ..losses import sigmoid
+
+    w = data.weights if weights is None else np.asarray(weights, float)
+    tmax = beta * np.linalg.norm(data.x, axis=1) * (radius + np.linalg.norm(data.theta_ref))
+    c = w * sigmoid(tmax) * sigmoid(-tmax)
+    M = (data.x * c[:, None]).T @ data.x
+    return max(0.0, float(beta**2 * np.linalg.eigvalsh(M)[0]) * (1 - 1e-9))
+
+
+class Timer:
+    """Context manager measuring wall time in ``.seconds``."""
+
+    def __enter__(self):
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._t0
+        return False
+
+    @property
+    def elapsed(self) -> float:
+        return time.perf_counter() - self._t0
+
+
+#: Solver attempts for conic problems, in order (THEORY.md section 6: Clarabel first, retry with a
+#: shorter step fraction, then SCS).
+CONIC_ATTEMPTS = (
+    ("CLARABEL", dict(tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, max_iter=500)),
+    ("CLARABEL", dict(tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, max_iter=1000, max_step_fraction=0.9)),
+    ("SCS", dict(eps_abs=1e-9, eps_rel=1e-9, max_iters=200000)),
+)
+
+
+def solve_cvxpy(problem, attempts=CONIC_ATTEMPTS, accept=None):
+    """Solve a cvxpy problem trying ``attempts`` in order.
+
+    ``accept()`` (optional) is called after each solve that returned a solution and decides
+    whether to stop (e.g. when the certified gap is small enough). Returns ``(solver_name,
+    cvxpy_status, tried)``; raises :class:`SolverError` when every attempt failed.
+    """
+    import cvxpy as cp
+
+    tried = []
+    last = None
+    for name, opts in attempts:
+        label = name + ("(max_step_fraction=0.9)" if "max_step_fraction" in opts else "")
+        try:
+            problem.solve(solver=name, **opts)
+        except (cp.error.SolverError, ValueError, ArithmeticError) as exc:
+            tried.append(f"{label}: {type(exc).__name__}")
+            continue
+        tried.append(f"{label}: {problem.status}")
+        if problem.status in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE):
+            last = (label, problem.status)
+            if accept is None or accept():
+                return label, problem.status, tried
+    if last is not None:
+        return last[0], last[1], tried
+    raise SolverError("all conic solvers failed: " + "; ".join(tried))

@@ -1,0 +1,95 @@
+"""The frozen result object every exact solver returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+__all__ = ["SolverResult", "SolverError", "OPTIMAL", "INACCURATE", "FAILED", "CERTIFIED_GAP"]
+
+#: Status strings. Only ``OPTIMAL`` means the duality gap was certified <= ``CERTIFIED_GAP``.
+OPTIMAL = "optimal"
+INACCURATE = "inaccurate"
+FAILED = "failed"
+#: The gap below which a solution is reported optimal (absolute, on the objective value).
+CERTIFIED_GAP = 1e-7
+
+
+class SolverError(RuntimeError):
+    """A solver could not produce any solution."""
+
+
+@dataclass(frozen=True)
+class SolverResult:
+    """Solution of one robust DPO problem.
+
+    Attributes
+    ----------
+    method : ``"dpo"``, ``"kldpo"`` or ``"wdpo"``.
+    theta : (d,) the minimiser.
+    objective : robust objective ``L(theta; P)`` evaluated at ``theta`` (upper bound on the optimum).
+    lower_bound : certified lower bound on the optimal value (``objective - duality_gap``).
+    duality_gap : ``objective - lower_bound`` >= 0: a certificate ``L(theta) - L* <= duality_gap``.
+    lam : optimal dual variable of the radius constraint (KL: lambda of the exp-tilt;
+        Wasserstein: the transport-cost multiplier); ``None`` for DPO.
+    weights : worst-case distribution on the data tuples, (n,) (KL: ``q*``; Wasserstein on a
+        finite support: the mass the plan sends to each support point), or ``None``.
+    plan : worst-case transport plan (finite-support Wasserstein), else ``None``.
+    status : ``"optimal"`` (gap certified <= 1e-7), ``"inaccurate"`` or ``"failed"``.
+    solver : which solver certified (e.g. ``"native-newton"``, ``"cvxpy-CLARABEL"``).
+    seconds : wall time.
+    collapsed : True when the robust optimum is ``theta_ref`` because the radius passed the
+        collapse threshold.
+    info : solver-specific extras (iterations, thresholds, ...).
+    """
+
+    method: str
+    theta: NDArray[np.float64]
+    objective: float
+    lower_bound: float
+    duality_gap: float
+    lam: float | None
+    weights: NDArray[np.float64] | None
+    status: str
+    solver: str
+    seconds: float
+    collapsed: bool = False
+    plan: Any = None
+    info: dict = field(default_factory=dict)
+
+    @property
+    def optimal(self) -> bool:
+        """True iff the status is optimal (duality gap certified)."""
+        return self.status == OPTIMAL
+
+    def to_json_dict(self) -> dict:
+        """The CLI's JSON object: theta, objective, duality_gap, status, solver, seconds and extras."""
+        out = {
+            "method": self.method,
+            "theta": [float(t) for t in self.theta],
+            "objective": float(self.objective),
+            "lower_bound": float(self.lower_bound),
+            "duality_gap": float(self.duality_gap),
+            "lam": None if self.lam is None else float(self.lam),
+            "status": self.status,
+            "solver": self.solver,
+            "seconds": float(self.seconds),
+            "collapsed": bool(self.collapsed),
+        }
+        for k, v in self.info.items():
+            if isinstance(v, (bool, int, float, str)) or v is None:
+                out.setdefault(k, v)
+        return out
+
+
+def status_from_gap(gap: float, tol: float = CERTIFIED_GAP) -> str:
+    """``optimal`` iff the certified gap is finite and <= ``tol``."""
+    return OPTIMAL if np.isfinite(gap) and gap <= tol else INACCURATE
+
+
+def asdict_result(r: SolverResult) -> dict:
+    """Plain dict of a result (arrays kept)."""
+    return asdict(r)
