@@ -127,5 +127,9 @@ def newton_ball(
         if not accepted:
             # no decrease representable in floating point: we are at the optimum to machine precision
             return NewtonResult(v, f, it, dec < 1e-9, nu, f"line search stalled (decrement {dec:.3g})")
+        if f_new >= f and dec < 1e-12:
+            # the step passed Armijo only through rounding (f - 1e-4 t dec == f): converged to
+            # machine precision; without this check an active ball makes Newton cycle at dec ~ 1e-16
+            return NewtonResult(v_new, f_new, it, True, nu, f"converged to rounding (decrement {dec:.3g})")
         v, f = v_new, f_new
     return NewtonResult(v, f, max_iter, False, nu, "max_iter reached")
