@@ -1,0 +1,1052 @@
+"""Wasserstein distributionally robust DPO (WDPO) on the log-linear class: exact solvers.
+
+THEORY.md section 3 (WDPO) and docs/theory_wasserstein.md (every derivation used here).
+The robust objective at ``theta`` is
+
+.. math:: L_W(\\theta; P) = \\sup_{Q:\\ W_p(Q, P) \\le \\varepsilon} E_Q\\, \\ell(z; \\theta),
+
+with ``P = sum_i w_i delta_{(x_i, y_i)}`` and the transport cost (the project's choice, explicit in
+every API below)
+
+.. math:: c\\bigl((x, y), (x', y')\\bigr) = \\|x - x'\\|_2 + \\kappa\\,[y \\ne y'],
+          \\qquad \\kappa \\in [0, \\infty]
+
+(``kappa = inf``: labels never flip). ``W_p`` uses the cost ``c^p``; the ball is
+``W_p(Q, P) <= eps``, i.e. a transport budget ``E_pi c^p <= eps^p``.
+
+Two adversaries are solved exactly:
+
+* **continuous support**, ``p = 1``: ``x`` may move anywhere in R^d. With the margin
+  ``t_i = ytil_i beta (theta - theta_ref).x_i`` (the flip gain: ``l(x_i, 1-y_i) = l_i + t_i``) and
+  ``lam0 = beta ||theta - theta_ref||`` (the Lipschitz constant of ``l`` in ``x``),
+
+  .. math:: L_W(\\theta) = \\min_{\\lambda \\ge \\lambda_0}\\ \\lambda\\varepsilon
+            + \\sum_i w_i \\bigl[\\ell_i + (t_i - \\lambda\\kappa)_+\\bigr]
+
+  (Shafieezadeh-Abadeh, Mohajerin Esfahani, Kuhn 2015); ``kappa = inf`` gives
+  ``sum_i w_i l_i + eps beta ||theta - theta_ref||``;
+* **finite support** ``z_1..z_m`` (:class:`FiniteSupport`), ``p`` in {1, 2}: an LP over transport
+  plans whose dual is one-dimensional,
+
+  .. math:: L_W(\\theta) = \\min_{\\lambda \\ge 0}\\ \\lambda\\varepsilon^p
+            + \\sum_j q_j \\max_k \\bigl[\\ell(z_k; \\theta) - \\lambda c(z_j, z_k)^p\\bigr].
+
+Certificates: ``objective`` is the exact robust value at the returned ``theta``;
+``lower_bound`` comes from a feasible adversary (flip fractions / transport plan, from the
+solver's dual variables or the exact inner problem) through the convex minorant
+``theta' -> E_{Q} l(theta')`` and ``_common.ball_fw_gap``: see docs/theory_wasserstein.md, section 5.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy import sparse
+
+from ..data import PreferenceData
+from ..losses import dpo_grad, dpo_loss, signed_labels
+from ._common import (
+    Timer,
+    ball_fw_gap,
+    check_common,
+    check_radius,
+    curvature_floor,
+    solve_cvxpy,
+    weighted_grad_hess,
+    weighted_loss,
+)
+from ._newton import newton_ball
+from .result import FAILED, SolverError, SolverResult, status_from_gap
+
+__all__ = [
+    "FiniteSupport",
+    "WInner",
+    "WInnerFinite",
+    "transport_cost",
+    "w1_collapse_threshold",
+    "wdpo_inner_continuous",
+    "wdpo_inner_finite",
+    "wdpo_objective",
+    "wdpo_gradient",
+    "solve_wdpo_continuous_native",
+    "solve_wdpo_continuous_cvxpy",
+    "solve_wdpo_finite",
+    "solve_wdpo",
+]
+
+#: Cutting planes stop when no constraint of the full finite-support dual is violated by more than this.
+CUT_TOL = 1e-8
+
+
+# ----------------------------------------------------------------------------------------------
+# validation and the transport cost
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_p(p) -> int:
+    if p not in (1, 2) or isinstance(p, bool):
+        raise ValueError(f"p must be 1 or 2 (the order of the Wasserstein distance W_p), got {p!r}")
+    return int(p)
+
+
+def _check_eps_kappa(eps, kappa) -> tuple[float, float]:
+    eps = check_radius("eps", eps)
+    if math.isinf(eps):
+        raise ValueError("eps must be finite")
+    kappa = check_radius("kappa", kappa)
+    return eps, kappa
+
+
+def transport_cost(x1, y1, x2, y2, kappa: float = math.inf, p: int = 1) -> NDArray[np.float64]:
+    """Pairwise transport cost ``c^p`` with ``c = ||x - x'||_2 + kappa [y != y']``.
+
+    Parameters
+    ----------
+    x1 : (a, d), y1 : (a,), x2 : (b, d), y2 : (b,).
+    kappa : label-flip cost, >= 0 or ``inf`` (then label changes cost ``inf``).
+    p : 1 or 2.
+
+    Returns
+    -------
+    (a, b) array of ``c((x1_j, y1_j), (x2_k, y2_k))^p`` (``inf`` where labels differ and kappa is inf).
+    """
+    p = _check_p(p)
+    kappa = check_radius("kappa", kappa)
+    x1 = np.asarray(x1, float)
+    x2 = np.asarray(x2, float)
+    # ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b can cancel badly; the direct difference is exact enough
+    # and blocks keep memory at a*b*d floats per block.
+    out = np.empty((x1.shape[0], x2.shape[0]))
+    step = max(1, int(2**22 // max(1, x2.shape[0] * x2.shape[1])))
+    for a in range(0, x1.shape[0], step):
+        diff = x1[a : a + step, None, :] - x2[None, :, :]  # (blk, b, d)
+        out[a : a + step] = np.sqrt(np.einsum("jkd,jkd->jk", diff, diff))
+    flip = np.asarray(y1)[:, None] != np.asarray(y2)[None, :]
+    if math.isinf(kappa):
+        out[flip] = np.inf
+    else:
+        out[flip] += kappa
+    return out**p if p == 2 else out
+
+
+def w1_collapse_threshold(data: PreferenceData) -> float:
+    """``eps_c = ||sum_i w_i ytil_i x_i||_2 / 2``: the W1 (continuous support) collapse radius.
+
+    For ``kappa = inf`` (and, identically, any ``kappa >= max_i ||x_i||``, see
+    docs/theory_wasserstein.md section 2) and ``theta_ref`` strictly inside the ball, the robust
+    optimum is ``theta_ref`` iff ``eps >= eps_c``: the gradient of the mean loss at ``theta_ref`` is
+    ``-(beta/2) sum_i w_i ytil_i x_i`` (``sigma(0) = 1/2``) and the subdifferential of
+    ``eps beta ||theta - theta_ref||`` there is the ball of radius ``eps beta``.
+    For smaller finite ``kappa`` the collapse radius is at most ``eps_c``.
+    """
+    return float(np.linalg.norm(data.weights @ data.u)) / 2.0
+
+
+# ----------------------------------------------------------------------------------------------
+# continuous support, p = 1: the inner supremum
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WInner:
+    """Exact inner supremum of W1-WDPO with continuous support at a fixed ``theta``.
+
+    Attributes
+    ----------
+    value : ``sup_{W_1(Q, P) <= eps} E_Q l`` (exact).
+    lam : optimal dual variable ``lam*`` of the transport budget (>= ``lam0``).
+    lam0 : ``beta ||theta - theta_ref||``, the Lipschitz constant of ``l`` in ``x``.
+    flip_fraction : (n,) ``alpha_i``: the worst case moves mass ``w_i alpha_i`` of tuple ``i`` to
+        ``(x_i, 1 - y_i)`` (cost ``kappa`` per unit).
+    far_budget : ``nu = eps - kappa sum_i w_i alpha_i >= 0``: the rest of the budget, which the
+        adversary spends moving a vanishing mass ever farther along ``-ytil_i (theta - theta_ref)``;
+        its gain tends to ``lam0 * nu``.
+    attained : False when the supremum is only reached in that limit (``nu > 0`` and ``lam0 > 0``).
+    mean_loss : ``sum_i w_i l_i`` (the nominal value).
+    kappa, eps : the cost parameters used.
+    """
+
+    value: float
+    lam: float
+    lam0: float
+    flip_fraction: NDArray[np.float64]
+    far_budget: float
+    attained: bool
+    mean_loss: float
+    kappa: float
+    eps: float
+
+    @property
+    def description(self) -> str:
+        """A one-line description of the worst case."""
+        flipped = float(np.sum(self.flip_fraction > 0))
+        s = f"flips {flipped:.0f} tuple(s) (cost kappa={self.kappa:g} each)"
+        if self.far_budget > 0 and self.lam0 > 0:
+            s += (f"; budget {self.far_budget:.4g} moves vanishing mass to infinity along "
+                  f"-ytil (theta - theta_ref) (supremum not attained)")
+        return s
+
+
+def _margins_losses(theta, x, y, beta, theta_ref):
+    """``t = ytil beta (theta - theta_ref).x`` and ``l = log(1 + exp(-t))``, both (n,)."""
+    a = np.asarray(theta, float) - theta_ref
+    t = signed_labels(y) * beta * (np.asarray(x, float) @ a)
+    return t, -_log_sigmoid(t)
+
+
+def _log_sigmoid(t):
+    return -np.logaddexp(0.0, -t)  # stable for large |t|
+
+
+def wdpo_inner_continuous(theta, data: PreferenceData, beta: float, eps: float, kappa: float = math.inf) -> WInner:
+    """Exact ``sup_{W_1(Q, P_data) <= eps} E_Q l(z; theta)`` over distributions on R^d x {0, 1}.
+
+    Cost ``c = ||x - x'||_2 + kappa [y != y']``. By strong duality (docs/theory_wasserstein.md,
+    section 1), with ``t_i = ytil_i beta (theta - theta_ref).x_i`` and ``lam0 = beta ||theta - theta_ref||``,
+
+    .. math:: \\sup = \\min_{\\lambda \\ge \\lambda_0} g(\\lambda),\\quad
+              g(\\lambda) = \\lambda\\varepsilon + \\sum_i w_i\\bigl[\\ell_i + (t_i - \\lambda\\kappa)_+\\bigr],
+
+    piecewise linear and convex in ``lam`` with breakpoints ``t_i / kappa``; its minimiser is found
+    exactly by sorting the margins. The supremum is attained only when the budget is spent on label
+    flips (or ``theta = theta_ref``); otherwise the remainder moves vanishing mass to infinity along
+    ``-ytil_i (theta - theta_ref)`` and the value is a limit (see :class:`WInner`).
+
+    Parameters
+    ----------
+    theta : (d,). data : n weighted tuples. beta > 0. eps >= 0 (radius). kappa >= 0 or inf.
+    """
+    eps, kappa = _check_eps_kappa(eps, kappa)
+    theta = np.asarray(theta, float)
+    w = data.weights
+    t, l = _margins_losses(theta, data.x, data.y, beta, data.theta_ref)
+    mean_loss = float(w @ l)
+    lam0 = beta * float(np.linalg.norm(theta - data.theta_ref))
+    alpha = np.zeros(data.n)
+    if math.isinf(kappa):
+        return WInner(mean_loss + eps * lam0, lam0, lam0, alpha, eps, eps == 0 or lam0 == 0, mean_loss, kappa, eps)
+    # g'(lam) = eps - kappa * W(lam kappa), W(tau) = sum_{t_i > tau} w_i (non-increasing in tau):
+    # the optimal tau = lam kappa is the smallest tau >= lam0 kappa with kappa W(tau) <= eps.
+    cap = math.inf if kappa == 0 else eps / kappa  # flip mass the budget can pay for
+    order = np.argsort(-t, kind="stable")
+    cum = np.cumsum(w[order])
+    k = int(np.searchsorted(cum, cap, side="right"))  # first position with cum > cap
+    tau_star = t[order[k]] if k < data.n else -math.inf  # W(t_(k)) <= cum[k-1] <= cap; W(tau) > cap below
+    tau0 = lam0 * kappa
+    if kappa > 0 and tau_star > tau0:
+        tau, lam = float(tau_star), float(tau_star) / kappa
+    else:
+        tau, lam = tau0, lam0
+    strict = t > tau
+    alpha[strict] = 1.0
+    value = lam * eps + mean_loss + float(w @ np.maximum(t - tau, 0.0))
+    used = float(w[strict].sum())
+    if lam > lam0:
+        # complementary slackness: the budget is used by flips; the ties t_i = tau share the rest
+        # (flipping a tie gains exactly its cost lam*kappa, so any split is optimal; this one is feasible).
+        rem = cap - used
+        for i in np.flatnonzero(t == tau):
+            if rem <= 0:
+                break
+            frac = min(1.0, rem / w[i]) if w[i] > 0 else 0.0
+            alpha[i] = frac
+            rem -= frac * w[i]
+    far = max(0.0, eps - kappa * float(w @ alpha))
+    attained = far == 0 or lam0 == 0
+    return WInner(value, lam, lam0, alpha, far, attained, mean_loss, kappa, eps)
+
+
+def _continuous_subgradient(theta, data, beta, inner: WInner) -> NDArray[np.float64]:
+    """A subgradient of the continuous W1 robust objective (Danskin at the worst case; section 3 of the doc).
+
+    ``g = sum_i w_i [grad l_i + alpha_i beta ytil_i x_i] + nu beta (theta - theta_ref)/||.||``; at
+    ``theta = theta_ref`` the last term is ``nu beta v``, ``||v|| <= 1``, chosen to minimise ``||g||``.
+    """
+    w = data.weights
+    g0 = w @ dpo_grad(theta, data.x, data.y, beta, data.theta_ref) + beta * ((w * inner.flip_fraction) @ data.u)
+    return _add_norm_term(g0, np.asarray(theta, float) - data.theta_ref, beta * inner.far_budget)
+
+
+def _add_norm_term(g0, a, c):
+    """``g0 + c a/||a||`` (``a != 0``) or the least-norm element of ``g0 + c * unit ball`` (``a = 0``)."""
+    r = float(np.linalg.norm(a))
+    if r > 0:
+        return g0 + c * a / r
+    ng = float(np.linalg.norm(g0))
+    if ng == 0 or c >= ng:
+        return np.zeros_like(g0)
+    return g0 * (1.0 - c / ng)
+
+
+# ----------------------------------------------------------------------------------------------
+# finite support: the support, the inner LP and its exact 1-D dual
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FiniteSupport:
+    """Points ``z_1..z_m`` the finite-support adversary may move mass to.
+
+    Attributes
+    ----------
+    x : (m, d) feature differences. y : (m,) labels in {0, 1}. Tuples must be distinct.
+    """
+
+    x: NDArray[np.float64]
+    y: NDArray[np.int64]
+
+    def __post_init__(self) -> None:
+        x = np.asarray(self.x, float)
+        y = np.asarray(self.y)
+        if x.ndim != 2 or x.shape[0] == 0:
+            raise ValueError(f"support x must have shape (m >= 1, d), got {x.shape}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"support y must have shape ({x.shape[0]},), got {y.shape}")
+        if not np.all(np.isfinite(x)):
+            raise ValueError("support x contains NaN or inf")
+        if np.any((y != 0) & (y != 1)):
+            raise ValueError("support labels y must be 0 or 1")
+        y = y.astype(np.int64)
+        key = np.concatenate([x, y[:, None].astype(float)], axis=1)
+        if np.unique(key, axis=0).shape[0] != x.shape[0]:
+            raise ValueError("support tuples must be distinct (merge duplicates first)")
+        object.__setattr__(self, "x", x)
+        object.__setattr__(self, "y", y)
+
+    @property
+    def m(self) -> int:
+        """Number of support points."""
+        return int(self.x.shape[0])
+
+    @property
+    def d(self) -> int:
+        return int(self.x.shape[1])
+
+    @classmethod
+    def from_data(cls, data: PreferenceData, flips: bool = True) -> "FiniteSupport":
+        """The distinct data tuples, plus each one's label flip ``(x_i, 1 - y_i)`` when ``flips``."""
+        x, y = data.x, data.y
+        if flips:
+            x = np.concatenate([x, x])
+            y = np.concatenate([y, 1 - y])
+        key = np.concatenate([x, y[:, None].astype(float)], axis=1)
+        uniq = np.unique(key, axis=0)
+        return cls(uniq[:, :-1], uniq[:, -1].astype(np.int64))
+
+    @classmethod
+    def from_nominal(cls, nominal, flips: bool = False) -> "FiniteSupport":
+        """The support of a :class:`~drdpo_theory.model.NominalDistribution` (plus label flips if asked)."""
+        return cls.from_data(PreferenceData(nominal.x, nominal.y, nominal.p, nominal.theta_ref), flips=flips)
+
+    def index_of(self, x, y) -> NDArray[np.int64]:
+        """Support index of each tuple ``(x_i, y_i)``, (n,); ``ValueError`` if one is not in the support."""
+        x = np.asarray(x, float)
+        y = np.asarray(y)
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(f"x must have shape (n, {self.d}), got {x.shape}")
+        keys = np.concatenate(
+            [np.concatenate([self.x, self.y[:, None].astype(float)], axis=1),
+             np.concatenate([x, y[:, None].astype(float)], axis=1)]
+        )
+        _, inv = np.unique(keys, axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        group_to_support = np.full(inv.max() + 1, -1, dtype=np.int64)
+        group_to_support[inv[: self.m]] = np.arange(self.m)
+        idx = group_to_support[inv[self.m :]]
+        if np.any(idx < 0):
+            i = int(np.flatnonzero(idx < 0)[0])
+            raise ValueError(f"data tuple {i} (x={x[i]}, y={y[i]}) is not a support point")
+        return idx
+
+    def histogram(self, data: PreferenceData) -> NDArray[np.float64]:
+        """``q`` (m,): the data weights summed on the support points."""
+        return np.bincount(self.index_of(data.x, data.y), weights=data.weights, minlength=self.m)
+
+    def flip_index(self) -> NDArray[np.int64]:
+        """(m,) index of ``(x_j, 1 - y_j)`` in the support, or -1."""
+        keys = {(self.x[j].tobytes(), int(self.y[j])): j for j in range(self.m)}
+        return np.array([keys.get((self.x[j].tobytes(), 1 - int(self.y[j])), -1) for j in range(self.m)], np.int64)
+
+    def cost(self, rows, p: int, kappa: float) -> NDArray[np.float64]:
+        """``c(z_j, z_k)^p`` for ``j`` in ``rows``, all ``k``: (len(rows), m)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return transport_cost(self.x[rows], self.y[rows], self.x, self.y, kappa, p)
+
+
+@dataclass(frozen=True)
+class WInnerFinite:
+    """Exact inner supremum of finite-support WDPO at a fixed ``theta``.
+
+    Attributes
+    ----------
+    value : ``min_{lam >= 0} lam eps^p + sum_j q_j max_k (l_k - lam c_jk^p)`` (the exact dual value).
+    primal_value : ``sum_jk plan_jk l_k`` of the returned plan (equals ``value`` up to rounding).
+    lam : optimal dual variable of the budget ``sum plan * c^p <= eps^p``.
+    plan : (m, m) ``scipy.sparse.csr_array``, the worst-case transport plan: row ``j`` carries
+        ``q_j``; every row goes to one target except at most one row split between two.
+    weights : (m,) worst-case distribution on the support (column sums of ``plan``).
+    q : (m,) the data histogram on the support.
+    budget : ``sum plan * c^p`` (<= ``eps^p``; equal when ``lam > 0``).
+    losses : (m,) ``l(z_k; theta)``.
+    support : the support.
+    iterations : evaluations of the 1-D dual.
+    """
+
+    value: float
+    primal_value: float
+    lam: float
+    plan: sparse.csr_array
+    weights: NDArray[np.float64]
+    q: NDArray[np.float64]
+    budget: float
+    losses: NDArray[np.float64]
+    support: FiniteSupport
+    iterations: int
+
+
+class _CostRows:
+    """Costs ``C`` (|J|, m) of the data rows ``J`` to every support point, with each row's sort order.
+
+    The order does not depend on ``theta``, so it is computed once per solve.
+    """
+
+    def __init__(self, C):
+        self.C = C
+        self.order = np.argsort(C, axis=1, kind="stable")  # (|J|, m): inf (forbidden) moves last
+        self.C_sorted = np.take_along_axis(C, self.order, axis=1)
+
+
+class _RowEnvelope:
+    """``sum_j q_j max_k (l_k - lam C_jk)`` for fixed losses ``l``, on each row's Pareto candidates.
+
+    A column ``k`` can be a row maximiser for some ``lam >= 0`` only if no column has a larger loss
+    at a cost no larger (docs/theory_wasserstein.md, section 4): in the row's cost order these are
+    the running-maximum records of ``l``. They are gathered into padded (|J|, K) arrays (K = the
+    largest record count, typically ~ log m), so each evaluation costs O(|J| K).
+    Evaluation returns the value and both one-sided slopes in ``lam`` (exact, with a tie tolerance
+    of ``1e-12 (1 + |max|)`` per row so that floating-point breakpoints are recognised).
+    """
+
+    def __init__(self, losses, q_rows, rows_cost: _CostRows):
+        self.q = q_rows
+        Ls = losses[rows_cost.order]  # (|J|, m) losses in each row's cost order
+        Ls[~np.isfinite(rows_cost.C_sorted)] = -np.inf
+        prev = np.maximum.accumulate(Ls, axis=1)
+        rec = np.empty_like(Ls, dtype=bool)
+        rec[:, 0] = True  # the cheapest column (cost 0: the row's own point)
+        rec[:, 1:] = Ls[:, 1:] > prev[:, :-1]  # strictly better loss than every cheaper column
+        counts = rec.sum(axis=1)
+        K = int(counts.max())
+        jj, cc = np.nonzero(rec)
+        pos = np.cumsum(rec, axis=1)[jj, cc] - 1  # rank of each record within its row
+        self.k = np.zeros((len(q_rows), K), dtype=np.int64)  # support index of candidate
+        self.L = np.full((len(q_rows), K), -np.inf)  # padding never wins
+        self.C = np.zeros((len(q_rows), K))
+        self.k[jj, pos] = rows_cost.order[jj, cc]
+        self.L[jj, pos] = Ls[jj, cc]
+        self.C[jj, pos] = rows_cost.C_sorted[jj, cc]
+
+    def rows_at(self, lam):
+        M = self.L - lam * self.C  # (|J|, K)
+        mx = M.max(axis=1)
+        tie = M >= (mx - 1e-12 * (1.0 + np.abs(mx)))[:, None]
+        cmin = np.where(tie, self.C, np.inf).min(axis=1)
+        cmax = np.where(tie, self.C, -np.inf).max(axis=1)
+        r = np.arange(self.C.shape[0])
+        kmin = self.k[r, np.argmax(tie & (self.C == cmin[:, None]), axis=1)]
+        kmax = self.k[r, np.argmax(tie & (self.C == cmax[:, None]), axis=1)]
+        return mx, cmin, cmax, kmin, kmax
+
+    def evaluate(self, lam, e):
+        M = self.L - lam * self.C
+        mx = M.max(axis=1)
+        tie = M >= (mx - 1e-12 * (1.0 + np.abs(mx)))[:, None]
+        cmin = np.where(tie, self.C, np.inf).min(axis=1)
+        cmax = np.where(tie, self.C, -np.inf).max(axis=1)
+        return lam * e + float(self.q @ mx), e - float(self.q @ cmin), e - float(self.q @ cmax)
+
+    def lam_upper(self):
+        """A ``lam`` beyond which every row's max is at a zero-cost column (slope = e)."""
+        ok = np.isfinite(self.L)
+        z = np.where(ok & (self.C == 0), self.L, -np.inf).max(axis=1)  # the row's own point has cost 0
+        pos = ok & (self.C > 0)
+        with np.errstate(invalid="ignore"):
+            ratio = np.where(pos, (self.L - z[:, None]) / np.where(pos, self.C, 1.0), -np.inf)
+        return max(0.0, float(ratio.max())) if ratio.size else 0.0
+
+    def violations(self, lam, s):
+        """``max(l_k - lam C_jk) - s_j`` per row and the top candidates: (V (|J|, K), k (|J|, K))."""
+        return self.L - lam * self.C - s[:, None], self.k
+
+
+def _solve_pl_dual(env: _RowEnvelope, e: float, max_iter: int = 500):
+    """Minimise the convex piecewise-linear ``g(lam) = lam e + env(lam)`` on ``lam >= 0`` exactly.
+
+    Newton's method for piecewise-linear functions: keep a point ``lo`` with right slope < 0 and a
+    point ``hi`` with left slope > 0, jump to the intersection of their supporting lines, and stop
+    when the new point has ``left slope <= 0 <= right slope`` or lies on both lines (then it is the
+    breakpoint between them). Each step discovers a new linear piece, so it terminates.
+    Returns ``(lam, value, evaluations)``.
+    """
+    stol = 1e-13 * (1.0 + abs(e) + float(env.q @ env.C.max(axis=1)) if env.C.size else 1.0)
+    v0, _, s0 = env.evaluate(0.0, e)
+    if s0 >= -stol:
+        return 0.0, v0, 1
+    lh = env.lam_upper()
+    vh, sh, _ = env.evaluate(lh, e)
+    if sh <= stol:
+        return lh, vh, 2
+    l0 = 0.0
+    best = (l0, v0) if v0 <= vh else (lh, vh)
+    for it in range(3, max_iter + 3):
+        lam = (vh - v0 + s0 * l0 - sh * lh) / (s0 - sh)
+        lam = min(max(lam, l0), lh)
+        v, sL, sR = env.evaluate(lam, e)
+        if v < best[1]:
+            best = (lam, v)
+        line = v0 + s0 * (lam - l0)
+        if (sL <= stol and sR >= -stol) or v <= line + 1e-13 * (1.0 + abs(line)):
+            return lam, v, it
+        if sR < 0:
+            l0, v0, s0 = lam, v, sR
+        else:
+            lh, vh, sh = lam, v, sL
+        if lh - l0 <= 1e-15 * (1.0 + lh):
+            break
+    return best[0], best[1], max_iter
+
+
+def _finite_setup(theta, data, beta, p, kappa, support):
+    if support is None:
+        support = FiniteSupport.from_data(data, flips=not math.isinf(kappa))
+    if support.d != data.d:
+        raise ValueError(f"support has d={support.d} but data has d={data.d}")
+    q = support.histogram(data)
+    rows = np.flatnonzero(q > 0)
+    return support, q, rows
+
+
+def _inner_finite_core(losses, q, rows, rows_cost: _CostRows, e, support):
+    """Solve the 1-D dual and build the worst-case plan (docs/theory_wasserstein.md, section 4)."""
+    env = _RowEnvelope(losses, q[rows], rows_cost)
+    lam, value, its = _solve_pl_dual(env, e)
+    _, cmin, cmax, kmin, kmax = env.rows_at(lam)
+    qr = q[rows]
+    frac = np.zeros(len(rows))  # fraction of row j moved to kmax_j instead of kmin_j
+    if lam > 0:
+        extra = e - float(qr @ cmin)  # budget to fill (complementary slackness)
+        delta = qr * (cmax - cmin)
+        order = np.flatnonzero(delta > 0)
+        cum = np.cumsum(delta[order])
+        full = cum <= extra
+        frac[order[full]] = 1.0
+        k = int(full.sum())
+        if k < len(order) and extra > 0:
+            prev = cum[k - 1] if k > 0 else 0.0
+            frac[order[k]] = min(1.0, max(0.0, (extra - prev) / delta[order[k]]))
+    m = support.m
+    r_idx = np.concatenate([rows, rows])
+    c_idx = np.concatenate([kmin, kmax])
+    vals = np.concatenate([qr * (1 - frac), qr * frac])
+    keep = vals > 0
+    plan = sparse.coo_array((vals[keep], (r_idx[keep], c_idx[keep])), shape=(m, m)).tocsr()
+    weights = np.asarray(plan.sum(axis=0)).reshape(-1)
+    costs = np.concatenate([cmin, cmax])[keep]
+    budget = float(vals[keep] @ costs)
+    primal = float(weights @ losses)
+    return WInnerFinite(value, primal, lam, plan, weights, q, budget, losses, support, its)
+
+
+def wdpo_inner_finite(
+    theta, data: PreferenceData, beta: float, eps: float, p: int = 1, kappa: float = math.inf,
+    support: FiniteSupport | None = None,
+) -> WInnerFinite:
+    """Exact ``sup_{W_p(Q, P_data) <= eps, supp Q in support} E_Q l(z; theta)``.
+
+    The LP over plans ``pi`` (m, m): ``max sum_jk pi_jk l(z_k)`` s.t. ``sum_k pi_jk = q_j``,
+    ``sum_jk pi_jk c_jk^p <= eps^p``, ``pi >= 0``, with ``c = ||x - x'|| + kappa [y != y']``. Its dual
+    ``min_{lam >= 0} lam eps^p + sum_j q_j max_k (l_k - lam c_jk^p)`` is convex piecewise linear in
+    ``lam`` and is minimised exactly (:func:`_solve_pl_dual`); the plan sends each row to its
+    maximiser, one row splitting between two targets to use the budget exactly when ``lam > 0``.
+
+    Parameters
+    ----------
+    theta : (d,). data : tuples, each of which must be a support point. p : 1 or 2.
+    kappa : label-flip cost (>= 0 or inf). support : default ``FiniteSupport.from_data(data,
+        flips=kappa < inf)``.
+    """
+    eps, kappa = _check_eps_kappa(eps, kappa)
+    p = _check_p(p)
+    support, q, rows = _finite_setup(theta, data, beta, p, kappa, support)
+    losses = dpo_loss(theta, support.x, support.y, beta, data.theta_ref)
+    return _inner_finite_core(losses, q, rows, _CostRows(support.cost(rows, p, kappa)), eps**p, support)
+
+
+def _support_weighted_grad(theta, support, theta_ref, beta, weights):
+    return weights @ dpo_grad(theta, support.x, support.y, beta, theta_ref)
+
+
+# ----------------------------------------------------------------------------------------------
+# objective and gradient
+# ----------------------------------------------------------------------------------------------
+
+
+def wdpo_objective(theta, data: PreferenceData, beta: float, eps: float, kappa: float = math.inf,
+                   p: int = 1, support: FiniteSupport | None = None) -> float:
+    """Robust value ``L_W(theta)``: continuous support if ``p = 1`` and ``support is None``, else finite.
+
+    Cost ``c = ||x - x'||_2 + kappa [y != y']``; for ``p = 2`` without a support, the support is
+    ``FiniteSupport.from_data(data, flips=kappa < inf)``.
+    """
+    p = _check_p(p)
+    if p == 1 and support is None:
+        return wdpo_inner_continuous(theta, data, beta, eps, kappa).value
+    return wdpo_inner_finite(theta, data, beta, eps, p, kappa, support).value
+
+
+def wdpo_gradient(theta, data: PreferenceData, beta: float, eps: float, kappa: float = math.inf,
+                  p: int = 1, support: FiniteSupport | None = None) -> NDArray[np.float64]:
+    """A (sub)gradient of :func:`wdpo_objective` (Danskin at the worst case), (d,).
+
+    Continuous support: ``sum_i w_i [grad l_i + alpha_i beta ytil_i x_i] + nu beta (theta -
+    theta_ref)/||theta - theta_ref||`` (``kappa = inf``: ``grad mean loss + eps beta (theta -
+    theta_ref)/||.||``); at ``theta = theta_ref`` the least-norm subgradient. Finite support:
+    ``sum_k weights_k grad l(z_k)`` with the worst-case weights. It is the gradient wherever the
+    objective is differentiable (generic ``theta``).
+    """
+    p = _check_p(p)
+    theta = np.asarray(theta, float)
+    if p == 1 and support is None:
+        return _continuous_subgradient(theta, data, beta, wdpo_inner_continuous(theta, data, beta, eps, kappa))
+    inner = wdpo_inner_finite(theta, data, beta, eps, p, kappa, support)
+    return _support_weighted_grad(theta, inner.support, data.theta_ref, beta, inner.weights)
+
+
+# ----------------------------------------------------------------------------------------------
+# certificates (docs/theory_wasserstein.md, section 5)
+# ----------------------------------------------------------------------------------------------
+
+
+def _norm_model(data, beta, b, c):
+    """``F(theta) = sum_i w_i l_i + b.(theta - theta_ref) + c ||theta - theta_ref||`` with grad and Hessian."""
+    tr = data.theta_ref
+
+    def fun(theta):
+        a = theta - tr
+        return weighted_loss(theta, data, beta) + float(b @ a) + c * float(np.linalg.norm(a))
+
+    def grad(theta):
+        return _add_norm_term(weighted_grad_hess(theta, data, beta)[0] + b, theta - tr, c)
+
+    def grad_hess(theta):
+        g, H = weighted_grad_hess(theta, data, beta)
+        a = theta - tr
+        r = float(np.linalg.norm(a))
+        g = g + b
+        if r > 0 and c > 0:
+            g = g + c * a / r
+            H = H + (c / r) * (np.eye(len(a)) - np.outer(a, a) / r**2)
+        return g, H
+
+    return fun, grad, grad_hess
+
+
+def _lower_bound_norm_model(theta, data, beta, radius, b, c, mu):
+    """Certified lower bound on ``min_{||t|| <= B} F(t)`` for the model of :func:`_norm_model`.
+
+    ``F`` is convex with ``F(t) >= F(s) + g.(t - s) + (mu/2)||t - s||^2`` for any subgradient ``g``
+    at ``s`` (``mu`` from the loss part), so ``min F >= F(s) - ball_fw_gap(g, s, B, mu)``. Evaluated at
+    ``s = theta`` and at ``s = theta_ref`` (with the least-norm subgradient, which certifies a
+    collapsed optimum); the larger bound is returned.
+    """
+    fun, grad, _ = _norm_model(data, beta, b, c)
+    best = -math.inf
+    for s in (np.asarray(theta, float), data.theta_ref):
+        if np.linalg.norm(s) > radius * (1 + 1e-12):
+            continue
+        best = max(best, fun(s) - ball_fw_gap(grad(s), s, radius, mu))
+    return best
+
+
+def _lower_bound_continuous(theta, data, beta, radius, eps, kappa, alpha, mu):
+    """Lower bound on the continuous W1-WDPO optimum from flip fractions ``alpha`` (any in [0,1]^n).
+
+    ``alpha`` is scaled so that ``kappa sum w alpha <= eps``; with ``nu = eps - kappa sum w alpha``,
+    ``L_W(t) >= sum_i w_i (l_i(t) + alpha_i t_i(t)) + nu beta ||t - theta_ref||`` for every ``t``
+    (a feasible adversary), and the right side is a norm model with ``b = beta sum_i w_i alpha_i u_i``.
+    """
+    w = data.weights
+    alpha = np.clip(np.asarray(alpha, float), 0.0, 1.0)
+    if math.isinf(kappa):
+        alpha = np.zeros(data.n)
+    spent = kappa * float(w @ alpha) if 0 < kappa < math.inf else 0.0
+    if spent > eps:
+        alpha = alpha * (eps / spent)
+        spent = eps
+    nu = max(0.0, eps - spent)
+    b = beta * ((w * alpha) @ data.u)
+    return _lower_bound_norm_model(theta, data, beta, radius, b, beta * nu, mu)
+
+
+def _lower_bound_plan(theta, support, theta_ref, beta, radius, weights):
+    """Lower bound on the finite-support optimum from the column sums ``weights`` of a feasible plan.
+
+    ``L_W(t) >= sum_k weights_k l(z_k; t) =: h(t)`` for every ``t``, and ``min h >= h(theta) -
+    ball_fw_gap(grad h(theta), theta, B, mu_h)`` with ``mu_h`` the curvature floor of ``h``.
+    """
+    sdata = PreferenceData(support.x, support.y, None, theta_ref)
+    wts = np.maximum(np.asarray(weights, float), 0.0)
+    h = float(wts @ dpo_loss(theta, support.x, support.y, beta, theta_ref))
+    g = wts @ dpo_grad(theta, support.x, support.y, beta, theta_ref)
+    mu = curvature_floor(sdata, beta, radius, weights=wts)
+    return h - ball_fw_gap(g, theta, radius, mu)
+
+
+# ----------------------------------------------------------------------------------------------
+# continuous support solvers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_all(data, beta, radius, eps, kappa, p=1):
+    check_common(data, beta, radius)
+    eps, kappa = _check_eps_kappa(eps, kappa)
+    return eps, kappa, _check_p(p)
+
+
+def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, info, alpha_candidates=()):
+    """Exact value, certificate and worst case at ``theta`` (``alpha_candidates``: flip fractions, (n,))."""
+    theta = np.asarray(theta, float)
+    nt = np.linalg.norm(theta)
+    if nt > radius:
+        theta = theta * (radius / nt)
+    inner = wdpo_inner_continuous(theta, data, beta, eps, kappa)
+    mu = curvature_floor(data, beta, radius)
+    lb = -math.inf
+    for alpha in (inner.flip_fraction, *alpha_candidates):
+        lb = max(lb, _lower_bound_continuous(theta, data, beta, radius, eps, kappa, alpha, mu))
+    gap = max(0.0, inner.value - lb)
+    near_ref = 0 < np.linalg.norm(theta - data.theta_ref) <= 1e-6 * max(1.0, radius)
+    if near_ref and gap > 0:  # a solver's collapsed solution is theta_ref up to its tolerance: snap if better
+        snapped = _continuous_result(data.theta_ref, data, beta, radius, eps, kappa, solver, seconds, info,
+                                     alpha_candidates)
+        if snapped.duality_gap <= gap:
+            snapped.info["snapped_to_theta_ref"] = True
+            return snapped
+    info = {
+        "eps_c": w1_collapse_threshold(data), "kappa": kappa, "p": 1, "eps": eps, "support": "continuous",
+        "flip_fraction": inner.flip_fraction, "far_budget": inner.far_budget, "attained": inner.attained,
+        "worst_case": inner.description, "mu": mu, **info,
+    }
+    collapsed = bool(np.linalg.norm(theta - data.theta_ref) <= 1e-12 * max(1.0, radius))
+    return SolverResult(
+        method="wdpo", theta=theta, objective=inner.value, lower_bound=inner.value - gap, duality_gap=gap,
+        lam=inner.lam, weights=None, status=status_from_gap(gap), solver=solver, seconds=seconds,
+        collapsed=collapsed, plan=None, info=info,
+    )
+
+
+def solve_wdpo_continuous_native(
+    data: PreferenceData, beta: float, radius: float, eps: float, max_iter: int = 200
+) -> SolverResult:
+    """W1-WDPO with continuous support and ``kappa = inf`` (labels never flip), by Newton's method.
+
+    .. math:: \\min_{\\|\\theta\\| \\le B}\\ f(\\theta) = \\sum_i w_i \\ell_i(\\theta)
+              + \\varepsilon\\beta\\|\\theta - \\theta_{ref}\\|_2 .
+
+    Collapse: ``theta_ref`` is optimal iff ``0`` is in the subdifferential there; with ``theta_ref``
+    inside the ball iff ``eps >= eps_c`` (:func:`w1_collapse_threshold`; on the sphere the ball's
+    normal cone is included). Then ``theta_ref`` is returned with ``collapsed=True``. Otherwise
+    ``f`` is smooth near its minimiser; Newton (``_newton.newton_ball``) starts at the DPO solution
+    and rejects trial points at ``theta_ref``. Certificate: ``ball_fw_gap`` with the curvature floor.
+    """
+    from .dpo import solve_dpo_native
+
+    eps, _, _ = _check_all(data, beta, radius, eps, math.inf)
+    with Timer() as tm:
+        comp, _ = data.compress()
+        c = eps * beta
+        tr = data.theta_ref
+        fun, _, grad_hess = _norm_model(comp, beta, np.zeros(data.d), c)
+        g0 = weighted_grad_hess(tr, comp, beta)[0]
+        nref = float(np.linalg.norm(tr))
+        eta = 0.0
+        if nref >= radius * (1 - 1e-12) and nref > 0:  # theta_ref on the sphere: ball normal cone eta*theta_ref
+            eta = max(0.0, -float(g0 @ tr) / nref**2)
+        collapsed = float(np.linalg.norm(g0 + eta * tr)) <= c
+        info = {"eps_c": w1_collapse_threshold(data), "collapse_test": "0 in subdifferential at theta_ref"}
+        if collapsed:
+            theta = tr.copy()
+            info.update(iterations=0, message="collapsed: eps >= eps_c")
+        else:
+            # a warm start only: capped, since solve_dpo_native runs to max_iter when the ball is active
+            start = solve_dpo_native(comp, beta, radius, max_iter=12).theta
+            if np.linalg.norm(start - tr) <= 1e-12:
+                start = tr - 1e-3 * radius * g0 / np.linalg.norm(g0)
+            rmin = 1e-14 * max(1.0, radius)
+
+            def guarded(v):  # f is not smooth at theta_ref, which is not optimal here: keep away
+                return math.inf if np.linalg.norm(v - tr) <= rmin else fun(v)
+
+            # tol: a Newton decrement of 1e-15 is f's rounding level (with the default 1e-20 the
+            # iteration can accept null steps on the sphere until max_iter)
+            res = newton_ball(guarded, grad_hess, start, data.d, radius, max_iter=max_iter, tol=1e-15)
+            theta = res.v
+            info.update(iterations=res.iterations, message=res.message)
+    return _continuous_result(theta, data, beta, radius, eps, math.inf, "native-newton", tm.seconds, info)
+
+
+def solve_wdpo_continuous_cvxpy(
+    data: PreferenceData, beta: float, radius: float, eps: float, kappa: float = math.inf
+) -> SolverResult:
+    """W1-WDPO with continuous support and any ``kappa`` as an exponential-cone program.
+
+    .. math:: \\min_{\\theta, \\lambda, \\xi}\\ \\lambda\\varepsilon + \\sum_i w_i\\bigl[\\ell_i(\\theta) + \\xi_i\\bigr]
+              \\ \\text{s.t.}\\ \\xi_i \\ge 0,\\ \\xi_i \\ge t_i(\\theta) - \\lambda\\kappa,\\
+              \\beta\\|\\theta - \\theta_{ref}\\| \\le \\lambda,\\ \\|\\theta\\| \\le B,
+
+    which is THEORY.md's program (``s_i >= l_i``, ``s_i >= l_i^flip - lam kappa``) with ``s_i = l_i + xi_i``
+    (``l_i^flip = l_i + t_i``, ``t_i`` linear in ``theta``): ``n`` exponential cones instead of ``2n``.
+    ``kappa = inf``: ``min sum_i w_i l_i + eps beta ||theta - theta_ref||``. The certificate uses the
+    solver's multipliers of ``xi_i >= t_i - lam kappa`` as flip fractions (section 5 of the doc).
+    """
+    import cvxpy as cp
+
+    eps, kappa, _ = _check_all(data, beta, radius, eps, kappa)
+    with Timer() as tm:
+        comp, inverse = data.compress()
+        w, U, tr = comp.weights, comp.u, comp.theta_ref
+        theta = cp.Variable(comp.d)
+        margin = beta * (U @ theta - U @ tr)  # t_i, affine in theta
+        loss = w @ cp.logistic(-margin)
+        cons = [cp.norm(theta, 2) <= radius]
+        flip_con = None
+        if math.isinf(kappa):
+            objective = loss + eps * beta * cp.norm(theta - tr, 2)
+        else:
+            lam = cp.Variable(nonneg=True)
+            xi = cp.Variable(comp.n, nonneg=True)
+            flip_con = xi >= margin - kappa * lam
+            cons += [flip_con, beta * cp.norm(theta - tr, 2) <= lam]
+            objective = lam * eps + loss + w @ xi
+        prob = cp.Problem(cp.Minimize(objective), cons)
+        try:
+            name, status, tried = solve_cvxpy(prob)
+        except SolverError as exc:
+            return SolverResult("wdpo", tr.copy(), math.nan, math.nan, math.inf, None, None, FAILED, "cvxpy",
+                                tm.elapsed, info={"message": str(exc), "kappa": kappa, "p": 1})
+        th = np.asarray(theta.value, float)
+        cands = []
+        if flip_con is not None and flip_con.dual_value is not None:
+            dual = np.asarray(flip_con.dual_value, float).reshape(-1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                cands.append(np.where(w > 0, dual / w, 0.0)[inverse])  # per original tuple
+    info = {"cvxpy_status": status, "attempts": "; ".join(tried), "solver_value": float(prob.value)}
+    return _continuous_result(th, data, beta, radius, eps, kappa, f"cvxpy-{name}", tm.seconds, info, cands)
+
+
+# ----------------------------------------------------------------------------------------------
+# finite support solver: cutting planes on the dual LP
+# ----------------------------------------------------------------------------------------------
+
+
+def _restricted_problem(support, theta_ref, beta, radius, e, rows_q, cut_j, cut_k, cut_c, lam_max):
+    """The dual restricted to the cuts ``(j, k)``: variables theta, lam, s (per row), L (per used column)."""
+    import cvxpy as cp
+
+    cols, kpos = np.unique(cut_k, return_inverse=True)
+    nrows = len(rows_q)
+    ncut = len(cut_j)
+    U = signed_labels(support.y[cols])[:, None] * support.x[cols]  # (|cols|, d)
+    theta = cp.Variable(support.d)
+    lam = cp.Variable(nonneg=True)
+    s = cp.Variable(nrows)
+    L = cp.Variable(len(cols))
+    Sj = sparse.csr_matrix((np.ones(ncut), (np.arange(ncut), cut_j)), shape=(ncut, nrows))
+    Sk = sparse.csr_matrix((np.ones(ncut), (np.arange(ncut), kpos)), shape=(ncut, len(cols)))
+    cut_con = Sj @ s - Sk @ L + cut_c * lam >= 0  # s_j >= l_k - lam c_jk^p
+    cons = [
+        L >= cp.logistic(-beta * (U @ theta - U @ theta_ref)),
+        cut_con,
+        cp.norm(theta, 2) <= radius,
+        lam <= lam_max,  # valid: some optimal lam is <= max l / min positive cost (doc, section 6)
+    ]
+    prob = cp.Problem(cp.Minimize(e * lam + rows_q @ s), cons)
+    return prob, theta, lam, cut_con
+
+
+def solve_wdpo_finite(
+    data: PreferenceData, beta: float, radius: float, eps: float, p: int = 1, kappa: float = math.inf,
+    support: FiniteSupport | None = None, max_rounds: int = 50, cuts_per_row: int = 3,
+) -> SolverResult:
+    """Finite-support WDPO (``W_p``, ``p`` in {1, 2}) by cutting planes on the joint dual.
+
+    .. math:: \\min_{\\|\\theta\\| \\le B,\\ \\lambda \\ge 0,\\ s}\\ \\lambda\\varepsilon^p + \\sum_j q_j s_j
+              \\quad\\text{s.t.}\\quad s_j \\ge \\ell(z_k; \\theta) - \\lambda c(z_j, z_k)^p\\ \\ \\forall j, k,
+
+    cost ``c = ||x - x'||_2 + kappa [y != y']``, ``q`` the data histogram on ``support`` (default
+    ``FiniteSupport.from_data(data, flips=kappa < inf)``). Start with the pairs ``(j, j)``,
+    ``(j, flip j)`` and the worst-case targets at the DPO solution; solve the restricted exp-cone
+    program (Clarabel); add the ``cuts_per_row`` most violated pairs of each row; stop when no pair is
+    violated by more than ``CUT_TOL = 1e-8``. ``objective`` is the exact robust value at the returned
+    ``theta`` (:func:`wdpo_inner_finite`); ``lower_bound`` comes from the restricted problem's
+    multipliers (a feasible transport plan) and the exact worst-case plan (section 5 of the doc).
+    ``info["restricted_value"]`` is the restricted optimum reported by the conic solver (a lower
+    bound up to that solver's tolerance).
+    """
+    from .dpo import solve_dpo_native
+
+    eps, kappa, p = _check_all(data, beta, radius, eps, kappa, p)
+    with Timer() as tm:
+        if support is None:
+            support = FiniteSupport.from_data(data, flips=not math.isinf(kappa))
+        if support.d != data.d:
+            raise ValueError(f"support has d={support.d} but data has d={data.d}")
+        q = support.histogram(data)
+        rows = np.flatnonzero(q > 0)
+        rq = q[rows]
+        e = eps**p
+        tr = data.theta_ref
+        C = support.cost(rows, p, kappa)  # (|J|, m)
+        rows_cost = _CostRows(C)
+        finite = np.isfinite(C)
+        pos = C[finite & (C > 0)]
+        # every loss on the ball is <= log(1 + exp(beta max||x|| (B + ||theta_ref||)))
+        l_bound = float(np.logaddexp(0.0, beta * np.linalg.norm(support.x, axis=1).max()
+                                     * (radius + float(np.linalg.norm(tr)))))
+        lam_max = 2.0 * l_bound / pos.min() + 1.0 if pos.size else 1.0
+
+        # initial cuts: (j, j), (j, flip j), and the worst-case targets at the DPO solution
+        flip = support.flip_index()[rows]
+        cj = [np.arange(len(rows))]
+        ck = [rows]
+        ok = (flip >= 0)
+        ok[ok] = np.isfinite(C[np.flatnonzero(ok), flip[ok]])
+        cj.append(np.flatnonzero(ok))
+        ck.append(flip[ok])
+        theta0 = solve_dpo_native(data.compress()[0], beta, radius, max_iter=12).theta  # warm start only
+        l0 = dpo_loss(theta0, support.x, support.y, beta, tr)
+        inner0 = _inner_finite_core(l0, q, rows, rows_cost, e, support)
+        P0 = inner0.plan.tocoo()
+        rowpos = np.full(support.m, -1)
+        rowpos[rows] = np.arange(len(rows))
+        cj.append(rowpos[P0.row])
+        ck.append(P0.col)
+        pairs = np.unique(np.stack([np.concatenate(cj), np.concatenate(ck)], axis=1), axis=0)
+        cut_j, cut_k = pairs[:, 0], pairs[:, 1]
+
+        rounds, tried_all = 0, []
+        theta_hat = theta0
+        cut_con = None
+        restricted_value = -math.inf
+        max_viol = math.inf
+        for rounds in range(1, max_rounds + 1):
+            prob, theta_v, lam_v, cut_con = _restricted_problem(
+                support, tr, beta, radius, e, rq, cut_j, cut_k, C[cut_j, cut_k], lam_max)
+            try:
+                name, status, tried = solve_cvxpy(prob)
+            except SolverError as exc:
+                return SolverResult("wdpo", theta_hat, math.nan, math.nan, math.inf, None, None, FAILED, "cvxpy",
+                                    tm.elapsed, info={"message": str(exc), "rounds": rounds, "kappa": kappa, "p": p})
+            tried_all.append(tried[-1])
+            restricted_value = float(prob.value)
+            theta_hat = np.asarray(theta_v.value, float)
+            nt = np.linalg.norm(theta_hat)
+            if nt > radius:
+                theta_hat *= radius / nt
+            lam_hat = max(0.0, float(lam_v.value))
+            lk = dpo_loss(theta_hat, support.x, support.y, beta, tr)
+            Mcut = lk[cut_k] - lam_hat * C[cut_j, cut_k]
+            smax = np.full(len(rows), -np.inf)
+            np.maximum.at(smax, cut_j, Mcut)
+            # violations of the full constraint set: only each row's Pareto candidates can be the
+            # most violated (section 4 of the doc), so the check runs on those
+            V, K_idx = _RowEnvelope(lk, rq, rows_cost).violations(lam_hat, smax)
+            max_viol = float(V.max())
+            kk = min(cuts_per_row, V.shape[1])
+            top = np.argpartition(-V, kk - 1, axis=1)[:, :kk]  # (|J|, kk)
+            vt = np.take_along_axis(V, top, axis=1)
+            jj, tt = np.nonzero(vt > CUT_TOL)
+            new_j, new_k = [jj], [K_idx[jj, top[jj, tt]]]
+            if max_viol <= CUT_TOL:
+                break
+            add = np.stack([np.concatenate(new_j), np.concatenate(new_k)], axis=1)
+            pairs = np.unique(np.concatenate([pairs, add]), axis=0)
+            cut_j, cut_k = pairs[:, 0], pairs[:, 1]
+
+        # certificate
+        lk = dpo_loss(theta_hat, support.x, support.y, beta, tr)
+        inner = _inner_finite_core(lk, q, rows, rows_cost, e, support)
+        lb = _lower_bound_plan(theta_hat, support, tr, beta, radius, inner.weights)
+        if cut_con is not None and cut_con.dual_value is not None:
+            pi = np.maximum(np.asarray(cut_con.dual_value, float).reshape(-1), 0.0)
+            rs = np.bincount(cut_j, weights=pi, minlength=len(rows))
+            ok = rs > 0
+            pi = np.where(ok[cut_j], pi * (rq[cut_j] / np.where(ok[cut_j], rs[cut_j], 1.0)), 0.0)
+            # rows without multipliers stay in place (cost 0)
+            stay = np.where(~ok, rq, 0.0)
+            cost = float(pi @ C[cut_j, cut_k])
+            if cost > e:  # mix with the identity plan (cost 0) to restore the budget
+                frac = e / cost
+                pi *= frac
+                stay = stay + (1 - frac) * np.where(ok, rq, 0.0)
+            wts = np.bincount(cut_k, weights=pi, minlength=support.m)
+            wts[rows] += stay
+            lb = max(lb, _lower_bound_plan(theta_hat, support, tr, beta, radius, wts))
+    gap = max(0.0, inner.value - lb)
+    info = {
+        "kappa": kappa, "p": p, "eps": eps, "support": "finite", "support_size": support.m,
+        "rows": int(len(rows)), "rounds": rounds, "cuts": int(len(cut_j)), "max_violation": max_viol,
+        "restricted_value": restricted_value, "primal_value": inner.primal_value, "budget": inner.budget,
+        "cvxpy_attempts": "; ".join(tried_all), "eps_c": w1_collapse_threshold(data) if p == 1 else None,
+    }
+    collapsed = bool(np.linalg.norm(theta_hat - tr) <= 1e-9 * max(1.0, radius))
+    return SolverResult(
+        method="wdpo", theta=theta_hat, objective=inner.value, lower_bound=inner.value - gap, duality_gap=gap,
+        lam=inner.lam, weights=inner.weights, status=status_from_gap(gap), solver=f"cutting-planes-cvxpy-{name}",
+        seconds=tm.seconds, collapsed=collapsed, plan=inner.plan, info=info,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def solve_wdpo(
+    data: PreferenceData, beta: float, radius: float, eps: float, kappa: float = math.inf, p: int = 1,
+    support: FiniteSupport | None = None, solver: str = "native",
+) -> SolverResult:
+    """Wasserstein DPO: ``min_{||theta|| <= B} sup_{W_p(Q, P_data) <= eps} E_Q l(z; theta)``.
+
+    Transport cost ``c((x, y), (x', y')) = ||x - x'||_2 + kappa [y != y']`` (``kappa = inf``: labels
+    never flip). Which problem is solved:
+
+    * ``p = 1`` and ``support is None``: continuous support (``x`` may move anywhere in R^d),
+      THEORY.md section 3 / Shafieezadeh-Abadeh et al. (2015). ``kappa = inf`` with
+      ``solver="native"``: :func:`solve_wdpo_continuous_native`; otherwise
+      :func:`solve_wdpo_continuous_cvxpy` (finite ``kappa`` has no native path: ``info["note"]``
+      says so when ``"native"`` was asked for).
+    * ``p = 2`` or a ``support`` given: the adversary may move mass only to the support points
+      (default ``FiniteSupport.from_data(data, flips=kappa < inf)``): :func:`solve_wdpo_finite`.
+
+    Returns a :class:`SolverResult` with ``method="wdpo"``, ``lam`` the transport multiplier,
+    ``weights``/``plan`` the worst case on a finite support (``info["flip_fraction"]`` on the
+    continuous one) and a certified ``duality_gap`` (status optimal iff <= 1e-7).
+    """
+    eps, kappa, p = _check_all(data, beta, radius, eps, kappa, p)
+    if solver not in ("native", "cvxpy"):
+        raise ValueError(f"unknown solver {solver!r}; expected 'native' or 'cvxpy'")
+    if p == 1 and support is None:
+        if solver == "native" and math.isinf(kappa):
+            return solve_wdpo_continuous_native(data, beta, radius, eps)
+        res = solve_wdpo_continuous_cvxpy(data, beta, radius, eps, kappa)
+        if solver == "native":
+            res.info["note"] = "no native solver for finite kappa on the continuous support; used cvxpy"
+        return res
+    res = solve_wdpo_finite(data, beta, radius, eps, p, kappa, support)
+    if solver == "native":
+        res.info["note"] = "finite support is solved by cutting planes with cvxpy (Clarabel)"
+    return res
