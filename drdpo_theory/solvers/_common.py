@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 
@@ -144,7 +145,10 @@ def solve_cvxpy(problem, attempts=CONIC_ATTEMPTS, accept=None):
     for name, opts in attempts:
         label = name + ("(max_step_fraction=0.9)" if "max_step_fraction" in opts else "")
         try:
-            problem.solve(solver=name, **opts)
+            with warnings.catch_warnings():
+                # cvxpy warns "Solution may be inaccurate"; we certify every answer ourselves
+                warnings.simplefilter("ignore", UserWarning)
+                problem.solve(solver=name, **opts)
         except (cp.error.SolverError, ValueError, ArithmeticError) as exc:
             tried.append(f"{label}: {type(exc).__name__}")
             continue

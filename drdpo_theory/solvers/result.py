@@ -70,19 +70,33 @@ class SolverResult:
         out = {
             "method": self.method,
             "theta": [float(t) for t in self.theta],
-            "objective": float(self.objective),
-            "lower_bound": float(self.lower_bound),
-            "duality_gap": float(self.duality_gap),
-            "lam": None if self.lam is None else float(self.lam),
+            "objective": _json_float(self.objective),
+            "lower_bound": _json_float(self.lower_bound),
+            "duality_gap": _json_float(self.duality_gap),
+            "lam": _json_float(self.lam),
             "status": self.status,
             "solver": self.solver,
             "seconds": float(self.seconds),
             "collapsed": bool(self.collapsed),
         }
         for k, v in self.info.items():
-            if isinstance(v, (bool, int, float, str)) or v is None:
+            if isinstance(v, float):
+                out.setdefault(k, _json_float(v))
+            elif isinstance(v, (bool, int, str)) or v is None:
                 out.setdefault(k, v)
         return out
+
+
+def _json_float(v) -> float | str | None:
+    """Strict JSON has no inf/nan: inf -> "inf" / "-inf" (e.g. lam at rho = 0), nan -> null."""
+    if v is None:
+        return None
+    v = float(v)
+    if np.isnan(v):
+        return None
+    if np.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return v
 
 
 def status_from_gap(gap: float, tol: float = CERTIFIED_GAP) -> str:

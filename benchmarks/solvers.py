@@ -1,0 +1,130 @@
+"""Solver speed: native vs our cvxpy path vs the `dro` PyPI package, measured side by side.
+
+Run:  .venv/bin/python benchmarks/solvers.py [--sizes 1000 10000 100000] [--d 8] [--json]
+(`make bench` installs `dro` without its heavy optional dependencies and runs this.)
+
+Problems (THEORY.md section 6 mapping): DPO on the log-linear class is logistic regression on
+``z_i = beta * ytil_i * x_i`` with label +1 and no intercept, so
+- KLDPO(rho)                  == dro.KLDRO(model_type="logistic", fit_intercept=False, eps=rho)
+- WDPO, W1, kappa = inf, eps  == dro.WassersteinDRO(logistic, p=1, kappa="inf", eps=beta*eps)
+  (a cost ||x - x'|| in x-space is beta*||x - x'|| in z-space).
+The `dro` models have no parameter ball, so the ball radius B is set large enough to be inactive
+(checked: ||theta|| < B at the solution). Every row reports the objective difference to native.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+import types
+
+import numpy as np
+
+from drdpo_theory.data import PreferenceData
+from drdpo_theory.solvers import solve
+from drdpo_theory.solvers.kl import kldpo_objective
+from drdpo_theory.solvers.wasserstein import wdpo_objective
+
+BETA, RHO, EPS, B = 1.0, 0.1, 0.05, 50.0
+
+
+def load_dro():
+    """Import dro's linear models without running dro/__init__.py (which imports torchvision)."""
+    spec = importlib.util.find_spec("dro")
+    if spec is None:
+        return None
+    if "dro" not in sys.modules:
+        pkg = types.ModuleType("dro")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["dro"] = pkg
+    from dro.linear_model.kl_dro import KLDRO
+    from dro.linear_model.wasserstein_dro import WassersteinDRO
+
+    return KLDRO, WassersteinDRO
+
+
+def make_data(n: int, d: int, seed: int = 0) -> PreferenceData:
+    rng = np.random.default_rng(seed)
+    theta_star = rng.standard_normal(d)
+    theta_star /= np.linalg.norm(theta_star)
+    x = rng.uniform(-1, 1, size=(n, d))
+    x /= np.maximum(1.0, np.linalg.norm(x, axis=1, keepdims=True) / 2)
+    p1 = 1 / (1 + np.exp(-2.0 * x @ theta_star))
+    y = (rng.uniform(size=n) < p1).astype(int)
+    return PreferenceData(x, y)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t0
+
+
+def run(sizes, d, skip_cvxpy_above, skip_dro_above):
+    dro_models = load_dro()
+    rows = []
+    for n in sizes:
+        data = make_data(n, d)
+        z = BETA * data.u
+        ones = np.ones(n)
+        for method in ("kldpo", "wdpo"):
+            kw = dict(rho=RHO) if method == "kldpo" else dict(eps=EPS)
+            objective = (lambda th: kldpo_objective(th, data, BETA, RHO)) if method == "kldpo" else \
+                (lambda th: wdpo_objective(th, data, BETA, EPS))
+            nat, t_nat = timed(lambda: solve(method, data, BETA, B, solver="native", **kw))
+            assert np.linalg.norm(nat.theta) < B, "ball must be inactive for the dro comparison"
+            row = dict(method=method, n=n, d=d, native_s=t_nat, native_status=nat.status,
+                       native_obj=nat.objective, cvxpy_s=None, cvxpy_dobj=None, dro_s=None, dro_dobj=None)
+            if n <= skip_cvxpy_above:
+                cv, t_cv = timed(lambda: solve(method, data, BETA, B, solver="cvxpy", **kw))
+                row.update(cvxpy_s=t_cv, cvxpy_dobj=abs(cv.objective - nat.objective) / abs(nat.objective),
+                           cvxpy_status=cv.status)
+            if dro_models is not None and n <= skip_dro_above:
+                KLDRO, WassersteinDRO = dro_models
+                if method == "kldpo":
+                    model = KLDRO(input_dim=d, model_type="logistic", fit_intercept=False, eps=RHO)
+                else:
+                    model = WassersteinDRO(input_dim=d, model_type="logistic", fit_intercept=False)
+                    model.update({"eps": BETA * EPS, "p": 1, "kappa": "inf"})
+                sol, t_dro = timed(lambda: model.fit(z, ones))
+                th = np.asarray(sol["theta"], float)
+                row.update(dro_s=t_dro, dro_dobj=abs(objective(th) - nat.objective) / abs(nat.objective))
+            rows.append(row)
+            print(_fmt(row), flush=True)
+    return rows
+
+
+def _fmt(r):
+    def s(v):
+        return "      -" if v is None else f"{v:7.3f}"
+
+    def ratio(a, b):
+        return "      -" if a is None else f"{a / b:6.0f}x"
+
+    def e(v):
+        return "      -" if v is None else f"{v:7.1e}"
+
+    return (f"{r['method']:6s} n={r['n']:>7d}  native {r['native_s']:7.3f}s ({r['native_status']})  "
+            f"cvxpy {s(r['cvxpy_s'])}s {ratio(r['cvxpy_s'], r['native_s'])} d_obj {e(r['cvxpy_dobj'])}  "
+            f"dro {s(r['dro_s'])}s {ratio(r['dro_s'], r['native_s'])} d_obj {e(r['dro_dobj'])}")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--d", type=int, default=8)
+    ap.add_argument("--skip-cvxpy-above", type=int, default=10**9, help="skip our cvxpy path above this n")
+    ap.add_argument("--skip-dro-above", type=int, default=10**9, help="skip dro above this n")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    print(f"beta={BETA} rho={RHO} eps={EPS} B={B} (inactive); ratios are time / native time, d_obj relative")
+    rows = run(args.sizes, args.d, args.skip_cvxpy_above, args.skip_dro_above)
+    if args.json:
+        print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

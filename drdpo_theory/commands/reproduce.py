@@ -1,0 +1,124 @@
+"""``drdpo reproduce``: run every study, resume after an interrupt, end with a short report.
+
+Each study is one ``drdpo`` subcommand run with ``--json`` in a subprocess (so one failing study
+cannot corrupt another); its last JSON line is stored in ``OUT/<study>.json``. A rerun skips the
+studies whose JSON is already on disk (``--force`` reruns them); each study resumes its own
+partial work (sweeps skip finished cells, training resumes from checkpoints).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ..cli import EXIT_OK, CLIError
+
+#: (name, argv after `drdpo`, what the paper says, which figure)
+STUDIES = [
+    ("solver-check", ["solver-check"],
+     "exact minimax solvers (KL: exp-cone dual; W1: Shafieezadeh-Abadeh et al. convex program)",
+     "-"),
+    ("sample-complexity", ["sample-complexity"],
+     "||theta_n - theta_pop|| = O(n^{-1/4}) for WDPO and KLDPO (log-linear policies)",
+     "figures/sample_complexity_error.png"),
+    ("gradients", ["gradients"],
+     "scalable approximations of the minimax gradients (KLDPO weights, WDPO gradient penalty)",
+     "figures/gradients_cosine_vs_tau.png"),
+    ("shift", ["shift"],
+     "robust DPO keeps reward under preference shift (log-linear world)",
+     "figures/shift_reward_vs_alpha.png"),
+    ("llm-shift", ["llm-shift"],
+     "robust DPO keeps alignment under preference shift (LLM, emotion-style rewards)",
+     "figures/llm_shift.png"),
+]
+
+
+def register(sub) -> None:
+    p = sub.add_parser("reproduce", help="run every study (quick by default) and print the report",
+                       description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", default=True, help="quick mode of every study (default)")
+    mode.add_argument("--full", action="store_true",
+                      help="full grids, and the real SmolLM2 run of llm-shift (about an hour or more on 2 cores)")
+    p.add_argument("--out", default="results/reproduce", help="where study summaries go (default results/reproduce)")
+    p.add_argument("--only", nargs="+", choices=[s[0] for s in STUDIES], help="run only these studies")
+    p.add_argument("--force", action="store_true", help="rerun studies whose summary is already on disk")
+    p.set_defaults(func=run)
+
+
+def _run_study(name: str, argv: list[str], log_path: Path) -> dict:
+    cmd = [sys.executable, "-m", "drdpo_theory.cli", *argv, "--json"]
+    last = ""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if line.strip():
+                last = line.strip()
+        code = proc.wait()
+    if code != 0:
+        raise CLIError(f"study '{name}' failed with exit code {code}; see {log_path}")
+    try:
+        return json.loads(last)
+    except json.JSONDecodeError:
+        raise CLIError(f"study '{name}' did not end with a JSON line; see {log_path}") from None
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    studies = [s for s in STUDIES if not args.only or s[0] in args.only]
+    mode = "--full" if args.full else "--quick"
+    summaries: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    bar = tqdm(studies, desc="reproduce", unit="study")
+    for name, argv, _, _ in bar:
+        bar.set_postfix_str(name)
+        path = out / f"{name}.json"
+        if path.exists() and not args.force:
+            summaries[name] = json.loads(path.read_text())
+            tqdm.write(f"[skip] {name}: summary on disk ({path})")
+            continue
+        extra = [] if name == "solver-check" else [mode]
+        if name == "llm-shift" and args.full:
+            extra = ["--model", "smollm2"]
+        t = time.perf_counter()
+        summary = _run_study(name, argv + extra, out / f"{name}.log")
+        summary["_seconds"] = time.perf_counter() - t
+        path.write_text(json.dumps(summary, indent=1))
+        summaries[name] = summary
+        tqdm.write(f"[done] {name} in {summary['_seconds']:.0f} s")
+    print(f"\nreproduce ({mode[2:]}) finished in {time.perf_counter() - t0:.0f} s; summaries in {out}/\n")
+    print(report(summaries))
+    return EXIT_OK
+
+
+def report(summaries: dict[str, dict]) -> str:
+    """One block per claim: paper says / we measured / figure."""
+    lines = []
+    for name, _, claim, fig in STUDIES:
+        if name not in summaries:
+            continue
+        s = {k: v for k, v in summaries[name].items() if not k.startswith("_")}
+        lines.append(f"* {name}\n    paper says : {claim}\n    we measured: {_summarise(s)}\n    figure     : {fig}")
+    return "\n".join(lines)
+
+
+def _summarise(s: dict, limit: int = 400) -> str:
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.3g}"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {fmt(x)}" for k, x in v.items()) + "}"
+        if isinstance(v, list):
+            return "[" + ", ".join(fmt(x) for x in v[:6]) + (", ..." if len(v) > 6 else "") + "]"
+        return str(v)
+
+    text = "; ".join(f"{k}={fmt(v)}" for k, v in s.items())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

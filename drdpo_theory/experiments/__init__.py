@@ -1,0 +1,1 @@
+"""Experiments: grids of exact solves turned into tidy pandas tables (sweep engine and studies)."""
