@@ -1,0 +1,127 @@
+r"""Per-sequence log-probabilities of answer tokens under a causal LM.
+
+For a row :math:`t_1..t_T` with answer mask :math:`m_1..m_T` (1 on answer tokens,
+aligned with ``input_ids``), the sequence log-probability is
+
+.. math:: \log\pi(a|s) = \sum_{j=2}^{T} m_j \log p_\theta(t_j \mid t_{<j}),
+
+the logits at position j-1 predicting token j (the shift is done here). One forward of
+the model over all rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+__all__ = ["sequence_logps", "concatenated_logps", "token_logps"]
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    r"""Log-probability of each label under its logits.
+
+    .. math:: \log p(y) = z_y - \log\sum_v e^{z_v}.
+
+    Parameters
+    ----------
+    logits : torch.Tensor, shape (N, T, V)
+    labels : torch.Tensor of int, shape (N, T)
+
+    Returns
+    -------
+    torch.Tensor, shape (N, T)
+        In float32 if the logits are half/bfloat16 (the log-sum-exp over a large vocab
+        loses too much in 8 mantissa bits), else in the logits' dtype.
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)  # (N, T)
+    # gather minus logsumexp avoids materialising the full (N, T, V) log_softmax.
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _model_logits(model, input_ids, attention_mask, inputs_embeds):
+    # Positions from the mask make left padding correct too; for right padding they
+    # coincide with arange(T) on real tokens.
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, T)
+    kwargs: dict[str, Any] = dict(
+        attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    )
+    if inputs_embeds is not None:
+        out = model(inputs_embeds=inputs_embeds, **kwargs)
+    else:
+        out = model(input_ids=input_ids, **kwargs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def sequence_logps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    loss_mask: torch.Tensor,
+    inputs_embeds: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Sum of answer-token log-probabilities per row, one forward.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A causal LM called as ``model(input_ids=..., attention_mask=...,
+        position_ids=..., use_cache=False)`` (or ``inputs_embeds=...``), returning an
+        object with ``.logits`` of shape (N, T, V) (Hugging Face convention; a DDP or
+        PEFT wrapper works too).
+    input_ids : torch.Tensor of int, shape (N, T)
+        Token ids; also the labels (shifted here).
+    attention_mask : torch.Tensor, shape (N, T)
+        1 on real tokens, 0 on padding.
+    loss_mask : torch.Tensor, shape (N, T)
+        1 on the answer tokens whose log-probabilities are summed, aligned with
+        ``input_ids`` (position 0 is never scored: nothing predicts it).
+    inputs_embeds : torch.Tensor, shape (N, T, D), optional
+        Input embeddings to use instead of looking up ``input_ids`` (WDPO
+        differentiates with respect to them). ``input_ids`` still gives the labels.
+
+    Returns
+    -------
+    torch.Tensor, shape (N,)
+        :math:`\sum_{j\ge2} m_j \log p(t_j|t_{<j})`; float32 for half-precision
+        models, else the model dtype.
+    """
+    logits = _model_logits(model, input_ids, attention_mask, inputs_embeds)  # (N, T, V)
+    logp = token_logps(logits[:, :-1, :], input_ids[:, 1:])  # (N, T-1): token j+1 given <= j
+    mask = loss_mask[:, 1:].to(logp.dtype)  # (N, T-1), aligned with the predicted tokens
+    return (logp * mask).sum(-1)
+
+
+def concatenated_logps(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    inputs_embeds: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected sequence log-probs from one forward over 2B rows.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        As in :func:`sequence_logps`.
+    batch : mapping
+        ``input_ids``, ``attention_mask``, ``loss_mask``, each of shape (2B, T): rows
+        0..B-1 are the chosen answers, rows B..2B-1 the rejected ones (pair i is rows
+        i and B+i).
+    inputs_embeds : torch.Tensor, shape (2B, T, D), optional
+        Embeddings of ``batch["input_ids"]`` (see :func:`sequence_logps`).
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        ``(chosen_logps, rejected_logps)``, each of shape (B,).
+    """
+    input_ids = batch["input_ids"]
+    n = input_ids.shape[0]
+    if n % 2:
+        raise ValueError(f"batch must hold 2B rows (chosen then rejected), got {n}")
+    logps = sequence_logps(
+        model, input_ids, batch["attention_mask"], batch["loss_mask"], inputs_embeds
+    )
+    return logps[: n // 2], logps[n // 2 :]

@@ -1,0 +1,342 @@
+r"""Per-pair preference losses on sequence log-probabilities, and the KLDPO weights.
+
+Every loss is a pure function of four per-sequence log-probabilities of shape ``(B,)``
+(policy chosen, policy rejected, reference chosen, reference rejected) and returns one
+value per pair, shape ``(B,)``; the caller reduces (THEORY.md section 1; CONVENTIONS.md).
+
+With :math:`\pi_c = \log\pi_\theta(a_w|s)`, :math:`\pi_r = \log\pi_\theta(a_l|s)` and
+:math:`\rho_c, \rho_r` the same under :math:`\pi_{ref}`, the implicit reward margin is
+
+.. math:: h = (\pi_c - \rho_c) - (\pi_r - \rho_r),
+
+the quantity :math:`h_\theta(s, a_1, a_2)` of THEORY.md section 1 with :math:`y = 1`
+(the chosen answer is :math:`a_1`). For the log-linear policy of THEORY.md section 2,
+:math:`h = (\theta - \theta_{ref})\cdot x`.
+
+:func:`kldpo_weights` gives the mini-batch weights of the paper's scalable KLDPO
+(THEORY.md sections 3 and 5): the authors' clamped exponential weights, their normalised
+(softmax) form, and the exact worst-case weights of the KL ball on the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from drdpo_theory.llm import distributed as _dist
+
+__all__ = [
+    "implicit_rewards",
+    "reward_margins",
+    "dpo_loss",
+    "ipo_loss",
+    "kl_dual_temperature",
+    "kldpo_weights",
+    "effective_sample_size",
+]
+
+KLDPOVariant = Literal["clamped", "normalized", "calibrated"]
+KLDPO_VARIANTS = ("clamped", "normalized", "calibrated")
+
+
+def implicit_rewards(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Implicit DPO rewards of the chosen and rejected answers.
+
+    .. math:: r_c = \beta(\pi_c - \rho_c), \qquad r_r = \beta(\pi_r - \rho_r).
+
+    Parameters
+    ----------
+    policy_chosen_logps, policy_rejected_logps : torch.Tensor, shape (B,)
+        Sequence log-probabilities :math:`\pi_c, \pi_r` under the policy.
+    ref_chosen_logps, ref_rejected_logps : torch.Tensor, shape (B,)
+        The same under the reference policy, :math:`\rho_c, \rho_r`.
+    beta : float
+        KL-regularisation strength :math:`\beta > 0`.
+
+    Returns
+    -------
+    (torch.Tensor, torch.Tensor)
+        ``(r_c, r_r)``, each of shape (B,), differentiable in the policy log-probs.
+    """
+    return (
+        beta * (policy_chosen_logps - ref_chosen_logps),
+        beta * (policy_rejected_logps - ref_rejected_logps),
+    )
+
+
+def reward_margins(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    r"""Scaled implicit reward margin :math:`\beta h`, shape (B,).
+
+    .. math:: \beta h = \beta\big[(\pi_c - \rho_c) - (\pi_r - \rho_r)\big]
+              = r_c - r_r.
+
+    Parameters are as in :func:`implicit_rewards`. For the log-linear policy of
+    THEORY.md section 2 this is :math:`\beta(\theta - \theta_{ref})\cdot x`.
+    """
+    r_c, r_r = implicit_rewards(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    return r_c - r_r
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    r"""Per-pair DPO loss (THEORY.md section 1 with :math:`y = 1`).
+
+    .. math:: \ell = -\log\sigma(\beta h) = \log\big(1 + e^{-\beta h}\big),
+
+    with :math:`h` the reward margin of :func:`reward_margins` (divided by beta).
+
+    Parameters
+    ----------
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps : torch.Tensor, shape (B,)
+        Sequence log-probabilities (see :func:`implicit_rewards`).
+    beta : float
+        :math:`\beta > 0`.
+
+    Returns
+    -------
+    torch.Tensor, shape (B,)
+        :math:`\ell_i \ge 0`, not reduced.
+    """
+    m = reward_margins(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
+    )
+    # logsigmoid is the stable form: log(1+e^{-m}) = softplus(-m), no overflow for m << 0.
+    return -F.logsigmoid(m)
+
+
+def ipo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    r"""Per-pair IPO loss (Azar et al. 2023, eq. 17, with :math:`\tau = \beta`).
+
+    .. math:: \ell = \Big(h - \frac{1}{2\beta}\Big)^2,
+
+    with :math:`h` the unscaled margin :math:`(\pi_c - \rho_c) - (\pi_r - \rho_r)`.
+    The function uses the log-probs it is given (sums over answer tokens from
+    :func:`drdpo_theory.llm.logprobs.sequence_logps`; TRL divides them by the answer
+    length first, which a caller may do before calling this).
+
+    Returns
+    -------
+    torch.Tensor, shape (B,)
+    """
+    h = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
+    return (h - 1.0 / (2.0 * beta)) ** 2
+
+
+def effective_sample_size(weights: torch.Tensor) -> float:
+    r"""Kish effective sample size :math:`(\sum_i w_i)^2 / \sum_i w_i^2` of weights (B,).
+
+    Equals B for equal weights and 1 when one weight carries all the mass.
+    """
+    w = weights.detach().double()
+    return float(w.sum() ** 2 / (w**2).sum())
+
+
+def _kl_to_uniform(t: float, z: np.ndarray) -> float:
+    """KL(q_t || uniform) for q_t = softmax(t z), z of shape (N,)."""
+    a = t * z
+    a = a - a.max()
+    lse = math.log(np.exp(a).sum())
+    logq = a - lse
+    return float((np.exp(logq) * logq).sum() + math.log(z.size))
+
+
+def kl_dual_temperature(losses: torch.Tensor | np.ndarray, rho: float) -> float:
+    r"""Optimal dual temperature :math:`\lambda^*` of the KL-DRO problem on a batch.
+
+    Solves the one-dimensional convex dual of THEORY.md section 3 (KLDPO) for the
+    empirical distribution of the N losses,
+
+    .. math:: \lambda^* = \arg\min_{\lambda > 0}\;
+              \lambda\rho + \lambda \log \frac1N \sum_{i=1}^N e^{\ell_i/\lambda}.
+
+    Its derivative is :math:`\rho - \mathrm{KL}(q_\lambda \| u)` with
+    :math:`q_\lambda = \mathrm{softmax}(\ell/\lambda)` and u uniform, and
+    :math:`\mathrm{KL}(q_\lambda\|u)` decreases from :math:`\log(N/k)` (k = number of
+    losses equal to the maximum) at :math:`\lambda \to 0` to 0 at :math:`\lambda\to\infty`.
+    Hence:
+
+    * ``rho == 0`` or all losses equal: :math:`\lambda^* = \infty` (uniform weights);
+    * ``rho >= log(N/k)``: the constraint is inactive, :math:`\lambda^* = 0` and the
+      worst case puts mass 1/k on each maximal loss;
+    * otherwise :math:`\lambda^*` is the unique root of
+      :math:`\mathrm{KL}(q_\lambda\|u) = \rho`, found here by bisection on
+      :math:`\log(1/\lambda)` in float64 to relative precision 1e-14.
+
+    Parameters
+    ----------
+    losses : torch.Tensor or numpy.ndarray, shape (N,)
+        The losses (detached internally).
+    rho : float
+        KL radius :math:`\rho \ge 0`.
+
+    Returns
+    -------
+    float
+        :math:`\lambda^* \in [0, \infty]`.
+    """
+    if rho < 0:
+        raise ValueError(f"rho must be >= 0, got {rho}")
+    if isinstance(losses, torch.Tensor):
+        losses = losses.detach().to("cpu", torch.float64).numpy()
+    l = np.asarray(losses, dtype=np.float64).ravel()
+    n = l.size
+    if n == 0:
+        raise ValueError("losses is empty")
+    if not np.all(np.isfinite(l)):
+        raise ValueError("losses contain NaN or inf")
+    l_max, l_min = float(l.max()), float(l.min())
+    if rho == 0.0 or l_max == l_min:
+        return math.inf
+    k = int((l == l_max).sum())
+    if rho >= math.log(n / k):
+        return 0.0
+    spread = l_max - l_min
+    z = (l - l_max) / spread  # in [-1, 0]; q_t = softmax(t z) with t = spread / lam
+    # KL(t) is increasing in t: bracket the root by doubling / halving, then bisect log t.
+    t_lo, t_hi = 1.0, 1.0
+    while _kl_to_uniform(t_lo, z) >= rho:
+        t_lo /= 2.0
+        if t_lo < 1e-300:  # rho below float resolution of KL: effectively lam = inf
+            return math.inf
+    while _kl_to_uniform(t_hi, z) < rho:
+        t_hi *= 2.0
+        if t_hi > 1e300:  # near-ties at the max: numerically the lam -> 0 limit
+            return 0.0
+    lo, hi = math.log(t_lo), math.log(t_hi)
+    while hi - lo > 1e-14 * max(1.0, abs(hi)):
+        mid = 0.5 * (lo + hi)
+        if _kl_to_uniform(math.exp(mid), z) < rho:
+            lo = mid
+        else:
+            hi = mid
+    t_star = math.exp(0.5 * (lo + hi))
+    return spread / t_star
+
+
+def _worst_case_weights(l: torch.Tensor, lam: float) -> torch.Tensor:
+    """N * q for q the KL worst case at temperature lam (lam in [0, inf]); l shape (N,)."""
+    n = l.numel()
+    if math.isinf(lam):
+        return torch.ones_like(l)
+    if lam == 0.0:
+        top = (l == l.max()).to(l.dtype)
+        return top * (n / top.sum())
+    return torch.softmax(l / lam, dim=0) * n
+
+
+def kldpo_weights(
+    losses: torch.Tensor,
+    tau: float | None = None,
+    variant: KLDPOVariant = "clamped",
+    rho: float | None = None,
+    clamp: float | None = 10.0,
+    gather: bool = True,
+    return_temperature: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, float]:
+    r"""Detached per-pair KLDPO weights; the KLDPO loss is ``(weights * losses).mean()``.
+
+    With :math:`\ell_1..\ell_N` the losses of the (global) batch:
+
+    ``"clamped"`` (the authors' code, THEORY.md section 5)
+        :math:`w_i = \min\{\exp((\ell_i - \bar\ell)/\tau),\ c\}`, :math:`\bar\ell`
+        the batch mean, c = ``clamp``. Not normalised: the mean weight is >= 1 by
+        Jensen (before clamping), which inflates the gradient norm.
+    ``"normalized"``
+        :math:`w_i = N\,\mathrm{softmax}(\ell/\tau)_i`, mean weight exactly 1, so that
+        :math:`\frac1N\sum_i w_i\ell_i = E_{q}\ell` with :math:`q \propto e^{\ell/\tau}`,
+        the worst case of a KL ball whose radius is set implicitly by :math:`\tau`.
+    ``"calibrated"``
+        :math:`w_i = N\,\mathrm{softmax}(\ell/\lambda^*)_i` with :math:`\lambda^*` from
+        :func:`kl_dual_temperature` for radius ``rho``: the exact worst case
+        :math:`q^* = \arg\max_{\mathrm{KL}(q\|u)\le\rho} \sum_i q_i\ell_i` on the batch
+        (THEORY.md section 3), so that by Danskin the weighted-mean gradient is the
+        gradient of the robust batch loss. Limits: :math:`\lambda^* = \infty` gives
+        ones; :math:`\lambda^* = 0` gives N/k on the k maximal losses.
+
+    Parameters
+    ----------
+    losses : torch.Tensor, shape (B,)
+        This rank's per-pair losses (detached internally; no gradient flows through
+        the weights).
+    tau : float, optional
+        Temperature :math:`\tau > 0`; required for "clamped" and "normalized".
+    variant : {"clamped", "normalized", "calibrated"}
+    rho : float, optional
+        KL radius :math:`\rho \ge 0`; required for "calibrated".
+    clamp : float or None
+        Upper clamp c of the "clamped" variant (None: no clamp). Ignored otherwise.
+    gather : bool
+        With ``torch.distributed`` initialised, compute the mean / softmax / dual on
+        the losses of all ranks (``all_gather`` of the detached losses, variable B per
+        rank allowed) and return the weights of this rank's rows. Without a process
+        group (or ``gather=False``) the local batch is the whole batch.
+    return_temperature : bool
+        Also return the temperature used (tau, or :math:`\lambda^*`).
+
+    Returns
+    -------
+    torch.Tensor, shape (B,)
+        Detached weights, dtype float32 or float64 (float64 if the losses are).
+    float, optional
+        The temperature, when ``return_temperature``.
+    """
+    if variant not in KLDPO_VARIANTS:
+        raise ValueError(f"variant must be one of {KLDPO_VARIANTS}, got {variant!r}")
+    if variant in ("clamped", "normalized") and (tau is None or not tau > 0):
+        raise ValueError(f"variant {variant!r} needs tau > 0, got tau={tau}")
+    if variant == "calibrated" and (rho is None or not rho >= 0):
+        raise ValueError(f"variant 'calibrated' needs rho >= 0, got rho={rho}")
+    if losses.ndim != 1:
+        raise ValueError(f"losses must have shape (B,), got {tuple(losses.shape)}")
+    local = losses.detach()
+    local = local.to(torch.float64 if local.dtype == torch.float64 else torch.float32)
+    if gather and _dist.is_distributed():
+        parts = _dist.all_gather_detached(local)
+        offset = sum(p.shape[0] for p in parts[: _dist.rank()])
+        all_l = torch.cat(parts)  # (N,) = losses of all ranks, rank order
+    else:
+        offset = 0
+        all_l = local
+    n = all_l.numel()
+    if variant == "clamped":
+        w = torch.exp((all_l - all_l.mean()) / tau)
+        if clamp is not None:
+            w = w.clamp(max=clamp)
+        temp = float(tau)
+    elif variant == "normalized":
+        w = torch.softmax(all_l / tau, dim=0) * n
+        temp = float(tau)
+    else:
+        temp = kl_dual_temperature(all_l, float(rho))
+        w = _worst_case_weights(all_l, temp)
+    w = w[offset : offset + local.shape[0]]
+    return (w, temp) if return_temperature else w

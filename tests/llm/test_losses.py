@@ -1,0 +1,372 @@
+"""Per-pair losses, sequence log-probs and KLDPO weights (drdpo_theory.llm.losses/logprobs).
+
+Checks: hand-computed values; gradcheck; the torch loss on a log-linear "LM" equals the
+numpy log-linear DPO loss (THEORY.md section 2); calibrated KLDPO weights equal the exact
+KL worst case computed independently with scipy brentq; Danskin's gradient of the robust
+batch loss; sequence log-probs of a tiny Llama vs a per-row computation.
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose
+from scipy.optimize import brentq
+from scipy.special import logsumexp, softmax
+from torch.testing import assert_close
+
+from drdpo_theory.llm.logprobs import concatenated_logps, sequence_logps
+from drdpo_theory.llm.losses import (
+    dpo_loss,
+    effective_sample_size,
+    ipo_loss,
+    kl_dual_temperature,
+    kldpo_weights,
+    reward_margins,
+)
+from drdpo_theory.llm.objectives import LossConfig, preference_loss
+
+pytestmark = pytest.mark.llm
+
+RTOL = 1e-12
+ATOL = 1e-12
+RTOL_FD = 1e-6  # central finite differences in float64 with step 1e-5
+
+
+def t64(*v):
+    return torch.tensor(v, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# hand-computed values
+# ---------------------------------------------------------------------------------------
+# pair 1: h = (-1 + 1.5) - (-2 + 1.5) = 1,  beta h = 0.5,  l = log(1 + e^{-0.5})
+# pair 2: h = (-3 + 2) - (-1 + 2) = -2,     beta h = -1,   l = log(1 + e)
+# pair 3: all zero, h = 0,                                 l = log 2
+PC, PR, RC, RR = t64(-1.0, -3.0, 0.0), t64(-2.0, -1.0, 0.0), t64(-1.5, -2.0, 0.0), t64(-1.5, -2.0, 0.0)
+BETA = 0.5
+
+
+def test_reward_margins_hand_values():
+    assert_close(reward_margins(PC, PR, RC, RR, BETA), t64(0.5, -1.0, 0.0), rtol=RTOL, atol=ATOL)
+
+
+def test_dpo_loss_hand_values():
+    expected = t64(0.4740769841801067, 1.3132616875182228, 0.6931471805599453)
+    assert_close(dpo_loss(PC, PR, RC, RR, BETA), expected, rtol=RTOL, atol=ATOL)
+
+
+def test_dpo_loss_stable_for_large_margins():
+    # beta h = -1000: l = 1000 exactly in float64 (a naive log(1+exp(1000)) overflows)
+    l = dpo_loss(t64(-2000.0), t64(0.0), t64(0.0), t64(0.0), 0.5)
+    assert_close(l, t64(1000.0), rtol=RTOL, atol=ATOL)
+    assert_close(dpo_loss(t64(2000.0), t64(0.0), t64(0.0), t64(0.0), 0.5), t64(0.0), rtol=0, atol=1e-300)
+
+
+def test_ipo_loss_hand_values():
+    # (h - 1/(2 beta))^2 = (h - 1)^2 for h = 1, -2, 0
+    assert_close(ipo_loss(PC, PR, RC, RR, BETA), t64(0.0, 9.0, 1.0), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("loss_fn", [dpo_loss, ipo_loss])
+def test_losses_gradcheck(loss_fn):
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(5, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(4)]
+    assert torch.autograd.gradcheck(lambda *a: loss_fn(*a, 0.7), args)
+
+
+# ---------------------------------------------------------------------------------------
+# log-linear policy as a causal "LM": sequence [s, a], logits at position 0 = theta.phi(s, .)
+# ---------------------------------------------------------------------------------------
+class LogLinearLM(torch.nn.Module):
+    """pi_theta(a|s) = softmax_a(theta.phi(s, a)) (THEORY.md section 2) in the HF calling convention."""
+
+    def __init__(self, phi: torch.Tensor, theta: torch.Tensor):
+        super().__init__()
+        self.register_buffer("phi", phi)  # (V, V, d): features phi(s, a) for every token pair
+        self.theta = torch.nn.Parameter(theta.clone())  # (d,)
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kwargs):
+        logits = self.phi[input_ids] @ self.theta  # (N, T, V): next-token logits after token s
+        return SimpleNamespace(logits=logits)
+
+
+def _log_linear_problem(n=6, vocab=5, d=3, seed=0):
+    rng = np.random.default_rng(seed)
+    phi = rng.normal(size=(vocab, vocab, d))
+    phi /= np.maximum(1.0, np.linalg.norm(phi, axis=-1, keepdims=True))  # ||phi|| <= 1
+    theta, theta_ref = rng.normal(size=d), rng.normal(size=d) * 0.3
+    s = rng.integers(0, vocab, n)
+    a1 = rng.integers(0, vocab, n)
+    a2 = (a1 + rng.integers(1, vocab, n)) % vocab  # a2 != a1
+    y = rng.integers(0, 2, n)
+    x = phi[s, a1] - phi[s, a2]  # (n, d)
+    # the batch puts the preferred answer first: chosen = a1 if y = 1 else a2
+    chosen = np.where(y == 1, a1, a2)
+    rejected = np.where(y == 1, a2, a1)
+    ids = torch.tensor(np.concatenate([np.stack([s, chosen], 1), np.stack([s, rejected], 1)]))  # (2n, 2)
+    batch = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "loss_mask": torch.tensor([[0, 1]] * (2 * n)),
+    }
+    phi_t = torch.tensor(phi)
+    return SimpleNamespace(
+        phi=phi_t, theta=theta, theta_ref=theta_ref, x=x, y=y, batch=batch,
+        model=LogLinearLM(phi_t, torch.tensor(theta)), ref=LogLinearLM(phi_t, torch.tensor(theta_ref)),
+    )
+
+
+def _numpy_dpo(theta, x, y, beta, theta_ref):
+    """Numpy log-linear DPO loss (drdpo_theory.losses) or its closed form if absent."""
+    try:
+        from drdpo_theory.losses import dpo_loss as np_dpo_loss
+    except ImportError:  # closed form, THEORY.md section 2
+        ytil = 2 * y - 1
+        return np.logaddexp(0.0, -ytil * beta * (x @ (theta - theta_ref)))
+    return np_dpo_loss(theta, x, y, beta, theta_ref=theta_ref)
+
+
+def test_log_linear_margin_is_theta_dot_x():
+    p = _log_linear_problem()
+    pc, pr = concatenated_logps(p.model, p.batch)
+    rc, rr = concatenated_logps(p.ref, p.batch)
+    ytil = 2 * p.y - 1
+    expected = ytil * (p.x @ (p.theta - p.theta_ref))  # (theta - theta_ref).x, signed by the label
+    assert_allclose(((pc - rc) - (pr - rr)).detach().numpy(), expected, rtol=RTOL, atol=ATOL)
+
+
+def test_log_linear_dpo_loss_and_gradient_match_numpy():
+    p = _log_linear_problem()
+    beta = 0.8
+    pc, pr = concatenated_logps(p.model, p.batch)
+    with torch.no_grad():
+        rc, rr = concatenated_logps(p.ref, p.batch)
+    l = dpo_loss(pc, pr, rc, rr, beta)
+    assert_allclose(l.detach().numpy(), _numpy_dpo(p.theta, p.x, p.y, beta, p.theta_ref), rtol=RTOL, atol=ATOL)
+    (grad,) = torch.autograd.grad(l.mean(), p.model.theta)
+    # closed form: grad_theta l_i = -beta ytil_i sigma(-ytil_i beta h_i) x_i
+    ytil = 2 * p.y - 1
+    t = ytil * beta * (p.x @ (p.theta - p.theta_ref))
+    expected = (-beta * ytil / (1 + np.exp(t)))[:, None] * p.x
+    assert_allclose(grad.numpy(), expected.mean(0), rtol=RTOL, atol=ATOL)
+
+
+# ---------------------------------------------------------------------------------------
+# KLDPO weights
+# ---------------------------------------------------------------------------------------
+def kl_worst_case_brentq(l: np.ndarray, rho: float):
+    """Independent exact KL worst case: root of KL(softmax(l/lam) || uniform) = rho by brentq."""
+    n = l.size
+
+    def kl_minus_rho(log_lam):
+        a = l / math.exp(log_lam)
+        log_q = a - logsumexp(a)  # log-space: q underflows to 0 for small lam
+        return float(np.sum(np.exp(log_q) * (log_q + math.log(n)))) - rho
+
+    spread = l.max() - l.min()
+    log_lam = brentq(kl_minus_rho, math.log(spread * 1e-3), math.log(spread * 1e6), xtol=1e-15, rtol=1e-15)
+    lam = math.exp(log_lam)
+    return lam, softmax(l / lam)
+
+
+LOSSES = np.array([0.3, 1.7, 0.9, 2.4, 0.05, 1.1])
+
+
+@pytest.mark.parametrize("rho", [0.01, 0.1, 0.5, 1.2])
+def test_calibrated_weights_are_exact_kl_worst_case(rho):
+    lam_ref, q_ref = kl_worst_case_brentq(LOSSES, rho)
+    w, lam = kldpo_weights(torch.tensor(LOSSES), variant="calibrated", rho=rho, return_temperature=True)
+    n = LOSSES.size
+    assert_allclose(lam, lam_ref, rtol=1e-10)
+    assert_allclose(w.numpy() / n, q_ref, rtol=1e-10, atol=1e-14)
+    q = w.numpy() / n
+    assert_allclose(q.sum(), 1.0, rtol=RTOL)
+    assert_allclose(np.sum(q * np.log(q * n)), rho, rtol=1e-9)  # the KL constraint is active
+    # strong duality: E_q l = lam rho + lam log mean exp(l / lam)
+    dual = lam * rho + lam * (logsumexp(LOSSES / lam) - math.log(n))
+    assert_allclose(q @ LOSSES, dual, rtol=1e-10)
+
+
+def test_calibrated_weights_inactive_constraint_and_ties():
+    # two maximal losses out of 5: KL at lam -> 0 is log(5/2) ~ 0.916; rho above it -> 5/2 on each max
+    l = torch.tensor([1.0, 3.0, 0.5, 3.0, 2.0], dtype=torch.float64)
+    w, lam = kldpo_weights(l, variant="calibrated", rho=1.0, return_temperature=True)
+    assert lam == 0.0
+    assert_close(w, t64(0.0, 2.5, 0.0, 2.5, 0.0), rtol=RTOL, atol=ATOL)
+    # just below the threshold the constraint is active and the weights stay spread
+    lam_ref, q_ref = kl_worst_case_brentq(l.numpy(), 0.9)
+    assert_close(kldpo_weights(l, variant="calibrated", rho=0.9).numpy() / 5, q_ref, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("l, rho", [([0.7, 0.7, 0.7], 0.3), ([0.2, 1.5, 0.9], 0.0)])
+def test_calibrated_weights_uniform_limits(l, rho):
+    # all-equal losses (any rho) or rho = 0: lam* = inf and every weight is 1
+    w, lam = kldpo_weights(torch.tensor(l, dtype=torch.float64), variant="calibrated", rho=rho, return_temperature=True)
+    assert math.isinf(lam)
+    assert_close(w, torch.ones(3, dtype=torch.float64), rtol=RTOL, atol=ATOL)
+
+
+def test_normalized_with_tau_lam_star_equals_calibrated():
+    l = torch.tensor(LOSSES)
+    rho = 0.3
+    lam = kl_dual_temperature(l, rho)
+    w_cal = kldpo_weights(l, variant="calibrated", rho=rho)
+    w_norm = kldpo_weights(l, variant="normalized", tau=lam)
+    assert_close(w_norm, w_cal, rtol=RTOL, atol=ATOL)
+    assert_close(w_norm.mean(), torch.tensor(1.0, dtype=torch.float64), rtol=RTOL, atol=ATOL)
+
+
+def test_normalized_and_clamped_hand_values():
+    l = t64(0.0, 1.0, 2.0, 3.0)
+    # normalized, tau = 1: 4 e^{l_i} / sum_j e^{l_j}
+    assert_close(
+        kldpo_weights(l, tau=1.0, variant="normalized"),
+        t64(0.12823441312033995, 0.3485772749681303, 0.9475312723596406, 2.5756570395518894),
+        rtol=RTOL, atol=ATOL,
+    )
+    # clamped, tau = 1: exp(l_i - 1.5) = e^{-1.5}, e^{-0.5}, e^{0.5}, e^{1.5}; clamp at 2 cuts the last
+    expected = t64(0.22313016014842982, 0.6065306597126334, 1.6487212707001282, 4.4816890703380645)
+    assert_close(kldpo_weights(l, tau=1.0, variant="clamped", clamp=None), expected, rtol=RTOL, atol=ATOL)
+    expected[3] = 2.0
+    assert_close(kldpo_weights(l, tau=1.0, variant="clamped", clamp=2.0), expected, rtol=RTOL, atol=ATOL)
+    # the authors' default clamp 10 binds for a large spread: exp(20 - 10) > 10
+    w = kldpo_weights(t64(0.0, 20.0), tau=1.0, variant="clamped")
+    assert_close(w, t64(math.exp(-10.0), 10.0), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("variant, kw", [("clamped", {"tau": 0.7}), ("normalized", {"tau": 0.7}), ("calibrated", {"rho": 0.2})])
+def test_weights_detached_and_permutation_equivariant(variant, kw):
+    l = torch.tensor(LOSSES, requires_grad=True)
+    w = kldpo_weights(l, variant=variant, **kw)
+    assert not w.requires_grad
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    assert_close(kldpo_weights(l.detach()[perm], variant=variant, **kw), w[perm], rtol=1e-10, atol=1e-13)
+
+
+def test_weights_validation():
+    l = torch.tensor(LOSSES)
+    with pytest.raises(ValueError, match="tau"):
+        kldpo_weights(l, variant="clamped")
+    with pytest.raises(ValueError, match="rho"):
+        kldpo_weights(l, variant="calibrated")
+    with pytest.raises(ValueError, match="variant"):
+        kldpo_weights(l, tau=1.0, variant="softmax")
+
+
+def test_effective_sample_size():
+    assert_allclose(effective_sample_size(torch.ones(4)), 4.0, rtol=RTOL)
+    assert_allclose(effective_sample_size(t64(0.0, 4.0, 0.0, 0.0)), 1.0, rtol=RTOL)
+
+
+def test_kldpo_calibrated_gradient_is_danskin_gradient_of_robust_loss():
+    """grad of preference_loss(kldpo, calibrated) = grad of sup_{KL(q||u)<=rho} sum q_i l_i(theta)."""
+    p = _log_linear_problem(n=8, seed=3)
+    beta, rho = 1.5, 0.2
+    with torch.no_grad():
+        ref_c, ref_r = concatenated_logps(p.ref, p.batch)
+    cfg = LossConfig(method="kldpo", beta=beta, kldpo_variant="calibrated", rho=rho)
+    loss, metrics = preference_loss(p.model, p.batch, ref_c, ref_r, cfg)
+    loss.backward()
+
+    def robust_value(theta):  # independent: numpy losses + brentq worst case
+        l = _numpy_dpo(theta, p.x, p.y, beta, p.theta_ref)
+        _, q = kl_worst_case_brentq(l, rho)
+        return q @ l
+
+    eps = 1e-5
+    fd = np.array([
+        (robust_value(p.theta + eps * e) - robust_value(p.theta - eps * e)) / (2 * eps)
+        for e in np.eye(p.theta.size)
+    ])
+    assert_allclose(p.model.theta.grad.numpy(), fd, rtol=RTOL_FD, atol=1e-9)
+    assert_allclose(metrics["loss"], robust_value(p.theta), rtol=1e-10)
+    assert_allclose(metrics["kldpo/weight_mean"], 1.0, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# preference_loss reductions and config validation
+# ---------------------------------------------------------------------------------------
+def test_preference_loss_reductions_on_log_linear():
+    p = _log_linear_problem()
+    with torch.no_grad():
+        rc, rr = concatenated_logps(p.ref, p.batch)
+        pc, pr = concatenated_logps(p.model, p.batch)
+    l_dpo = dpo_loss(pc, pr, rc, rr, 0.5)
+    loss, m = preference_loss(p.model, p.batch, rc, rr, LossConfig(method="dpo", beta=0.5))
+    assert_close(loss.detach(), l_dpo.mean(), rtol=RTOL, atol=ATOL)
+    assert_allclose(m["rewards/margins"], float(reward_margins(pc, pr, rc, rr, 0.5).mean()), rtol=RTOL)
+    assert_allclose(m["rewards/accuracies"], float((reward_margins(pc, pr, rc, rr, 0.5) > 0).double().mean()), rtol=RTOL)
+    loss, _ = preference_loss(p.model, p.batch, rc, rr, LossConfig(method="ipo", beta=0.5))
+    assert_close(loss.detach(), ipo_loss(pc, pr, rc, rr, 0.5).mean(), rtol=RTOL, atol=ATOL)
+    cfg = LossConfig(method="kldpo", beta=0.5, kldpo_variant="clamped", tau=0.3, clamp=10.0)
+    loss, m = preference_loss(p.model, p.batch, rc, rr, cfg)
+    w = torch.exp((l_dpo - l_dpo.mean()) / 0.3).clamp(max=10.0)
+    assert_close(loss.detach(), (w * l_dpo).mean(), rtol=RTOL, atol=ATOL)
+    assert_allclose([m["kldpo/weight_min"], m["kldpo/weight_max"]], [float(w.min()), float(w.max())], rtol=RTOL)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "robust"}, "method"),
+        ({"beta": 0.0}, "beta"),
+        ({"method": "kldpo", "kldpo_variant": "calibrated"}, "rho"),
+        ({"kldpo_variant": "exp"}, "kldpo_variant"),
+        ({"tau": -1.0}, "tau"),
+        ({"wdpo_impl": "hvp"}, "wdpo_impl"),
+        ({"rho0": -0.1}, "rho0"),
+        ({"fd_step": 0.0}, "fd_step"),
+        ({"clamp": 0.0}, "clamp"),
+    ],
+)
+def test_loss_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LossConfig(**kwargs)
+
+
+def test_loss_config_every_field_has_help():
+    helps = LossConfig.help()
+    assert set(helps) == {"method", "beta", "kldpo_variant", "tau", "rho", "clamp", "wdpo_impl", "rho0", "fd_step"}
+    assert all(len(h) > 20 for h in helps.values())
+
+
+# ---------------------------------------------------------------------------------------
+# sequence log-probs of a tiny Llama
+# ---------------------------------------------------------------------------------------
+def test_sequence_logps_match_per_row_unpadded(exact_float64, llama_factory, batch_factory):
+    model = llama_factory("eager")
+    batch = batch_factory(n_pairs=3)
+    got = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    for row in range(batch["input_ids"].shape[0]):
+        n = int(batch["attention_mask"][row].sum())
+        ids = batch["input_ids"][row : row + 1, :n]  # the row alone, no padding
+        logits = model(input_ids=ids).logits[0].log_softmax(-1)  # (n, V)
+        expected = sum(
+            logits[j - 1, ids[0, j]] for j in range(1, n) if batch["loss_mask"][row, j] == 1
+        )
+        assert_close(got[row], expected, rtol=1e-10, atol=1e-10)
+    # inputs_embeds path gives the same numbers
+    e = model.get_input_embeddings()(batch["input_ids"])
+    got_e = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["loss_mask"], inputs_embeds=e)
+    assert_close(got_e, got, rtol=RTOL, atol=ATOL)
+    c, r = concatenated_logps(model, batch)
+    assert_close(torch.cat([c, r]), got, rtol=RTOL, atol=ATOL)
+
+
+def test_llm_package_import_is_light_and_independent_of_solvers():
+    """``import drdpo_theory.llm`` loads no torch; the loss modules never load the solvers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, drdpo_theory.llm; assert 'torch' not in sys.modules, 'torch imported';"
+        "import drdpo_theory.llm.objectives, drdpo_theory.llm.losses, drdpo_theory.llm.logprobs;"
+        "import drdpo_theory.llm.attention, drdpo_theory.llm.distributed;"
+        "bad = [m for m in sys.modules if m.startswith('drdpo_theory.solvers')]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

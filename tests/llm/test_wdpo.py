@@ -1,0 +1,190 @@
+"""WDPO estimators on a tiny random Llama (drdpo_theory.llm.objectives / attention).
+
+Checks, in float64 (with the ``exact_float64`` fixture, since upstream Llama computes
+RMSNorm and the eager softmax in float32):
+* the penalty value equals an explicit per-pair computation (separate forwards);
+* the double-backward gradient equals a central finite difference of the loss value;
+* the finite-difference estimator matches the double-backward gradient (cosine >= 0.99,
+  and first-order convergence in the step), and both reduce to DPO at rho0 = 0;
+* finite-diff runs with SDPA; double-backward on SDPA switches to eager with a warning.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from numpy.testing import assert_allclose
+from torch.testing import assert_close
+
+pytest.importorskip("transformers")
+
+from drdpo_theory.llm.attention import attention_implementation, ensure_double_backward_attention  # noqa: E402
+from drdpo_theory.llm.logprobs import concatenated_logps  # noqa: E402
+from drdpo_theory.llm.losses import dpo_loss  # noqa: E402
+from drdpo_theory.llm.objectives import LossConfig, preference_loss  # noqa: E402
+
+pytestmark = pytest.mark.llm
+
+BETA = 0.5
+RHO0 = 0.05
+RTOL = 1e-10
+ATOL = 1e-12
+RTOL_EXACT = 1e-12  # same computation, different code path
+COS_MIN = 0.99
+
+
+def _refs(n_pairs, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n_pairs, dtype=torch.float64, generator=g), torch.randn(n_pairs, dtype=torch.float64, generator=g)
+
+
+def _flat_grad(model, batch, refs, cfg):
+    model.zero_grad(set_to_none=True)
+    loss, metrics = preference_loss(model, batch, refs[0], refs[1], cfg)
+    loss.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return grad, loss.detach(), metrics
+
+
+def _cos(a, b):
+    return float(a @ b / (a.norm() * b.norm()))
+
+
+def test_penalty_value_matches_per_pair_computation(exact_float64, llama_factory, batch_factory):
+    model, batch = llama_factory(), batch_factory(n_pairs=3)
+    b = 3
+    refs = _refs(b)
+    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0)
+    loss, metrics = preference_loss(model, batch, refs[0], refs[1], cfg)
+    # explicit: pair i alone in its own forward, gradient of l_i w.r.t. its own embeddings
+    sq, losses = [], []
+    for i in range(b):
+        rows = torch.tensor([i, b + i])
+        sub = {k: v[rows] for k, v in batch.items()}
+        e = model.get_input_embeddings()(sub["input_ids"]).detach().requires_grad_(True)
+        pc, pr = concatenated_logps(model, sub, inputs_embeds=e)
+        l_i = dpo_loss(pc, pr, refs[0][i : i + 1], refs[1][i : i + 1], BETA)
+        (g_i,) = torch.autograd.grad(l_i.sum(), e)
+        sq.append(float(g_i.pow(2).sum()))  # chosen and rejected rows summed
+        losses.append(float(l_i.detach()))
+    mean_l, mean_sq = sum(losses) / b, sum(sq) / b
+    assert_allclose(metrics["wdpo/penalty"], RHO0 * mean_sq, rtol=RTOL)
+    assert_allclose(metrics["dpo_loss"], mean_l, rtol=RTOL)
+    assert_allclose(float(loss.detach()), mean_l + RHO0 * mean_sq, rtol=RTOL)
+    assert_allclose(metrics["wdpo/grad_emb_norm"], mean_sq**0.5, rtol=RTOL)
+    # the penalty must matter in this instance, or the gradient tests below prove little
+    assert metrics["wdpo/penalty"] > 0.1 * metrics["dpo_loss"]
+
+
+def test_double_backward_gradient_matches_central_difference(exact_float64, llama_factory, batch_factory):
+    model, batch = llama_factory(), batch_factory(n_pairs=2)
+    refs = _refs(2)
+    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="double-backward")
+    grad, _, _ = _flat_grad(model, batch, refs, cfg)
+    params = list(model.parameters())
+    g = torch.Generator().manual_seed(11)
+    u = [torch.randn(p.shape, dtype=p.dtype, generator=g) for p in params]  # includes the embedding table
+    u_flat = torch.cat([v.flatten() for v in u])
+    eps = 1e-5
+
+    def value_at(t):
+        with torch.no_grad():
+            for p, v in zip(params, u):
+                p.add_(t * v)
+        loss, _ = preference_loss(model, batch, refs[0], refs[1], cfg)
+        with torch.no_grad():
+            for p, v in zip(params, u):
+                p.sub_(t * v)
+        return float(loss.detach())
+
+    fd = (value_at(eps) - value_at(-eps)) / (2 * eps)
+    assert_allclose(float(grad @ u_flat), fd, rtol=1e-6)
+    # the penalty's share of this directional derivative is not negligible
+    g_dpo, _, _ = _flat_grad(model, batch, refs, LossConfig(method="dpo", beta=BETA))
+    assert abs(float((grad - g_dpo) @ u_flat)) > 0.1 * abs(float(g_dpo @ u_flat))
+
+
+def test_finite_diff_matches_double_backward(exact_float64, llama_factory, batch_factory):
+    model, batch = llama_factory(), batch_factory(n_pairs=3)
+    refs = _refs(3)
+    g_dpo, _, _ = _flat_grad(model, batch, refs, LossConfig(method="dpo", beta=BETA))
+    g_db, loss_db, _ = _flat_grad(model, batch, refs, LossConfig(method="wdpo", beta=BETA, rho0=RHO0))
+    g_fd, loss_fd, m_fd = _flat_grad(
+        model, batch, refs, LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff")
+    )
+    assert _cos(g_fd, g_db) >= COS_MIN
+    # the penalty parts alone (the DPO part would make the cosine trivially high)
+    assert _cos(g_fd - g_dpo, g_db - g_dpo) >= COS_MIN
+    assert_close(g_fd, g_db, rtol=1e-5, atol=1e-6 * float(g_db.abs().max()))
+    assert_close(loss_fd, loss_db, rtol=RTOL_EXACT, atol=ATOL)  # same value by construction
+    assert m_fd["wdpo/fd_h"] > 0
+    # first-order convergence: the error shrinks ~10x when the step shrinks 10x
+    errs = []
+    for step in (1e-2, 1e-3):
+        g, _, _ = _flat_grad(
+            model, batch, refs, LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff", fd_step=step)
+        )
+        errs.append(float((g - g_db).norm() / (g_db - g_dpo).norm()))
+    assert 5.0 < errs[0] / errs[1] < 20.0
+
+
+def test_finite_diff_float32_default_step(llama_factory, batch_factory):
+    """Default step sqrt(eps_float32) ~ 3.5e-4: the penalty gradient is within a few percent."""
+    model, batch = llama_factory(dtype=torch.float32), batch_factory(n_pairs=3)
+    refs = tuple(r.float() for r in _refs(3))
+    g_dpo, _, _ = _flat_grad(model, batch, refs, LossConfig(method="dpo", beta=BETA))
+    g_db, _, _ = _flat_grad(model, batch, refs, LossConfig(method="wdpo", beta=BETA, rho0=RHO0))
+    g_fd, _, _ = _flat_grad(model, batch, refs, LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff"))
+    assert _cos(g_fd - g_dpo, g_db - g_dpo) >= COS_MIN
+    assert float((g_fd - g_db).norm() / (g_db - g_dpo).norm()) < 0.05  # scale too, not only direction
+
+
+@pytest.mark.parametrize("impl", ["double-backward", "finite-diff"])
+def test_rho0_zero_is_dpo(impl, llama_factory, batch_factory):
+    model, batch = llama_factory(), batch_factory(n_pairs=3)
+    refs = _refs(3)
+    g_dpo, loss_dpo, _ = _flat_grad(model, batch, refs, LossConfig(method="dpo", beta=BETA))
+    g, loss, m = _flat_grad(model, batch, refs, LossConfig(method="wdpo", beta=BETA, rho0=0.0, wdpo_impl=impl))
+    assert_close(g, g_dpo, rtol=RTOL_EXACT, atol=ATOL)
+    assert_close(loss, loss_dpo, rtol=RTOL_EXACT, atol=ATOL)
+    assert m["wdpo/penalty"] == 0.0 and m["wdpo/grad_emb_norm"] > 0
+
+
+def test_finite_diff_runs_with_sdpa(llama_factory, batch_factory):
+    batch, refs = batch_factory(n_pairs=3), _refs(3)
+    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff", fd_step=1e-4)
+    sdpa = llama_factory("sdpa")
+    g_sdpa, _, _ = _flat_grad(sdpa, batch, refs, cfg)
+    assert attention_implementation(sdpa) == "sdpa"  # no switch for finite differences
+    g_eager, _, _ = _flat_grad(llama_factory("eager"), batch, refs, cfg)  # same weights (seed)
+    assert _cos(g_sdpa, g_eager) >= 0.999
+
+
+def test_double_backward_on_sdpa_switches_to_eager_with_one_warning(llama_factory, batch_factory):
+    batch, refs = batch_factory(n_pairs=2), _refs(2)
+    model = llama_factory("sdpa")
+    # without the switch, torch cannot differentiate the fused CPU attention twice
+    e = model.get_input_embeddings()(batch["input_ids"])
+    pc, pr = concatenated_logps(model, batch, inputs_embeds=e)
+    (g,) = torch.autograd.grad(dpo_loss(pc, pr, *refs, BETA).sum(), e, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for .*scaled_dot_product"):
+        g.pow(2).sum().backward()
+    model.zero_grad(set_to_none=True)
+
+    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="double-backward")
+    with pytest.warns(UserWarning, match="switched the model from attn_implementation='sdpa' to 'eager'"):
+        grad, loss, _ = _flat_grad(model, batch, refs, cfg)
+    assert attention_implementation(model) == "eager"
+    assert torch.isfinite(grad).all() and torch.isfinite(loss)
+    g_eager, _, _ = _flat_grad(llama_factory("eager"), batch, refs, cfg)
+    assert_close(grad, g_eager, rtol=1e-9, atol=1e-12)
+    with warnings.catch_warnings():  # warned once: the model is eager now
+        warnings.simplefilter("error")
+        _flat_grad(model, batch, refs, cfg)
+        assert ensure_double_backward_attention(model) is False
+
+
+def test_ensure_double_backward_ignores_plain_modules():
+    assert ensure_double_backward_attention(torch.nn.Linear(2, 2)) is False
