@@ -1,0 +1,801 @@
+"""A lean trainer for DPO / IPO / KLDPO / WDPO on Hugging Face causal LMs.
+
+One optimizer step (nanoGPT-style loop, THEORY.md section 5 for the objectives):
+
+1. for each of ``grad_accum`` micro-batches of ``batch_size`` pairs: one forward over the
+   ``2B`` chosen+rejected rows inside :func:`drdpo_theory.llm.objectives.preference_loss`,
+   ``(loss / grad_accum).backward()`` (DDP syncs gradients on the last micro-batch only);
+2. non-finite guard on the loss and the global gradient norm (training stops, nothing is
+   written, the last good checkpoint stays as it was);
+3. gradient clipping, AdamW step, linear-warmup + cosine learning-rate schedule;
+4. one row of metrics appended to ``output_dir/metrics.csv`` (rank 0), optional TensorBoard;
+5. every ``checkpoint_every`` steps a checkpoint under ``output_dir/checkpoints/step-XXXXXXXX``.
+
+Reference log-probs ``log pi_ref(a|s)`` come either from a frozen copy of the initial policy
+(``reference="model"``; with LoRA the base model with adapters disabled) or are computed once
+before training and cached in ``output_dir/ref_logps.safetensors`` (``reference="precompute"``),
+keyed by a fingerprint of the tokenised data and the model spec.
+
+Resume is exact: data order is a function of ``(seed, epoch)`` only (a seeded
+:class:`~torch.utils.data.DistributedSampler`, also with one process), and a checkpoint holds
+the trainable weights, the optimizer and scheduler states, the RNG states of every rank and
+the number of micro-batches consumed. Checkpoint layout (all tensors in safetensors)::
+
+    step-XXXXXXXX/
+        trainable.safetensors     parameters with requires_grad (LoRA: the adapters only)
+        optimizer.safetensors     AdamW moments, keyed "<param index>.<name>"
+        rng_rank<r>.safetensors   torch CPU (and CUDA) generator state of rank r
+        trainer_state.json        step, consumed micro-batches, param groups, scheduler,
+                                  python/numpy RNG states, TrainConfig
+
+A checkpoint directory is written under a temporary name and renamed when complete, so a crash
+while saving never leaves a half-written ``step-*`` directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from drdpo_theory.llm.data import PreferenceCollator, TokenizedPair, fingerprint_pairs
+
+__all__ = [
+    "NonFiniteError",
+    "TrainConfig",
+    "TrainResult",
+    "Trainer",
+    "cosine_with_warmup",
+    "init_distributed",
+    "latest_checkpoint",
+    "train",
+]
+
+METHODS = ("dpo", "ipo", "kldpo", "wdpo")
+KLDPO_VARIANTS = ("clamped", "normalized", "calibrated")
+WDPO_IMPLS = ("double-backward", "finite-diff")
+PRECISIONS = ("fp32", "bf16", "bf16-mixed")
+REFERENCES = ("precompute", "model")
+RESUME_MAY_CHANGE = frozenset(
+    {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress"}
+)
+"""TrainConfig fields a resumed run may change; any other difference is refused."""
+BASE_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "seconds")
+"""Columns every metrics.csv row starts with; the loss metrics follow in sorted order."""
+
+
+class NonFiniteError(RuntimeError):
+    """Raised when a loss or gradient is NaN/inf; the message names the step and the last checkpoint."""
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run; every field documents itself in ``metadata['help']``.
+
+    Validated in ``__post_init__``; ``ValueError`` messages name the field and the allowed values.
+    """
+
+    output_dir: str = _help("Directory for metrics.csv, checkpoints/, ref_logps.safetensors, tensorboard/.", default="runs/align")
+    method: str = _help("Objective: 'dpo', 'ipo', 'kldpo' or 'wdpo' (THEORY.md sections 1 and 5).", default="dpo")
+    beta: float = _help("DPO temperature beta (> 0) multiplying the reward margin h.", default=0.1)
+    kldpo_variant: str = _help("KLDPO pair weights: 'clamped' (authors' code), 'normalized' or 'calibrated'.", default="clamped")
+    tau: float = _help("KLDPO temperature tau (> 0) in w_i = exp((l_i - mean_j l_j)/tau), a stand-in for lam*.", default=1.0)
+    rho: float | None = _help("KL radius rho (>= 0) of the 'calibrated' KLDPO variant (required there, unused otherwise).", default=None)
+    clamp: float = _help("Upper clamp of the KLDPO weights (authors' code: 10).", default=10.0)
+    wdpo_impl: str = _help("WDPO gradient: 'double-backward' (needs eager attention) or 'finite-diff'.", default="double-backward")
+    rho0: float = _help("WDPO penalty coefficient rho0 (>= 0) on ||grad_emb l_i||^2 (0 gives DPO).", default=0.01)
+    fd_step: float | None = _help(
+        "Relative finite-difference step (> 0) of the 'finite-diff' WDPO gradient; None: sqrt(eps) of the dtype.", default=None
+    )
+    lr: float = _help("Peak AdamW learning rate (> 0).", default=5e-6)
+    weight_decay: float = _help("AdamW decoupled weight decay (>= 0).", default=0.0)
+    warmup_steps: int = _help("Linear warm-up steps from 0 to lr (>= 0).", default=0)
+    schedule: str = _help("Learning-rate schedule after warm-up: 'cosine' (to min_lr_ratio*lr) or 'constant'.", default="cosine")
+    min_lr_ratio: float = _help("Final learning rate of the cosine schedule as a fraction of lr, in [0, 1].", default=0.0)
+    max_steps: int = _help("Number of optimizer steps (>= 1).", default=100)
+    batch_size: int = _help("Preference pairs per micro-batch and process (>= 1); the forward sees 2*batch_size rows.", default=4)
+    grad_accum: int = _help("Micro-batches accumulated per optimizer step (>= 1).", default=1)
+    max_grad_norm: float = _help("Global gradient-norm clip (> 0); 0 disables clipping (the norm is still checked).", default=1.0)
+    max_length: int = _help("Maximum prompt+answer length in tokens.", default=512)
+    max_prompt_length: int = _help("Maximum prompt length in tokens (< max_length; prompts keep their end).", default=256)
+    precision: str = _help("'fp32'; 'bf16' (bf16 weights); 'bf16-mixed' (fp32 weights, bf16 autocast).", default="fp32")
+    lora: bool = _help("Train LoRA adapters (peft) instead of all weights.", default=False)
+    lora_r: int = _help("LoRA rank r (>= 1).", default=8)
+    lora_alpha: float = _help("LoRA scaling alpha (> 0).", default=16.0)
+    lora_dropout: float = _help("LoRA dropout probability in [0, 1).", default=0.0)
+    lora_target_modules: tuple[str, ...] = _help(
+        "Module names receiving adapters, or ('all-linear',).", default=("q_proj", "k_proj", "v_proj", "o_proj")
+    )
+    reference: str = _help("Reference log-probs: 'precompute' (once, cached on disk) or 'model' (frozen copy).", default="precompute")
+    checkpoint_every: int = _help("Save a checkpoint every K optimizer steps (0: only at the end).", default=0)
+    keep_checkpoints: int = _help("Keep the newest N checkpoints (0: keep all).", default=0)
+    seed: int = _help("Seed of data order, LoRA init and dropout.", default=0)
+    tensorboard: bool = _help("Also log metrics to output_dir/tensorboard (needs the tensorboard package).", default=False)
+    progress: bool = _help("Show a tqdm progress bar on rank 0.", default=True)
+    model_spec: str = _help("Name of the model (recorded in checkpoints and the reference cache key).", default="")
+
+    def __post_init__(self) -> None:
+        def choice(name: str, allowed: Sequence[str]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {list(allowed)}; got {getattr(self, name)!r}")
+
+        def check(name: str, ok: bool, what: str) -> None:
+            if not ok:
+                raise ValueError(f"TrainConfig.{name} must be {what}; got {getattr(self, name)!r}")
+
+        choice("method", METHODS)
+        choice("kldpo_variant", KLDPO_VARIANTS)
+        choice("wdpo_impl", WDPO_IMPLS)
+        choice("schedule", ("cosine", "constant"))
+        choice("precision", PRECISIONS)
+        choice("reference", REFERENCES)
+        for name in ("rho", "fd_step"):
+            v = getattr(self, name)
+            check(name, v is None or (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0), "None or a finite number >= 0")
+        check("fd_step", self.fd_step is None or self.fd_step > 0, "None or > 0")
+        if self.method == "kldpo" and self.kldpo_variant == "calibrated":
+            check("rho", self.rho is not None, "set (the KL radius) for kldpo_variant='calibrated'")
+        for name in ("beta", "tau", "clamp", "lr", "lora_alpha"):
+            v = getattr(self, name)
+            check(name, isinstance(v, (int, float)) and math.isfinite(v) and v > 0, "a finite number > 0")
+        for name in ("rho0", "weight_decay", "max_grad_norm"):
+            v = getattr(self, name)
+            check(name, isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, "a finite number >= 0")
+        check("min_lr_ratio", 0.0 <= self.min_lr_ratio <= 1.0, "in [0, 1]")
+        check("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")
+        for name in ("max_steps", "batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length"):
+            check(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
+        for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints"):
+            check(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
+        check("max_prompt_length", self.max_prompt_length < self.max_length, f"< max_length={self.max_length}")
+        self.lora_target_modules = tuple(self.lora_target_modules)
+        check("lora_target_modules", len(self.lora_target_modules) > 0, "non-empty")
+
+    def loss_config(self) -> Any:
+        """The :class:`drdpo_theory.llm.objectives.LossConfig` of this run."""
+        from drdpo_theory.llm.objectives import LossConfig
+
+        return LossConfig(
+            method=self.method,
+            beta=self.beta,
+            kldpo_variant=self.kldpo_variant,
+            tau=self.tau,
+            rho=self.rho,
+            clamp=self.clamp,
+            wdpo_impl=self.wdpo_impl,
+            rho0=self.rho0,
+            fd_step=self.fd_step,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able dict of all fields."""
+        d = dataclasses.asdict(self)
+        d["lora_target_modules"] = list(self.lora_target_modules)
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns.
+
+    Attributes
+    ----------
+    losses : list of float
+        Loss of every optimizer step run in this call (step ``start_step + 1`` first).
+    rows : list of dict
+        The metrics rows written in this call.
+    start_step, final_step : int
+        Step count before and after this call.
+    checkpoint : pathlib.Path or None
+        Last checkpoint written (or resumed from).
+    interrupted : bool
+        True when a KeyboardInterrupt stopped the run (a checkpoint was saved first).
+    """
+
+    losses: list[float]
+    rows: list[dict[str, Any]]
+    start_step: int
+    final_step: int
+    checkpoint: Path | None
+    interrupted: bool = False
+
+
+def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0, cosine: bool = True) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based).
+
+    .. math::
+
+        m(t) = \\begin{cases} (t+1)/(W+1) & t < W \\\\
+        r + (1 - r)\\,\\tfrac12\\bigl(1 + \\cos(\\pi\\,\\tfrac{t - W}{\\max(1, S - W)})\\bigr) & t \\ge W
+        \\end{cases}
+
+    with ``W`` warm-up steps, ``S`` max steps, ``r`` the final ratio (``m = 1`` after warm-up
+    for a constant schedule).
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if not cosine:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """Newest complete ``step-*`` checkpoint under ``output_dir/checkpoints`` (``None`` if none)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "trainer_state.json").is_file())
+    return steps[-1] if steps else None
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if _world() > 1:
+        dist.barrier()
+
+
+def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if _world() > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= _world()
+    return values
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class Trainer:
+    """Training loop state; use :func:`train` unless you need the pieces.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+    model : transformers.PreTrainedModel
+        The policy (already on ``device``; wrapped with LoRA/DDP here).
+    tokenizer : transformers.PreTrainedTokenizerBase
+        Provides the pad id; saved with the final export.
+    pairs : sequence of TokenizedPair
+        Tokenised training data (:func:`drdpo_theory.llm.data.tokenize_preferences`).
+    device : torch.device, optional
+        Defaults to ``cuda:LOCAL_RANK`` when CUDA is available, else CPU.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: torch.nn.Module,
+        tokenizer: Any,
+        pairs: Sequence[TokenizedPair],
+        device: torch.device | None = None,
+    ) -> None:
+        if not pairs:
+            raise ValueError("no training pairs")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.pairs = list(pairs)
+        self.rank, self.world = _rank(), _world()
+        if len(self.pairs) < cfg.batch_size * self.world:
+            raise ValueError(
+                f"{len(self.pairs)} pairs cannot fill one batch of batch_size={cfg.batch_size} "
+                f"on {self.world} process(es)"
+            )
+        if device is None:
+            if torch.cuda.is_available():
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            else:
+                device = torch.device("cpu")
+        self.device = device
+        self.out = Path(cfg.output_dir)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+        _barrier()
+        self.loss_cfg = cfg.loss_config()
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.collate = PreferenceCollator(pad if pad is not None else 0)
+
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        model = model.to(device)
+        if cfg.precision == "fp32":
+            model = model.float()
+        elif cfg.precision == "bf16":
+            model = model.to(torch.bfloat16)
+        else:  # bf16-mixed: fp32 master weights, bf16 compute under autocast
+            model = model.float()
+        self.ref_model: torch.nn.Module | None = None
+        if cfg.reference == "model" and not cfg.lora:
+            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.lora:
+            from peft import LoraConfig, get_peft_model
+
+            targets: Any = "all-linear" if cfg.lora_target_modules == ("all-linear",) else list(cfg.lora_target_modules)
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=cfg.lora_r,
+                    lora_alpha=cfg.lora_alpha,
+                    lora_dropout=cfg.lora_dropout,
+                    target_modules=targets,
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        model.train()
+        self.base = model  # unwrapped policy (a PeftModel with LoRA)
+        if self.world > 1:
+            ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
+            model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kw)
+        self.model = model
+        self.params = [p for p in self.base.parameters() if p.requires_grad]
+        self.param_names = [n for n, p in self.base.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule == "cosine"),
+        )
+        from torch.utils.data import DistributedSampler
+
+        self.sampler = DistributedSampler(
+            range(len(self.pairs)), num_replicas=self.world, rank=self.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
+        self.batches_per_epoch = len(self.sampler) // cfg.batch_size
+        self.step = 0
+        self.consumed = 0  # micro-batches consumed by this rank
+        self.ref_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.last_checkpoint: Path | None = None
+        self._rng_snapshot = self._rng_state()
+        self._tb = None
+
+    # ------------------------------------------------------------------ data
+    def _batch_at(self, consumed: int) -> dict[str, torch.Tensor]:
+        """Micro-batch number ``consumed`` of this rank: a pure function of (seed, epoch, position)."""
+        epoch, pos = divmod(consumed, self.batches_per_epoch)
+        self.sampler.set_epoch(epoch)
+        order = list(self.sampler)
+        idx = order[pos * self.cfg.batch_size : (pos + 1) * self.cfg.batch_size]
+        return self.collate([self.pairs[i] for i in idx])
+
+    def _autocast(self) -> Any:
+        if self.cfg.precision == "bf16-mixed":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.device.type, enabled=False)
+
+    # ------------------------------------------------------------- reference
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        from drdpo_theory.llm.logprobs import concatenated_logps
+
+        if self.ref_cache is not None:
+            idx = batch["index"]
+            return self.ref_cache[0][idx].to(self.device), self.ref_cache[1][idx].to(self.device)
+        inputs = {k: v for k, v in batch.items() if k != "index"}
+        with torch.no_grad(), self._autocast():
+            if self.ref_model is not None:
+                c, r = concatenated_logps(self.ref_model, inputs)
+            else:  # LoRA: the base model is the reference
+                with self.base.disable_adapter():
+                    c, r = concatenated_logps(self.base, inputs)
+        return c.detach().float(), r.detach().float()
+
+    def _reference_key(self) -> str:
+        return json.dumps(
+            {"data": fingerprint_pairs(self.pairs), "model": self.cfg.model_spec, "precision": self.cfg.precision},
+            sort_keys=True,
+        )
+
+    def precompute_reference(self) -> None:
+        """Compute ``log pi_ref`` of every pair once (sharded over ranks) and cache it on disk.
+
+        The cache ``output_dir/ref_logps.safetensors`` holds tensors ``chosen`` and ``rejected``
+        of shape ``(N,)`` and, in its metadata, the key (data fingerprint, model spec, precision);
+        a cache with another key is recomputed.
+        """
+        from safetensors.torch import load_file, save_file
+
+        from drdpo_theory.llm.logprobs import concatenated_logps
+
+        path = self.out / "ref_logps.safetensors"
+        key = self._reference_key()
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = fh.metadata() or {}
+            if meta.get("key") == key:
+                t = load_file(str(path))
+                self.ref_cache = (t["chosen"], t["rejected"])
+                return
+        n = len(self.pairs)
+        chosen = torch.zeros(n, dtype=torch.float64, device=self.device)
+        rejected = torch.zeros(n, dtype=torch.float64, device=self.device)
+        mine = list(range(self.rank, n, self.world))
+        was_training = self.base.training
+        self.base.eval()
+        for start in range(0, len(mine), self.cfg.batch_size):
+            idx = mine[start : start + self.cfg.batch_size]
+            batch = self.collate([self.pairs[i] for i in idx])
+            inputs = {k: v.to(self.device) for k, v in batch.items() if k != "index"}
+            with torch.no_grad(), self._autocast():
+                ctx = self.base.disable_adapter() if self.cfg.lora else _nullcontext()
+                with ctx:
+                    c, r = concatenated_logps(self.base, inputs)
+            chosen[idx] = c.double()
+            rejected[idx] = r.double()
+        self.base.train(was_training)
+        if self.world > 1:  # each entry is non-zero on exactly one rank
+            dist.all_reduce(chosen)
+            dist.all_reduce(rejected)
+        self.ref_cache = (chosen.float().cpu(), rejected.float().cpu())
+        if self.rank == 0:
+            tmp = path.with_suffix(".tmp")
+            save_file({"chosen": self.ref_cache[0], "rejected": self.ref_cache[1]}, str(tmp), metadata={"key": key})
+            os.replace(tmp, path)
+        _barrier()
+
+    # ------------------------------------------------------------ checkpoint
+    def _rng_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+        }
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current step (state as of the end of that step)."""
+        from safetensors.torch import save_file
+
+        root = self.out / "checkpoints"
+        final = root / f"step-{self.step:08d}"
+        tmp = root / f".tmp-step-{self.step:08d}"
+        if self.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        rng = self._rng_snapshot
+        rng_t = {"torch": rng["torch"]}
+        if "cuda" in rng:
+            rng_t["cuda"] = rng["cuda"]
+        save_file(rng_t, str(tmp / f"rng_rank{self.rank}.safetensors"))
+        if self.rank == 0:
+            save_file(
+                {n: p.detach().cpu().contiguous() for n, p in zip(self.param_names, self.params)},
+                str(tmp / "trainable.safetensors"),
+            )
+            opt = self.optimizer.state_dict()
+            tensors, scalars = {}, {}
+            for pid, st in opt["state"].items():
+                for k, v in st.items():
+                    if torch.is_tensor(v):
+                        tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
+                    else:
+                        scalars[f"{pid}.{k}"] = v
+            save_file(tensors, str(tmp / "optimizer.safetensors"))
+            sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+            np_state = rng["numpy"]
+            state = {
+                "step": self.step,
+                "consumed": self.consumed,
+                "world_size": self.world,
+                "param_names": self.param_names,
+                "param_groups": opt["param_groups"],
+                "optimizer_scalars": scalars,
+                "scheduler": sched,
+                "python_rng": [rng["python"][0], list(rng["python"][1]), rng["python"][2]],
+                "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+                "config": self.cfg.to_json(),
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if self.cfg.keep_checkpoints:
+                old = sorted(p for p in root.glob("step-*") if p.is_dir())[: -self.cfg.keep_checkpoints]
+                for p in old:
+                    shutil.rmtree(p)
+        _barrier()
+        self.last_checkpoint = final
+        return final
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Restore weights, optimizer, scheduler, RNG states and data position from ``path``."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        state_file = path / "trainer_state.json"
+        if not state_file.is_file():
+            raise FileNotFoundError(f"{path}: not a checkpoint (no trainer_state.json)")
+        state = json.loads(state_file.read_text())
+        if state["world_size"] != self.world:
+            raise ValueError(
+                f"{path}: saved with {state['world_size']} processes, resuming with {self.world}; "
+                "exact resume needs the same number"
+            )
+        saved = state["config"]
+        changed = sorted(
+            k for k, v in self.cfg.to_json().items()
+            if k not in RESUME_MAY_CHANGE and saved.get(k) != v
+        )
+        if changed:
+            raise ValueError(
+                f"{path}: cannot resume with a different configuration; changed: "
+                + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(self.cfg, k)!r})" for k in changed)
+            )
+        if state["param_names"] != self.param_names:
+            raise ValueError(f"{path}: trainable parameters differ from this model's (another model or LoRA setting?)")
+        weights = load_file(str(path / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, p in zip(self.param_names, self.params):
+                p.copy_(weights[n].to(p.device, p.dtype))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        opt_state: dict[int, dict[str, Any]] = {}
+        for k, v in list(tensors.items()) + list(state["optimizer_scalars"].items()):
+            pid, name = k.split(".", 1)
+            opt_state.setdefault(int(pid), {})[name] = v
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
+        # Same formula as LambdaLR (identical floats when max_steps is unchanged; follows a new max_steps).
+        for group, base, lam in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * lam(self.scheduler.last_epoch)
+        rank_file = path / f"rng_rank{self.rank}.safetensors"
+        rng = load_file(str(rank_file))
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        py = state["python_rng"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        npr = state["numpy_rng"]
+        np.random.set_state((npr[0], np.asarray(npr[1], dtype=np.uint32), npr[2], npr[3], npr[4]))
+        self.step = int(state["step"])
+        self.consumed = int(state["consumed"])
+        self.last_checkpoint = path
+        self._rng_snapshot = self._rng_state()
+
+    # --------------------------------------------------------------- logging
+    def _write_row(self, row: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        path = self.out / "metrics.csv"
+        if path.is_file() and path.stat().st_size > 0:
+            with path.open(newline="") as fh:
+                header = next(csv.reader(fh))
+            new = False
+        else:
+            header = list(BASE_COLUMNS) + sorted(k for k in row if k not in BASE_COLUMNS)
+            new = True
+        with path.open("a", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics rows after the resumed step (they will be recomputed)."""
+        path = self.out / "metrics.csv"
+        if self.rank != 0 or not path.is_file():
+            return
+        with path.open(newline="") as fh:
+            rows = list(csv.reader(fh))
+        if not rows:
+            return
+        keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.step]
+        with path.open("w", newline="") as fh:
+            csv.writer(fh).writerows(keep)
+
+    # ------------------------------------------------------------------ loop
+    def _check_finite(self, value: torch.Tensor, what: str) -> None:
+        bad = torch.tensor(0.0 if torch.isfinite(value).all() else 1.0, device=self.device)
+        if self.world > 1:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            where = self.last_checkpoint or "none written yet"
+            raise NonFiniteError(
+                f"non-finite {what} at step {self.step + 1}; training stopped without updating the "
+                f"weights. Last good checkpoint: {where}"
+            )
+
+    def train_step(self) -> dict[str, Any]:
+        """Run one optimizer step and return its metrics row (does not log or checkpoint)."""
+        from drdpo_theory.llm.objectives import preference_loss
+
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        sums: dict[str, float] = {}
+        for micro in range(cfg.grad_accum):
+            batch = self._batch_at(self.consumed + micro)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            ref_c, ref_r = self._reference_logps(batch)
+            inputs = {k: v for k, v in batch.items() if k != "index"}
+            last = micro == cfg.grad_accum - 1
+            sync = self.model.no_sync() if (self.world > 1 and not last) else _nullcontext()
+            with sync:
+                with self._autocast():
+                    loss, metrics = preference_loss(self.model, inputs, ref_c, ref_r, self.loss_cfg)
+                self._check_finite(loss.detach(), "loss")
+                (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        self._check_finite(grad_norm.detach(), "gradient norm")
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.consumed += cfg.grad_accum
+        self.step += 1
+        self._rng_snapshot = self._rng_state()
+        names = sorted(sums)
+        vals = torch.tensor([loss_sum] + [sums[k] for k in names], dtype=torch.float64, device=self.device)
+        vals = _all_reduce_mean(vals) / cfg.grad_accum
+        row: dict[str, Any] = {
+            "step": self.step,
+            "epoch": round(self.consumed / self.batches_per_epoch, 4),
+            "loss": float(vals[0]),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "seconds": round(time.perf_counter() - t0, 6),
+        }
+        row.update({k: float(v) for k, v in zip(names, vals[1:].tolist())})
+        return row
+
+    def fit(
+        self, resume_from: str | os.PathLike | None = None, on_step: Callable[[dict[str, Any]], None] | None = None
+    ) -> TrainResult:
+        """Train until ``cfg.max_steps``; see :func:`train`."""
+        cfg = self.cfg
+        if cfg.reference == "precompute":  # before resuming: pi_ref is the initial policy
+            self.precompute_reference()
+        if resume_from is not None:
+            ckpt = latest_checkpoint(cfg.output_dir) if str(resume_from) == "auto" else Path(resume_from)
+            if ckpt is not None:
+                self.load_checkpoint(ckpt)
+                self._truncate_metrics()
+        if cfg.tensorboard and self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.out / "tensorboard"))
+        start = self.step
+        losses: list[float] = []
+        rows: list[dict[str, Any]] = []
+        bar = None
+        if cfg.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"align[{cfg.method}]", dynamic_ncols=True)
+        interrupted = False
+        try:
+            while self.step < cfg.max_steps:
+                row = self.train_step()
+                losses.append(row["loss"])
+                rows.append(row)
+                self._write_row(row)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if on_step is not None:
+                    on_step(row)
+            if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}":
+                self.save_checkpoint()
+        except KeyboardInterrupt:
+            interrupted = True
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.step > start and (self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}"):
+                self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+            if self._tb is not None:
+                self._tb.close()
+                self._tb = None
+        return TrainResult(losses, rows, start, self.step, self.last_checkpoint, interrupted)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+
+def train(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[TokenizedPair],
+    resume_from: str | os.PathLike | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Train ``model`` on tokenised preference pairs with the objective of ``cfg``.
+
+    Parameters
+    ----------
+    cfg : TrainConfig
+    model : transformers.PreTrainedModel
+        Initial policy; with ``reference`` it also defines ``pi_ref``.
+    tokenizer : transformers.PreTrainedTokenizerBase
+    pairs : sequence of TokenizedPair
+    resume_from : path or "auto", optional
+        Checkpoint directory to resume from; ``"auto"``: the newest one under
+        ``cfg.output_dir/checkpoints`` if any.
+    on_step : callable, optional
+        Called with each metrics row after logging and checkpointing (tests use it to
+        interrupt a run).
+    device : torch.device, optional
+
+    Returns
+    -------
+    TrainResult
+
+    Raises
+    ------
+    NonFiniteError
+        On a NaN/inf loss or gradient norm; no update and no checkpoint is written for that
+        step, so ``latest_checkpoint(cfg.output_dir)`` is the last good state.
+
+    Notes
+    -----
+    A KeyboardInterrupt saves a checkpoint of the last completed step and returns with
+    ``interrupted=True``. Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE > 1``) call
+    :func:`init_distributed` first; the model is wrapped in DistributedDataParallel, each
+    rank reads its :class:`~torch.utils.data.DistributedSampler` shard, rank 0 writes files.
+    """
+    return Trainer(cfg, model, tokenizer, pairs, device=device).fit(resume_from=resume_from, on_step=on_step)
+
+
+def init_distributed() -> bool:
+    """Initialise the default process group from torchrun/accelerate environment variables.
+
+    Returns
+    -------
+    bool
+        True when ``WORLD_SIZE > 1`` (a group is now up), False for a single process.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+    return True
+

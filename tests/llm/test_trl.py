@@ -1,0 +1,114 @@
+"""TRL integration: KLDPOTrainer / WDPOTrainer run, and compute the same loss as preference_loss."""
+
+from __future__ import annotations
+
+
+import pytest
+
+torch = pytest.importorskip("torch")
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+
+from drdpo_theory.llm.data import PreferenceCollator, load_preferences, tokenize_pair  # noqa: E402
+from drdpo_theory.llm.logprobs import concatenated_logps  # noqa: E402
+from drdpo_theory.llm.models import load_model  # noqa: E402
+from drdpo_theory.llm.objectives import LossConfig, preference_loss  # noqa: E402
+from drdpo_theory.llm.trl_adapter import TESTED_TRL_VERSION, KLDPOTrainer, WDPOTrainer  # noqa: E402
+
+pytestmark = [
+    pytest.mark.llm,
+    pytest.mark.skipif(
+        trl.__version__ != TESTED_TRL_VERSION,
+        reason=f"trl_adapter was checked against trl {TESTED_TRL_VERSION}; installed trl {trl.__version__}",
+    ),
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+]
+
+LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6  # same tokens, same reference, same loss code: float32 round-off
+REF_RTOL = 1e-4  # sequence log-probs of ~-150 nats from differently padded float32 forwards
+N_PAIRS = 8
+
+
+@pytest.fixture(autouse=True)
+def _offline_one_thread(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _trainer(cls, tmp_path, max_steps=2, **kw):
+    model, tok = load_model("tiny-random")
+    records = load_preferences("toy")[:N_PAIRS]
+    args = trl.DPOConfig(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
+        beta=0.5, max_length=128, precompute_ref_log_probs=True, report_to=[], use_cpu=True,
+        logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+    )
+    trainer = cls(model=model, args=args, train_dataset=datasets.Dataset.from_list(records), processing_class=tok, **kw)
+    return trainer, model, tok, records
+
+
+@pytest.mark.parametrize(
+    "cls, kw, key",
+    [(KLDPOTrainer, {"tau": 0.5}, "kldpo/ess"), (WDPOTrainer, {"wdpo_impl": "finite-diff", "rho0": 0.01}, "wdpo/penalty")],
+    ids=["kldpo", "wdpo"],
+)
+def test_trl_subclass_trains_two_steps(tmp_path, cls, kw, key):
+    trainer, *_ = _trainer(cls, tmp_path, **kw)
+    out = trainer.train()
+    assert out.global_step == 2
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logs)
+    assert all(key in h for h in logs)
+
+
+@pytest.mark.parametrize(
+    "cls, kw",
+    [(KLDPOTrainer, {"tau": 0.5}), (WDPOTrainer, {"wdpo_impl": "finite-diff", "rho0": 0.01})],
+    ids=["kldpo", "wdpo"],
+)
+def test_trl_loss_equals_preference_loss_on_our_pipeline(tmp_path, cls, kw):
+    """TRL's tokenisation + reference + compute_loss == our data module + concatenated_logps + preference_loss."""
+    trainer, model, tok, records = _trainer(cls, tmp_path, **kw)
+    rows = [trainer.train_dataset[i] for i in range(N_PAIRS)]
+    ours = [tokenize_pair(tok, r, max_length=128, max_prompt_length=64, index=i) for i, r in enumerate(records)]
+    for row, pair in zip(rows, ours):  # identical token ids
+        assert row["prompt_ids"] == list(pair.prompt_ids)
+        assert row["chosen_ids"] == list(pair.chosen_ids)
+        assert row["rejected_ids"] == list(pair.rejected_ids)
+    trl_batch = trainer.data_collator(rows)
+    policy = trainer.model
+    policy.train()
+
+    batch = PreferenceCollator(tok.pad_token_id)(ours)
+    inputs = {k: v for k, v in batch.items() if k != "index"}
+    with torch.no_grad():
+        ref_c, ref_r = concatenated_logps(policy, inputs)  # no step taken yet: policy == reference
+    # TRL precomputes with its fused LM head in other batches (other padding): float32 agreement only
+    torch.testing.assert_close(ref_c, trl_batch["ref_chosen_logps"], rtol=REF_RTOL, atol=0.0)
+    torch.testing.assert_close(ref_r, trl_batch["ref_rejected_logps"], rtol=REF_RTOL, atol=0.0)
+    ref_c, ref_r = trl_batch["ref_chosen_logps"], trl_batch["ref_rejected_logps"]  # same reference for both
+    # move the policy away from the reference so that margins (and KLDPO weights) are not trivial
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    loss_trl = trainer.compute_loss(policy, trl_batch)
+    cfg = LossConfig(method=cls._method, beta=0.5, **kw)
+    loss_ours, metrics = preference_loss(policy, inputs, ref_c, ref_r, cfg)
+    torch.testing.assert_close(loss_trl.detach(), loss_ours.detach(), rtol=LOSS_RTOL, atol=LOSS_ATOL)
+    # the policy really differs from the reference (the implicit rewards are not ~0)
+    assert abs(metrics["rewards/chosen"]) > 0.1 and abs(metrics["rewards/rejected"]) > 0.1, metrics
+
+
+def test_trl_subclass_rejects_settings_that_change_the_loss(tmp_path):
+    model, tok = load_model("tiny-random")
+    args = trl.DPOConfig(output_dir=str(tmp_path), loss_type=["hinge"], report_to=[], use_cpu=True,
+                         max_length=128, precompute_ref_log_probs=True)
+    ds = datasets.Dataset.from_list(load_preferences("toy")[:4])
+    with pytest.raises(ValueError, match=r"unsupported DPOConfig: loss_type=\['hinge'\]"):
+        KLDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
