@@ -1,0 +1,182 @@
+"""A resumable, parallel sweep engine: one row per finished cell, appended to a CSV on disk.
+
+Usage::
+
+    df = run_sweep(cells, run_cell, "results/x/rows.csv", key=("method", "radius", "n", "seed"), n_jobs=2)
+
+* ``cells`` is a list of dicts (picklable); ``func(cell) -> dict`` computes one row (a top-level,
+  picklable function: it runs in joblib worker processes when ``n_jobs != 1``).
+* Rows are appended to ``path`` as soon as their chunk finishes (one ``write`` + ``flush`` +
+  ``fsync`` per chunk), with a final ``_done`` column; a rerun reads the file, skips every cell
+  whose key is already there and computes only the rest. Interrupting (Ctrl-C, a kill, an
+  exception in ``on_row``) loses at most the chunks in flight; a torn last line is dropped on read.
+* Progress: a tqdm bar over cells.
+
+The result is the tidy table of all finished rows (old and new), one row per cell.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import pandas as pd
+
+__all__ = ["cell_key", "load_rows", "run_sweep", "chunked"]
+
+DONE_COL = "_done"
+
+
+def _norm(v) -> str:
+    """Canonical text of a key value (floats to 12 significant digits, so CSV round trips match)."""
+    if isinstance(v, bool):
+        return str(v)
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if math.isnan(f):
+        return "nan"
+    return format(f, ".12g")
+
+
+def cell_key(cell: dict, key: Sequence[str]) -> tuple:
+    """The identity of a cell: its ``key`` fields, canonicalised."""
+    return tuple(_norm(cell[k]) for k in key)
+
+
+def load_rows(path: str | Path) -> pd.DataFrame:
+    """All complete rows in ``path`` (empty frame if none); torn or partial lines are dropped."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return pd.DataFrame()
+    df = pd.read_csv(path, on_bad_lines="skip", engine="python")
+    if DONE_COL not in df.columns:
+        return pd.DataFrame()
+    df = df[pd.to_numeric(df[DONE_COL], errors="coerce") == 1]
+    return df.drop(columns=[DONE_COL]).reset_index(drop=True)
+
+
+def chunked(items: Sequence, size: int) -> Iterable[list]:
+    for i in range(0, len(items), size):
+        yield list(items[i : i + size])
+
+
+def _run_chunk(func: Callable[[dict], dict], chunk: list[dict]) -> list[dict]:
+    return [func(c) for c in chunk]
+
+
+class _Appender:
+    """Appends rows to a CSV with a fixed header (taken from the file or the first row)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.header: list[str] | None = None
+        if path.exists() and path.stat().st_size > 0:
+            with open(path, newline="") as f:
+                first = f.readline()
+            self.header = next(csv.reader([first])) if first.strip() else None
+
+    def append(self, rows: list[dict]) -> None:
+        if not rows:
+            return
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        new_file = self.header is None
+        if new_file:
+            self.header = [k for k in rows[0] if k != DONE_COL] + [DONE_COL]
+            writer.writerow(self.header)
+        for r in rows:
+            missing = [k for k in r if k not in self.header]
+            if missing:
+                raise ValueError(f"row has fields {missing} not in the file's header {self.header}; "
+                                 f"use a new output file for a different table")
+            writer.writerow(["" if r.get(k) is None else r.get(k, "") for k in self.header[:-1]] + [1])
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # ensure the previous content ends with a newline (a torn last line must not swallow ours)
+        if not new_file and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    buf = io.StringIO("\n" + buf.getvalue())
+        with open(self.path, "a", newline="") as f:
+            f.write(buf.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def run_sweep(
+    cells: Sequence[dict],
+    func: Callable[[dict], dict],
+    path: str | Path,
+    key: Sequence[str],
+    n_jobs: int = 1,
+    chunk_size: int = 8,
+    progress: bool = True,
+    desc: str = "cells",
+    on_row: Callable[[dict], None] | None = None,
+) -> pd.DataFrame:
+    """Run ``func`` on every cell not already in ``path``; append each row as it finishes.
+
+    Parameters
+    ----------
+    cells : the grid, one dict per cell; every dict holds the ``key`` fields.
+    func : ``cell -> row`` (a dict; it should repeat the key fields); top-level, picklable.
+    path : CSV file (created if missing). Rows of earlier runs are kept and their cells skipped.
+    key : the fields that identify a cell.
+    n_jobs : joblib workers (1: in this process, in order; -1: all cores).
+    chunk_size : cells per joblib task (rows are written per finished task).
+    on_row : called with every new row after it is on disk (tests use it to interrupt).
+
+    Returns
+    -------
+    DataFrame of all finished rows in ``path`` restricted to the requested cells.
+    """
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    done = load_rows(path)
+    done_keys = set()
+    if len(done):
+        missing = [k for k in key if k not in done.columns]
+        if missing:
+            raise ValueError(f"{path}: existing file lacks key column(s) {missing}")
+        done_keys = {tuple(_norm(v) for v in row) for row in done[list(key)].itertuples(index=False)}
+    seen = set()
+    todo = []
+    for c in cells:
+        k = cell_key(c, key)
+        if k in done_keys or k in seen:
+            continue
+        seen.add(k)
+        todo.append(c)
+    appender = _Appender(path)
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress or not todo, leave=False)
+    try:
+        chunks = list(chunked(todo, max(1, int(chunk_size))))
+        if n_jobs == 1 or len(chunks) <= 1:
+            results = (_run_chunk(func, ch) for ch in chunks)
+        else:
+            from joblib import Parallel, delayed
+
+            results = Parallel(n_jobs=n_jobs, return_as="generator_unordered")(
+                delayed(_run_chunk)(func, ch) for ch in chunks
+            )
+        for rows in results:
+            appender.append(rows)
+            bar.update(len(rows))
+            if on_row is not None:
+                for r in rows:
+                    on_row(r)
+    finally:
+        bar.close()
+    all_rows = load_rows(path)
+    if not len(all_rows):
+        return all_rows
+    wanted = {cell_key(c, key) for c in cells}
+    mask = [tuple(_norm(v) for v in row) in wanted for row in all_rows[list(key)].itertuples(index=False)]
+    return all_rows[mask].reset_index(drop=True)
