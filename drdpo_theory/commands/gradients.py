@@ -1,0 +1,106 @@
+"""``drdpo gradients``: exact vs approximate robust gradients on the log-linear model, and calibration.
+
+Contract: ``drdpo gradients [--quick] [--json] [--out DIR] [--figures DIR] [--jobs N]`` runs the
+study of :mod:`drdpo_theory.experiments.gradients` (tables to ``results/gradients/``, figures to
+``figures/``); with ``--json`` the last stdout line is one JSON object with ``cos_at_lam_star``,
+``first_order_slope``, ``sgd_endpoint_error`` (per estimator) and the other headline numbers.
+``drdpo gradients --calibrate --data FILE.npz --beta BETA --radius B [--rho RHO] [--eps EPS]
+[--space {z,x}] [--theta T1,T2,...] [--json]`` prints the calibration of tau / rho0 and the
+collapse radii instead (:func:`drdpo_theory.calibration.calibrate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+from ..cli import EXIT_OK, CLIError
+
+
+def _float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if math.isnan(v):
+        raise argparse.ArgumentTypeError("NaN is not allowed")
+    return v
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "gradients",
+        help="exact vs approximate KLDPO/WDPO gradients (study), or --calibrate tau/rho0 for a data file",
+        description=__doc__.split("\n\n")[0].split(": ", 1)[1],
+    )
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small grid (< 3 minutes on 2 cores)")
+    size.add_argument("--full", action="store_true", help="the full grid (the default; accepted for `drdpo reproduce --full`)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line of stdout)")
+    p.add_argument("--out", default="results/gradients", help="directory of the result CSVs (default results/gradients)")
+    p.add_argument("--figures", default="figures", help="directory of the figures (default figures; '' = none)")
+    p.add_argument("--jobs", type=int, default=1, help="joblib processes (default 1)")
+    g = p.add_argument_group("calibration (with --calibrate)")
+    g.add_argument("--calibrate", action="store_true", help="calibrate tau and rho0 on --data instead of the study")
+    g.add_argument("--data", metavar="FILE.npz", help="data: x (n,d), y (n,), [theta_ref (d,)], [weights (n,)]")
+    g.add_argument("--beta", type=_float, help="DPO temperature beta > 0")
+    g.add_argument("--radius", type=_float, metavar="B", help="parameter ball ||theta|| <= B")
+    g.add_argument("--rho", type=_float, help="KL radius: report tau = lam*(rho) at theta")
+    g.add_argument("--eps", type=_float, help="W2 radius in --space: report rho0 (gradient and value rules)")
+    g.add_argument("--space", choices=["z", "x"], default="z",
+                   help="feature space of eps/rho0: z = both answers' features (authors, default), x = phi1 - phi2")
+    g.add_argument("--theta", help="comma-separated theta at which to calibrate (default: the DPO solution)")
+    p.set_defaults(func=run)
+
+
+def _calibrate(args) -> int:
+    import numpy as np
+
+    from ..calibration import calibrate
+    from ..data import DataError, load_npz
+
+    missing = [f"--{k}" for k in ("data", "beta", "radius") if getattr(args, k) is None]
+    if missing:
+        raise CLIError(f"--calibrate needs {' '.join(missing)}")
+    try:
+        data = load_npz(args.data)
+        theta = None
+        if args.theta:
+            theta = np.array([float(t) for t in args.theta.split(",")])
+            if theta.shape != (data.d,):
+                raise ValueError(f"--theta has {theta.size} entries but the data have d = {data.d}")
+        out = calibrate(data, args.beta, args.radius, rho=args.rho, eps=args.eps, theta=theta, space=args.space)
+    except (DataError, ValueError, TypeError) as exc:
+        raise CLIError(str(exc)) from None
+    if args.json:
+        print(json.dumps(out))
+    else:
+        for k, v in out.items():
+            print(f"{k:14s} {v}")
+    return EXIT_OK
+
+
+def run(args) -> int:
+    if args.calibrate:
+        return _calibrate(args)
+    from ..experiments.gradients import GradientStudyConfig, run_study, summarize
+
+    cfg = GradientStudyConfig.quick() if args.quick else GradientStudyConfig()
+    t0 = time.perf_counter()
+    res = run_study(cfg, out_dir=args.out or None, n_jobs=args.jobs, progress=not args.json)
+    summary = summarize(res)
+    if args.figures:
+        from ..plots_approx import plot_all_gradients
+
+        summary["figures"] = [str(p) for p in plot_all_gradients(res, args.figures)]
+    summary["seconds"] = time.perf_counter() - t0
+    summary["quick"] = bool(args.quick)
+    summary["config_key"] = cfg.key()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k:40s} {v}")
+    return EXIT_OK

@@ -1,0 +1,71 @@
+"""``drdpo shift``: preference shift in the log-linear world (train at alpha0, test over alpha).
+
+Contract: ``drdpo shift [--quick] [--json] [--mixture {label,reward}] [--alpha0 A] [--out DIR]
+[--figures DIR] [--jobs N]`` runs :mod:`drdpo_theory.experiments.shift` (table to
+``results/shift/shift.csv``, figure ``figures/shift_reward_vs_alpha.png``); with ``--json`` the last
+stdout line is one JSON object: ``alphas`` and, per method, ``reward_mean`` / ``reward_se`` at each alpha.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+
+from ..cli import EXIT_OK, CLIError
+
+
+def _alpha(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"alpha0 must be in [0, 1], got {v}")
+    return v
+
+
+def register(sub) -> None:
+    p = sub.add_parser("shift", help="preference shift: train on a reward mixture, test across mixtures",
+                       description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="small grid (< 3 minutes on 2 cores)")
+    size.add_argument("--full", action="store_true", help="the full grid (the default; accepted for `drdpo reproduce --full`)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line of stdout)")
+    p.add_argument("--mixture", choices=["label", "reward"], default="label",
+                   help="label: mixture of the two Bradley-Terry label distributions (default); reward: BT with r_alpha")
+    p.add_argument("--alpha0", type=_alpha, default=0.5, help="training mixture weight (default 0.5)")
+    p.add_argument("--out", default="results/shift", help="directory of the result CSV (default results/shift)")
+    p.add_argument("--figures", default="figures", help="directory of the figure (default figures; '' = none)")
+    p.add_argument("--jobs", type=int, default=1, help="joblib processes over seeds (default 1)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..experiments.shift import ShiftConfig, run_shift, summarize_shift
+
+    base = ShiftConfig.quick() if args.quick else ShiftConfig()
+    try:
+        cfg = replace(base, mixture=args.mixture, alpha0=args.alpha0)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    t0 = time.perf_counter()
+    res = run_shift(cfg, out_dir=args.out or None, n_jobs=args.jobs, progress=not args.json)
+    summary = summarize_shift(res)
+    if args.figures:
+        from ..plots_approx import plot_shift_reward
+
+        summary["figures"] = [str(p) for p in plot_shift_reward(res, args.figures)]
+    summary["seconds"] = time.perf_counter() - t0
+    summary["quick"] = bool(args.quick)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"alphas {summary['alphas']} (training alpha0 = {summary['alpha0']}, {summary['mixture']} mixture)")
+        for m, v in summary["methods"].items():
+            print(f"{m:22s} reward " + " ".join(f"{r:.3f}" for r in v["reward_mean"])
+                  + f"  worst {v['worst_alpha_reward_mean']:.3f}")
+        print(f"{'reference':22s} reward " + " ".join(f"{r:.3f}" for r in summary["reference_reward"]))
+        print(f"seconds {summary['seconds']:.1f}")
+    return EXIT_OK

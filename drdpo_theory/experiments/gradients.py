@@ -1,0 +1,647 @@
+"""Exact vs approximate robust gradients on the log-linear model (tidy pandas tables).
+
+The paper trains LLMs with approximations of the KLDPO / WDPO minimax gradients (THEORY.md
+section 5, :mod:`drdpo_theory.approx`). On the log-linear class the exact gradients are known, so
+this study measures how good the approximations are:
+
+* :func:`kl_tau_table` — KLDPO estimators (authors' clamped weights, normalised tilt, batch-calibrated
+  dual) against the exact Danskin gradient as functions of ``tau / lam*`` and ``rho / rho_c``;
+* :func:`kl_path_table` — ``lam*`` along an exact training trajectory, and the cosine of a fixed
+  ``tau`` along it (no single ``tau`` is right throughout training);
+* :func:`batch_table` — mini-batch bias of every estimator (mean over batches vs the full-data gradient);
+* :func:`beta_table` — the role of ``beta`` (a reparametrisation in this model: only ``beta(theta - theta_ref)`` matters);
+* :func:`w_radius_table` — WDPO estimators (first-order form, squared penalty, one-step adversarial)
+  against the exact continuous-support W2 gradient as functions of ``eps / eps_c``;
+* :func:`value_error_table` — first-order W2 value vs the exact W2 value, and :func:`fit_loglog_slope`;
+* :func:`sgd_table` — end points of seeded SGD with each estimator vs the exact robust optimum.
+
+Every instance is a seeded :func:`~drdpo_theory.model.make_model` with its exact nominal
+distribution P° as data (weights ``P°(z)``); mini-batches are i.i.d. draws from P° (uniform weights).
+Radii are given as fractions of the collapse radii (:func:`~drdpo_theory.calibration.collapse_radii`),
+so the same fractions mean the same thing on every instance. Wasserstein radii here are in
+``x = phi1 - phi2`` (the project's transport cost), and every WDPO approximation is called with
+``space="x"``; in the authors' ``z = (phi1, phi2)`` the radius is ``eps / sqrt(2)`` and ``rho0`` is half.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .. import approx as A
+from ..calibration import collapse_radii, rho0_for_eps, tau_for_rho
+from ..data import PreferenceData
+from ..model import make_model
+
+__all__ = [
+    "GradientStudyConfig",
+    "Instance",
+    "make_instance",
+    "Estimator",
+    "make_estimators",
+    "run_sgd",
+    "fixed_point",
+    "kl_tau_table",
+    "kl_path_table",
+    "batch_table",
+    "beta_table",
+    "w_radius_table",
+    "value_error_table",
+    "fit_loglog_slope",
+    "sgd_table",
+    "run_study",
+    "summarize",
+]
+
+
+@dataclass(frozen=True)
+class GradientStudyConfig:
+    """Grid of the gradient study. Every field is a knob of one table; ``quick()`` shrinks them."""
+
+    instances: tuple = (0, 1, 2)
+    """model seeds (``make_model(seed=...)``)."""
+    n_prompts: int = 4
+    n_answers: int = 4
+    d: int = 4
+    beta: float = 1.0
+    """DPO temperature."""
+    radius: float = 4.0
+    """parameter ball ``||theta|| <= B``."""
+    theta_star_norm: float = 2.0
+    """``||theta*||``: sets how informative the labels are."""
+    radius_fracs: tuple = (0.1, 0.3, 0.6, 0.9)
+    """KL radii ``rho / rho_c`` and W2 radii ``eps / eps_c`` (collapse radii of each instance)."""
+    tau_mults: tuple = tuple(float(t) for t in np.geomspace(1 / 16, 16, 17))
+    """``tau / lam*`` grid (includes 1)."""
+    n_points: int = 3
+    """random evaluation points per instance: ``theta_opt + point_scale ||theta_DPO|| e`` (e a random unit vector)."""
+    point_scale: float = 0.5
+    batch_sizes: tuple = (4, 16, 64, 256)
+    n_batches: int = 2000
+    """mini-batches per batch size (their mean gradient estimates the estimator's expectation)."""
+    betas: tuple = (0.25, 0.5, 1.0, 2.0, 4.0)
+    value_eps: tuple = tuple(float(e) for e in np.geomspace(1e-3, 1e-1, 9))
+    """absolute W2 radii (x-space) for the value-error fit."""
+    path_steps: int = 300
+    """full-batch exact gradient-descent steps of the lam* path."""
+    path_eta: float = 2.0
+    sgd_steps: int = 4000
+    sgd_batch: int = 64
+    sgd_eta0: float = 4.0
+    """step size ``eta_k = eta0 / sqrt(1 + k / (steps/10))``; iterates averaged over the second half."""
+    sgd_seeds: tuple = (0, 1, 2)
+    fixed_point_steps: int = 1500
+    """full-batch gradient-descent steps (step ``sgd_eta0``) for each estimator's noise-free fixed point."""
+    sgd_frac: float = 0.5
+    """radius fraction (of the collapse radius) used for SGD and the batch study."""
+
+    @classmethod
+    def quick(cls) -> "GradientStudyConfig":
+        """A grid that runs in well under 3 minutes on 2 cores (``--quick``)."""
+        return cls(instances=(0, 1), radius_fracs=(0.1, 0.5, 0.9),
+                   tau_mults=tuple(float(t) for t in np.geomspace(1 / 16, 16, 9)), n_points=2,
+                   batch_sizes=(4, 16, 64), n_batches=600, betas=(0.25, 1.0, 4.0),
+                   value_eps=tuple(float(e) for e in np.geomspace(1e-3, 1e-1, 5)), path_steps=150,
+                   sgd_steps=3000, sgd_seeds=(0, 1))
+
+    def key(self) -> str:
+        """Short hash of the configuration (names the cached cells)."""
+        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+@dataclass
+class Instance:
+    """One seeded model with its nominal data, exact optima and collapse radii."""
+
+    seed: int
+    data: PreferenceData
+    beta: float
+    radius: float
+    theta_dpo: np.ndarray
+    radii: dict
+    points: dict = field(default_factory=dict)
+    """name -> (d,) evaluation points."""
+
+
+def make_instance(seed: int, cfg: GradientStudyConfig) -> Instance:
+    """The model ``make_model(seed)``, its P° as weighted data, the DPO optimum and collapse radii."""
+    from ..solvers.dpo import solve_dpo
+
+    model = make_model(n_prompts=cfg.n_prompts, n_answers=cfg.n_answers, d=cfg.d, beta=cfg.beta,
+                       radius=cfg.radius, theta_star_norm=cfg.theta_star_norm, seed=seed)
+    data = model.nominal().as_data()
+    th = solve_dpo(data, cfg.beta, cfg.radius).theta
+    rng = np.random.default_rng(10_000 + seed)
+    dirs = rng.standard_normal((cfg.n_points, data.d))
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    inst = Instance(seed, data, cfg.beta, cfg.radius, th, collapse_radii(data))
+    inst.points = {"dpo": th}
+    for k in range(cfg.n_points):
+        inst.points[f"rand{k}"] = th * 0.5 + cfg.point_scale * np.linalg.norm(th) * dirs[k]
+    return inst
+
+
+# ----------------------------------------------------------------------------------------------
+# estimators
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Estimator:
+    """A gradient estimator ``fn(theta, batch) -> (d,)`` with the exact problem it approximates."""
+
+    name: str
+    family: str
+    """``"dpo"``, ``"kl"`` or ``"w2"``: which exact optimum is its target."""
+    fn: Callable
+    params: dict = field(default_factory=dict)
+
+
+def make_estimators(data: PreferenceData, beta: float, radius: float, rho: float, eps: float,
+                    theta_kl: np.ndarray, theta_dpo: np.ndarray, theta_w2: np.ndarray | None = None,
+                    families=("dpo", "kl", "w2")) -> list[Estimator]:
+    """The estimators compared in the SGD study, with their hyper-parameters (docs/approximations.md):
+
+    * ``kl_clamped`` / ``kl_softmax``: ``tau = lam*(rho)`` at the exact KLDPO optimum ``theta_kl``
+      (oracle: the best single tau in hindsight); ``kl_clamped_dpo_tau``: ``tau = lam*(rho)`` at the
+      DPO solution (what a user can compute before training);
+    * ``kl_calibrated``: ``lam*`` solved on each batch (no tau);
+    * ``w2_first_order`` (Gao) and ``w2_adversarial`` (one step, ``eta = eps/sqrt(G_batch)``): ``eps``;
+    * ``w2_sq_penalty``: ``rho0 = eps / (2 sqrt(G))`` (gradient rule) at ``theta_w2`` (oracle; skipped
+      when ``theta_w2`` is None); ``w2_sq_penalty_dpo``: the same rule at the DPO solution.
+    """
+    out = [Estimator("dpo", "dpo", lambda th, b: A.dpo_grad_batch(th, b, beta))]
+    if "kl" in families:
+        tau = tau_for_rho(theta_kl, data, beta, rho)
+        tau_d = tau_for_rho(theta_dpo, data, beta, rho)
+        out += [
+            Estimator("kl_clamped", "kl", lambda th, b: A.kldpo_grad_clamped(th, b, beta, tau), {"tau": tau}),
+            Estimator("kl_softmax", "kl", lambda th, b: A.kldpo_grad_softmax(th, b, beta, tau), {"tau": tau}),
+            Estimator("kl_clamped_dpo_tau", "kl", lambda th, b: A.kldpo_grad_clamped(th, b, beta, tau_d),
+                      {"tau": tau_d}),
+            Estimator("kl_calibrated", "kl", lambda th, b: A.kldpo_grad_calibrated(th, b, beta, rho), {"rho": rho}),
+        ]
+    if "w2" in families:
+        out += [
+            Estimator("w2_first_order", "w2", lambda th, b: A.wdpo_grad_first_order(th, b, beta, eps, "x"), {"eps": eps}),
+            Estimator("w2_adversarial", "w2", lambda th, b: A.wdpo_grad_adversarial(th, b, beta, eps=eps, space="x"),
+                      {"eps": eps}),
+        ]
+        if theta_w2 is not None:
+            r_o = rho0_for_eps(theta_w2, data, beta, eps, "gradient", space="x")
+            out.append(Estimator("w2_sq_penalty", "w2", lambda th, b: A.wdpo_grad_sq_penalty(th, b, beta, r_o, "x"),
+                                 {"rho0": r_o}))
+        r_d = rho0_for_eps(theta_dpo, data, beta, eps, "gradient", space="x")
+        out.append(Estimator("w2_sq_penalty_dpo", "w2", lambda th, b: A.wdpo_grad_sq_penalty(th, b, beta, r_d, "x"),
+                             {"rho0": r_d}))
+    return out
+
+
+def _point_estimators(data: PreferenceData, beta: float, rho: float, eps: float, theta) -> list[Estimator]:
+    """Estimators with ``tau`` and ``rho0`` calibrated on the full data at ``theta`` itself, so that on
+    the full data each equals the exact gradient (KL) or the first-order one (W2): what is left on
+    a mini-batch is the mini-batch effect alone."""
+    tau = tau_for_rho(theta, data, beta, rho)
+    rho0 = rho0_for_eps(theta, data, beta, eps, "gradient", space="x")
+    return [
+        Estimator("dpo", "dpo", lambda th, b: A.dpo_grad_batch(th, b, beta)),
+        Estimator("kl_clamped", "kl", lambda th, b: A.kldpo_grad_clamped(th, b, beta, tau)),
+        Estimator("kl_softmax", "kl", lambda th, b: A.kldpo_grad_softmax(th, b, beta, tau)),
+        Estimator("kl_calibrated", "kl", lambda th, b: A.kldpo_grad_calibrated(th, b, beta, rho)),
+        Estimator("w2_first_order", "w2", lambda th, b: A.wdpo_grad_first_order(th, b, beta, eps, "x")),
+        Estimator("w2_sq_penalty", "w2", lambda th, b: A.wdpo_grad_sq_penalty(th, b, beta, rho0, "x")),
+        Estimator("w2_adversarial", "w2", lambda th, b: A.wdpo_grad_adversarial(th, b, beta, eps=eps, space="x")),
+    ]
+
+
+def _batches(data: PreferenceData, size: int, count: int, seed: int) -> np.ndarray:
+    """(count, size) i.i.d. indices drawn from ``data.weights`` (common random numbers across estimators)."""
+    rng = np.random.default_rng(seed)
+    return rng.choice(data.n, size=(count, size), p=data.weights)
+
+
+def _batch(data: PreferenceData, idx) -> PreferenceData:
+    return PreferenceData(data.x[idx], data.y[idx], None, data.theta_ref, source="batch")
+
+
+def run_sgd(grad_fn: Callable, data: PreferenceData, radius: float, *, steps: int, batch_size: int,
+            eta0: float, seed: int, theta0=None) -> np.ndarray:
+    """Projected SGD on ``||theta|| <= B`` with i.i.d. mini-batches from ``data.weights``.
+
+    ``theta_{k+1} = Proj(theta_k - eta_k grad_fn(theta_k, batch_k))``, ``eta_k = eta0 / sqrt(1 + 10 k / steps)``,
+    started at ``theta_ref`` (or ``theta0``); returns the average of the iterates of the second half
+    (Polyak-Ruppert). The batch sequence depends only on ``seed``, so estimators see the same batches.
+    """
+    idx = _batches(data, batch_size, steps, seed)
+    theta = (data.theta_ref if theta0 is None else np.asarray(theta0, float)).copy()
+    avg = np.zeros_like(theta)
+    n_avg = 0
+    for k in range(steps):
+        g = grad_fn(theta, _batch(data, idx[k]))
+        theta = theta - eta0 / math.sqrt(1.0 + 10.0 * k / steps) * g
+        nt = np.linalg.norm(theta)
+        if nt > radius:
+            theta *= radius / nt
+        if k >= steps // 2:
+            n_avg += 1
+            avg += (theta - avg) / n_avg
+    return avg
+
+
+def fixed_point(grad_fn: Callable, data: PreferenceData, radius: float, *, steps: int, eta: float,
+                theta0=None) -> np.ndarray:
+    """Projected full-batch gradient descent ``theta <- Proj(theta - eta grad_fn(theta, data))`` from
+    ``theta_ref``: the noise-free fixed point of an estimator on the full (weighted) data."""
+    theta = (data.theta_ref if theta0 is None else np.asarray(theta0, float)).copy()
+    for _ in range(steps):
+        theta = theta - eta * grad_fn(theta, data)
+        nt = np.linalg.norm(theta)
+        if nt > radius:
+            theta *= radius / nt
+    return theta
+
+
+# ----------------------------------------------------------------------------------------------
+# KL tables
+# ----------------------------------------------------------------------------------------------
+
+
+def _kl_opt(inst: Instance, rho: float):
+    from ..solvers.kl import solve_kldpo
+
+    return solve_kldpo(inst.data, inst.beta, inst.radius, rho)
+
+
+def kl_tau_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
+    """Cosine / relative error / norm ratio of the KLDPO estimators vs the exact gradient.
+
+    Rows: one per (rho_frac, point, tau_mult, estimator). Evaluation points: ``theta_DPO`` and
+    random points around ``theta_DPO/2`` (:func:`make_instance`). ``clamp_frac`` is the share of the
+    P°-mass whose weight hits the clamp 10; ``mean_w`` the authors' norm inflation ``sum_i p_i w_i``.
+    """
+    data, beta = inst.data, inst.beta
+    rows = []
+    for frac in cfg.radius_fracs:
+        rho = frac * inst.radii["kl_rho_c"]
+        for pname, th in inst.points.items():
+            g_ex = A.kldpo_grad_exact(th, data, beta, rho)
+            lam = tau_for_rho(th, data, beta, rho)
+            g_cal = A.kldpo_grad_calibrated(th, data, beta, rho)
+            rows.append(dict(rho_frac=frac, rho=rho, point=pname, lam_star=lam, tau=lam, tau_mult=1.0,
+                             estimator="kl_calibrated", cosine=A.cosine(g_cal, g_ex), rel_err=A.rel_error(g_cal, g_ex),
+                             norm_ratio=_ratio(g_cal, g_ex), clamp_frac=0.0, mean_w=1.0))
+            l = A.batch_losses(th, data, beta)
+            for m in cfg.tau_mults:
+                tau = m * lam
+                w = A.kl_tilt_weights(l, data.weights, tau, normalise=False)
+                for name, fn in (("kl_clamped", A.kldpo_grad_clamped), ("kl_softmax", A.kldpo_grad_softmax)):
+                    g = fn(th, data, beta, tau)
+                    rows.append(dict(rho_frac=frac, rho=rho, point=pname, lam_star=lam, tau=tau, tau_mult=m,
+                                     estimator=name, cosine=A.cosine(g, g_ex), rel_err=A.rel_error(g, g_ex),
+                                     norm_ratio=_ratio(g, g_ex),
+                                     clamp_frac=float(data.weights @ (w >= A.KL_WEIGHT_CLAMP)),
+                                     mean_w=float(data.weights @ w)))
+    return _tag(pd.DataFrame(rows), inst)
+
+
+def _ratio(g, g_ref) -> float:
+    n = float(np.linalg.norm(g_ref))
+    return float(np.linalg.norm(g)) / n if n > 0 else float("nan")
+
+
+def _tag(df: pd.DataFrame, inst: Instance) -> pd.DataFrame:
+    df.insert(0, "instance", inst.seed)
+    return df
+
+
+def kl_path_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
+    """``lam*(theta_k)`` along exact full-batch gradient descent on ``L_KL`` from ``theta_ref``.
+
+    For each ``rho_frac`` and step ``k``: ``lam_star``, and the cosine to the exact gradient of the
+    clamped and normalised estimators with ``tau`` frozen at ``lam*`` of the end point (the value a
+    user calibrating at convergence would pick) and at ``lam*`` of step 1 (calibrating at the start).
+    """
+    data, beta = inst.data, inst.beta
+    rows = []
+    for frac in cfg.radius_fracs:
+        rho = frac * inst.radii["kl_rho_c"]
+        th = data.theta_ref.copy()
+        traj = []
+        for k in range(cfg.path_steps):
+            th = th - cfg.path_eta * A.kldpo_grad_exact(th, data, beta, rho)
+            nt = np.linalg.norm(th)
+            if nt > inst.radius:
+                th *= inst.radius / nt
+            traj.append(th.copy())
+        lams = [tau_for_rho(t, data, beta, rho) for t in traj]
+        tau_end, tau_start = lams[-1], lams[0]
+        keep = sorted(set(np.unique(np.geomspace(1, cfg.path_steps, 25).astype(int) - 1).tolist()))
+        for k in keep:
+            t = traj[k]
+            g_ex = A.kldpo_grad_exact(t, data, beta, rho)
+            row = dict(rho_frac=frac, rho=rho, step=k + 1, lam_star=lams[k], tau_end=tau_end, tau_start=tau_start,
+                       grad_norm=float(np.linalg.norm(g_ex)))
+            for tname, tau in (("end", tau_end), ("start", tau_start)):
+                if tau > 0:
+                    row[f"cos_clamped_tau_{tname}"] = A.cosine(A.kldpo_grad_clamped(t, data, beta, tau), g_ex)
+                    row[f"cos_softmax_tau_{tname}"] = A.cosine(A.kldpo_grad_softmax(t, data, beta, tau), g_ex)
+                    row[f"normratio_clamped_tau_{tname}"] = _ratio(A.kldpo_grad_clamped(t, data, beta, tau), g_ex)
+            rows.append(row)
+    return _tag(pd.DataFrame(rows), inst)
+
+
+def beta_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
+    """KLDPO estimators across ``beta`` at a fixed ``theta`` (``theta_DPO`` of ``cfg.beta``).
+
+    ``tau`` either recalibrated (``lam*`` at each beta) or frozen at ``lam*`` of ``cfg.beta``. In this
+    model the losses depend on ``beta (theta - theta_ref)`` only, so a change of beta at fixed
+    theta is a change of the margins' scale.
+    """
+    data = inst.data
+    rows = []
+    th = inst.points["rand0"] if "rand0" in inst.points else inst.theta_dpo
+    rho = cfg.sgd_frac * inst.radii["kl_rho_c"]
+    tau0 = tau_for_rho(th, data, cfg.beta, rho)
+    for beta in cfg.betas:
+        g_ex = A.kldpo_grad_exact(th, data, beta, rho)
+        lam = tau_for_rho(th, data, beta, rho)
+        l = A.batch_losses(th, data, beta)
+        for tname, tau in (("lam_star", lam), ("frozen", tau0)):
+            w = A.kl_tilt_weights(l, data.weights, tau, normalise=False)
+            for name, fn in (("kl_clamped", A.kldpo_grad_clamped), ("kl_softmax", A.kldpo_grad_softmax)):
+                g = fn(th, data, beta, tau)
+                rows.append(dict(beta=beta, rho=rho, tau_rule=tname, tau=tau, lam_star=lam, estimator=name,
+                                 cosine=A.cosine(g, g_ex), rel_err=A.rel_error(g, g_ex), norm_ratio=_ratio(g, g_ex),
+                                 mean_w=float(data.weights @ w), loss_spread=float(np.sqrt(data.weights @ (l - data.weights @ l) ** 2))))
+    return _tag(pd.DataFrame(rows), inst)
+
+
+# ----------------------------------------------------------------------------------------------
+# batch bias (KL and W2)
+# ----------------------------------------------------------------------------------------------
+
+
+def batch_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
+    """Mini-batch bias of each estimator at the random evaluation points.
+
+    ``tau`` and ``rho0`` are calibrated on the full data at the evaluation point
+    (:func:`_point_estimators`), so the full-data versions are exact (KL) or first-order (W2).
+    For batch size ``b`` and ``cfg.n_batches`` i.i.d. batches: ``bias = ||mean_batches g_b - g*|| / ||g*||``
+    (``g*``: the exact full-data gradient of the estimator's family; the mean over batches uses the
+    DPO batch gradient as a control variate), ``mc_se`` its Monte-Carlo standard error (a bias
+    below ~2 mc_se is not resolved), ``mean_cos`` the mean per-batch cosine and
+    ``mean_norm_ratio`` the mean ``||g_b|| / ||g*||`` (noise included). The full-data bias of each
+    estimator is 0 here by calibration, so ``bias`` is the mini-batch effect; for ``dpo`` it is 0.
+    """
+    data, beta = inst.data, inst.beta
+    rho = cfg.sgd_frac * inst.radii["kl_rho_c"]
+    eps = cfg.sgd_frac * inst.radii["w2_eps_c"]
+    rows = []
+    for pname, th in inst.points.items():
+        if pname == "dpo":  # the DPO gradient vanishes there: relative errors are undefined
+            continue
+        exact = {"dpo": A.dpo_grad_batch(th, data, beta), "kl": A.kldpo_grad_exact(th, data, beta, rho),
+                 "w2": A.wdpo_grad_exact(th, data, beta, eps, p=2)}
+        ests = _point_estimators(data, beta, rho, eps, th)
+        for b in cfg.batch_sizes:
+            idx = _batches(data, b, cfg.n_batches, seed=1000 * inst.seed + b)
+            batches = [_batch(data, i) for i in idx]
+            G_dpo = np.array([A.dpo_grad_batch(th, bt, beta) for bt in batches])  # (n_batches, d)
+            for est in ests:
+                g_ref = exact[est.family]
+                G = np.array([est.fn(th, bt) for bt in batches])  # (n_batches, d)
+                # control variate: E g_b = E[g_b - g_dpo,b] + g_dpo (the DPO batch gradient is unbiased
+                # and strongly correlated with g_b), so the bias is resolved with far fewer batches.
+                D = G - G_dpo
+                mean = D.mean(axis=0) + exact["dpo"]
+                nref = float(np.linalg.norm(g_ref))
+                rows.append(dict(point=pname, batch_size=b, estimator=est.name, family=est.family,
+                                 bias=float(np.linalg.norm(mean - g_ref)) / nref,
+                                 mc_se=float(np.linalg.norm(D.std(axis=0, ddof=1))) / math.sqrt(len(D)) / nref,
+                                 mean_cos=float(np.mean([A.cosine(g, g_ref) for g in G])),
+                                 mean_norm_ratio=float(np.mean(np.linalg.norm(G, axis=1))) / nref,
+                                 cos_of_mean=A.cosine(mean, g_ref), rho=rho, eps=eps))
+    return _tag(pd.DataFrame(rows), inst)
+
+
+# ----------------------------------------------------------------------------------------------
+# WDPO tables
+# ----------------------------------------------------------------------------------------------
+
+
+def w_radius_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
+    """WDPO estimators vs the exact continuous-support W2 gradient across ``eps / eps_c``.
+
+    Estimators (full data, x-space): ``w2_first_order`` (Gao), ``w2_sq_penalty`` with ``rho0`` from
+    the gradient rule at ``theta_DPO`` (calibrated once, used at every point), ``w2_sq_penalty_value``
+    (value rule at ``theta_DPO``), ``w2_adversarial`` (one step, ``eta = eps / sqrt(G)``), and ``dpo``
+    (the non-robust gradient, to show how far the robust one is from it).
+    """
+    data, beta = inst.data, inst.beta
+    rows = []
+    for frac in cfg.radius_fracs:
+        eps = frac * inst.radii["w2_eps_c"]
+        rho0_g = rho0_for_eps(inst.theta_dpo, data, beta, eps, "gradient", space="x")
+        rho0_v = rho0_for_eps(inst.theta_dpo, data, beta, eps, "value", space="x")
+        for pname, th in inst.points.items():
+            g_ex = A.wdpo_grad_exact(th, data, beta, eps, p=2)
+            cands = {
+                "dpo": A.dpo_grad_batch(th, data, beta),
+                "w2_first_order": A.wdpo_grad_first_order(th, data, beta, eps, "x"),
+                "w2_sq_penalty": A.wdpo_grad_sq_penalty(th, data, beta, rho0_g, "x"),
+                "w2_sq_penalty_value": A.wdpo_grad_sq_penalty(th, data, beta, rho0_v, "x"),
+                "w2_adversarial": A.wdpo_grad_adversarial(th, data, beta, eps=eps, space="x"),
+            }
+            # cosine of the robust correction itself (g - g_dpo): the part the approximation must get right
+            corr_ex = g_ex - cands["dpo"]
+            for name, g in cands.items():
+                rows.append(dict(eps_frac=frac, eps=eps, point=pname, estimator=name, cosine=A.cosine(g, g_ex),
+                                 rel_err=A.rel_error(g, g_ex), norm_ratio=_ratio(g, g_ex),
+                                 corr_cosine=A.cosine(g - cands["dpo"], corr_ex) if name != "dpo" else float("nan"),
+                                 corr_rel_err=A.rel_error(g - cands["dpo"], corr_ex) if name != "dpo" else float("nan"),
+                                 rho0=rho0_g if name == "w2_sq_penalty" else (rho0_v if name == "w2_sq_penalty_value" else float("nan"))))
+    return _tag(pd.DataFrame(rows), inst)
+
+
+def value_error_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
+    """Exact continuous-support W2 robust value vs Gao's first-order value, across ``eps``.
+
+    ``error = exact - first_order`` (>= 0: the first-order form underestimates), at ``theta_DPO``
+    and the random points. The first-order expansion is about moving ``x`` infinitesimally, so the
+    comparison is with the continuous-support W2 value (on a finite support the increase is
+    linear in ``eps^2`` for small ``eps``, not ``eps``).
+    """
+    data, beta = inst.data, inst.beta
+    rows = []
+    for pname, th in inst.points.items():
+        base = float(data.weights @ A.batch_losses(th, data, beta))
+        for eps in cfg.value_eps:
+            ex = A.w2_value_continuous(th, data, beta, eps)
+            fo = A.first_order_value(th, data, beta, eps, space="x")
+            rows.append(dict(point=pname, eps=eps, exact=ex, first_order=fo, dpo_value=base, error=ex - fo,
+                             rel_error=(ex - fo) / (ex - base) if ex > base else float("nan")))
+    return _tag(pd.DataFrame(rows), inst)
+
+
+def fit_loglog_slope(x, y) -> tuple[float, float]:
+    """Least-squares fit ``log y = slope log x + c``; returns ``(slope, c)`` (``y > 0`` entries only)."""
+    x, y = np.asarray(x, float), np.asarray(y, float)
+    keep = (x > 0) & (y > 0)
+    if keep.sum() < 2:
+        return float("nan"), float("nan")
+    slope, c = np.polyfit(np.log(x[keep]), np.log(y[keep]), 1)
+    return float(slope), float(c)
+
+
+# ----------------------------------------------------------------------------------------------
+# SGD end points
+# ----------------------------------------------------------------------------------------------
+
+
+def sgd_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
+    """``||theta_SGD - theta_exact||`` for every estimator and SGD seed (same batches for all).
+
+    Targets: DPO (``solve_dpo``), KLDPO at ``rho = sgd_frac rho_c`` (``solve_kldpo``), W2-WDPO at
+    ``eps = sgd_frac eps_c`` (:func:`~drdpo_theory.approx.solve_w2_continuous`). ``excess`` is the
+    exact robust objective of the end point minus the optimum. ``fixed_point_err`` is the error of
+    the estimator's full-data fixed point (full-batch gradient descent, no noise): the part of
+    ``err`` that more steps or larger batches would not remove. The ``dpo`` row is SGD's own error
+    (noise and schedule) against the DPO optimum: the floor the robust rows should be compared with.
+    """
+    from ..solvers.dpo import solve_dpo
+    from ..solvers.kl import kldpo_objective
+
+    data, beta, B = inst.data, inst.beta, inst.radius
+    rho = cfg.sgd_frac * inst.radii["kl_rho_c"]
+    eps = cfg.sgd_frac * inst.radii["w2_eps_c"]
+    r_dpo = solve_dpo(data, beta, B)
+    r_kl = _kl_opt(inst, rho)
+    r_w2 = A.solve_w2_continuous(data, beta, B, eps)
+    targets = {"dpo": (r_dpo.theta, lambda t: float(data.weights @ A.batch_losses(t, data, beta)), r_dpo.objective),
+               "kl": (r_kl.theta, lambda t: kldpo_objective(t, data, beta, rho), r_kl.objective),
+               "w2": (r_w2.theta, lambda t: A.w2_value_continuous(t, data, beta, eps), r_w2.objective)}
+    ests = make_estimators(data, beta, B, rho, eps, r_kl.theta, r_dpo.theta, r_w2.theta)
+    full = {est.name: fixed_point(est.fn, data, B, steps=cfg.fixed_point_steps, eta=cfg.sgd_eta0) for est in ests}
+    rows = []
+    for seed in cfg.sgd_seeds:
+        for est in ests:
+            th = run_sgd(est.fn, data, B, steps=cfg.sgd_steps, batch_size=cfg.sgd_batch, eta0=cfg.sgd_eta0,
+                         seed=1000 * inst.seed + seed)
+            t_ex, f, f_opt = targets[est.family]
+            rows.append(dict(sgd_seed=seed, estimator=est.name, family=est.family, rho=rho, eps=eps,
+                             err=float(np.linalg.norm(th - t_ex)),
+                             err_rel=float(np.linalg.norm(th - t_ex) / max(np.linalg.norm(t_ex - data.theta_ref), 1e-300)),
+                             dist_to_dpo=float(np.linalg.norm(th - r_dpo.theta)),
+                             target_dist_to_dpo=float(np.linalg.norm(t_ex - r_dpo.theta)),
+                             excess=f(th) - f_opt, fixed_point_err=float(np.linalg.norm(full[est.name] - t_ex)),
+                             **{f"param_{k}": v for k, v in est.params.items()}))
+    return _tag(pd.DataFrame(rows), inst)
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------
+
+TABLES: dict[str, Callable] = {
+    "kl_tau": kl_tau_table,
+    "kl_path": kl_path_table,
+    "beta": beta_table,
+    "batch": batch_table,
+    "w_radius": w_radius_table,
+    "value_error": value_error_table,
+    "sgd": sgd_table,
+}
+
+
+def _cell(inst_seed: int, cfg: GradientStudyConfig, name: str, cache_dir: Path | None) -> pd.DataFrame:
+    path = None if cache_dir is None else cache_dir / f"{name}_i{inst_seed}_{cfg.key()}.csv"
+    if path is not None and path.exists():  # resume: finished cells are not recomputed
+        return pd.read_csv(path)
+    df = TABLES[name](make_instance(inst_seed, cfg), cfg)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(path, index=False)
+    return df
+
+
+def run_study(cfg: GradientStudyConfig, out_dir: str | Path | None = None, n_jobs: int = 1,
+              tables=tuple(TABLES), progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Every table of the study, concatenated over instances.
+
+    ``out_dir``: if given, each (table, instance) cell is cached in ``out_dir/cells/`` (reruns skip
+    finished cells) and the tables are written as ``out_dir/<table>.csv``. ``n_jobs``: joblib
+    processes over cells.
+    """
+    from joblib import Parallel, delayed
+    from tqdm.auto import tqdm
+
+    out = None if out_dir is None else Path(out_dir)
+    cache = None if out is None else out / "cells"
+    cells = [(name, s) for name in tables for s in cfg.instances]
+    it = tqdm(cells, desc="gradients", disable=not progress)
+    if n_jobs == 1:
+        dfs = [_cell(s, cfg, name, cache) for name, s in it]
+    else:
+        dfs = Parallel(n_jobs=n_jobs)(delayed(_cell)(s, cfg, name, cache) for name, s in it)
+    res: dict[str, pd.DataFrame] = {}
+    for (name, _), df in zip(cells, dfs):
+        res.setdefault(name, []).append(df)
+    res = {k: pd.concat(v, ignore_index=True) for k, v in res.items()}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        for k, v in res.items():
+            v.to_csv(out / f"{k}.csv", index=False)
+    return res
+
+
+def summarize(res: dict[str, pd.DataFrame]) -> dict:
+    """The headline numbers (the CLI's JSON): see docs/approximations.md for their meaning."""
+    s: dict = {}
+    if "kl_tau" in res:
+        t = res["kl_tau"]
+        at = t[np.isclose(t.tau_mult, 1.0)]
+        s["cos_at_lam_star"] = float(at[at.estimator == "kl_clamped"].cosine.min())
+        s["cos_at_lam_star_softmax"] = float(at[at.estimator == "kl_softmax"].cosine.min())
+        s["norm_ratio_clamped_at_lam_star_max"] = float(at[at.estimator == "kl_clamped"].norm_ratio.max())
+        cl = t[t.estimator == "kl_clamped"]
+        s["norm_ratio_clamped_range"] = [float(cl.norm_ratio.min()), float(cl.norm_ratio.max())]
+        s["cos_clamped_min_over_tau"] = float(cl.cosine.min())
+    if "kl_path" in res:
+        p = res["kl_path"]
+        s["lam_star_path_ratio_max"] = float((p.groupby(["instance", "rho_frac"]).lam_star.max()
+                                              / p.groupby(["instance", "rho_frac"]).lam_star.min()).max())
+        if "cos_softmax_tau_end" in p:
+            # only steps where the exact gradient is still >= 1% of its first-step norm: near the
+            # optimum the exact gradient vanishes and its direction is rounding noise
+            g0 = p.groupby(["instance", "rho_frac"]).grad_norm.transform("first")
+            live = p[p.grad_norm >= 0.01 * g0]
+            s["cos_softmax_fixed_tau_end_min_along_path"] = float(live.cos_softmax_tau_end.min())
+            s["cos_softmax_fixed_tau_start_min_along_path"] = float(live.cos_softmax_tau_start.min())
+    if "value_error" in res:
+        v = res["value_error"]
+        slopes = [fit_loglog_slope(g.eps, g.error)[0] for _, g in v.groupby(["instance", "point"])]
+        s["first_order_slope"] = float(np.mean(slopes))
+        s["first_order_slope_range"] = [float(np.min(slopes)), float(np.max(slopes))]
+        s["first_order_underestimates"] = bool((v.error >= -1e-12).all())
+    if "w_radius" in res:
+        w = res["w_radius"]
+        s["w2_cosine_min"] = {k: float(g.cosine.min()) for k, g in w.groupby("estimator")}
+    if "batch" in res:
+        b = res["batch"]
+        bmin = b.batch_size.min()
+        s["batch_bias_smallest_batch"] = {k: float(g[g.batch_size == bmin].bias.mean())
+                                          for k, g in b.groupby("estimator")}
+        s["batch_size_smallest"] = int(bmin)
+    if "sgd" in res:
+        g = res["sgd"].groupby("estimator")
+        s["sgd_endpoint_error"] = {k: float(v.err.mean()) for k, v in g}
+        s["sgd_endpoint_error_sd"] = {k: float(v.err.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in g}
+    head = ("cos_at_lam_star", "first_order_slope", "sgd_endpoint_error")  # first: reports truncate
+    return {**{k: s[k] for k in head if k in s}, **{k: v for k, v in s.items() if k not in head}}
