@@ -43,10 +43,22 @@ def register(sub) -> None:
     mode.add_argument("--quick", action="store_true", default=True, help="quick mode of every study (default)")
     mode.add_argument("--full", action="store_true",
                       help="full grids, and the real SmolLM2 run of llm-shift (about an hour or more on 2 cores)")
-    p.add_argument("--out", default="results/reproduce", help="where study summaries go (default results/reproduce)")
+    p.add_argument("--out", default="results/reproduce", help="where study summaries go, in a quick/ or full/ subfolder (default results/reproduce)")
     p.add_argument("--only", nargs="+", choices=[s[0] for s in STUDIES], help="run only these studies")
     p.add_argument("--force", action="store_true", help="rerun studies whose summary is already on disk")
     p.set_defaults(func=run)
+
+
+def study_args(name: str, full: bool) -> list[str]:
+    """Mode flags of one study. Quick runs write figures to figures/quick/ (not committed), so
+    they never overwrite the committed figures of the full runs."""
+    if name == "solver-check":
+        return []
+    if name == "llm-shift":
+        if full:
+            return ["--model", "smollm2", "--out", "runs/llm_shift", "--figure", "figures/llm_shift.png"]
+        return ["--quick", "--out", "results/llm_shift_quick", "--figure", "figures/quick/llm_shift.png"]
+    return [] if full else ["--quick", "--figures", "figures/quick"]  # the default grid is the full one
 
 
 def _run_study(name: str, argv: list[str], log_path: Path) -> dict:
@@ -71,7 +83,7 @@ def _run_study(name: str, argv: list[str], log_path: Path) -> dict:
 def run(args) -> int:
     from tqdm import tqdm
 
-    out = Path(args.out)
+    out = Path(args.out) / ("full" if args.full else "quick")
     out.mkdir(parents=True, exist_ok=True)
     studies = [s for s in STUDIES if not args.only or s[0] in args.only]
     mode = "--full" if args.full else "--quick"
@@ -85,9 +97,7 @@ def run(args) -> int:
             summaries[name] = json.loads(path.read_text())
             tqdm.write(f"[skip] {name}: summary on disk ({path})")
             continue
-        extra = [] if name == "solver-check" else [mode]
-        if name == "llm-shift" and args.full:
-            extra = ["--model", "smollm2"]
+        extra = study_args(name, args.full)
         t = time.perf_counter()
         summary = _run_study(name, argv + extra, out / f"{name}.log")
         summary["_seconds"] = time.perf_counter() - t
@@ -95,18 +105,22 @@ def run(args) -> int:
         summaries[name] = summary
         tqdm.write(f"[done] {name} in {summary['_seconds']:.0f} s")
     print(f"\nreproduce ({mode[2:]}) finished in {time.perf_counter() - t0:.0f} s; summaries in {out}/\n")
-    print(report(summaries))
+    print(report(summaries, quick_figures=not args.full))
     return EXIT_OK
 
 
-def report(summaries: dict[str, dict]) -> str:
+def report(summaries: dict[str, dict], quick_figures: bool = True) -> str:
     """One block per claim: paper says / we measured / figure."""
     lines = []
     for name, _, claim, fig in STUDIES:
         if name not in summaries:
             continue
         s = {k: v for k, v in summaries[name].items() if not k.startswith("_")}
-        lines.append(f"* {name}\n    paper says : {claim}\n    we measured: {_summarise(s)}\n    figure     : {fig}")
+        if not quick_figures or fig == "-":
+            shown = fig
+        else:
+            shown = fig.replace("figures/", "figures/quick/", 1)
+        lines.append(f"* {name}\n    paper says : {claim}\n    we measured: {_summarise(s)}\n    figure     : {shown}")
     return "\n".join(lines)
 
 
