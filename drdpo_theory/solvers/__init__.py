@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from ..data import PreferenceData
+from ._common import single_blas_thread
 from .result import CERTIFIED_GAP, FAILED, INACCURATE, OPTIMAL, SolverError, SolverResult
 
 __all__ = ["solve", "SolverResult", "SolverError", "OPTIMAL", "INACCURATE", "FAILED", "CERTIFIED_GAP", "METHODS"]
@@ -17,6 +18,7 @@ __all__ = ["solve", "SolverResult", "SolverError", "OPTIMAL", "INACCURATE", "FAI
 METHODS = ("dpo", "kldpo", "wdpo")
 
 
+@single_blas_thread
 def solve(
     method: str,
     data: PreferenceData,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import PreferenceData
-from ._common import Timer, ball_fw_gap, check_common, curvature_floor, solve_cvxpy, weighted_grad_hess, weighted_loss
+from ._common import Timer, ball_fw_gap, check_common, curvature_floor, solve_cvxpy, weighted_grad_hess, weighted_loss, single_blas_thread
 from ._newton import newton_ball
 from .result import FAILED, SolverError, SolverResult, status_from_gap
 
@@ -32,6 +32,7 @@ def _result(theta, data, beta, radius, solver, seconds, info) -> SolverResult:
     )
 
 
+@single_blas_thread
 def solve_dpo_native(
     data: PreferenceData, beta: float, radius: float, theta0=None, max_iter: int = 200
 ) -> SolverResult:

@@ -35,7 +35,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..data import PreferenceData
 from ..losses import dpo_grad, dpo_loss, signed_labels
-from ._common import CONIC_ATTEMPTS, Timer, ball_fw_gap, check_common, check_radius, curvature_floor, solve_cvxpy
+from ._common import CONIC_ATTEMPTS, Timer, ball_fw_gap, check_common, check_radius, curvature_floor, solve_cvxpy, single_blas_thread
 from ._newton import _subproblem, newton_ball
 from .result import FAILED, INACCURATE, SolverError, SolverResult, status_from_gap
 
@@ -688,6 +688,7 @@ def _rho0(data, beta, radius, solver):
 # ----------------------------------------------------------------------------------------------
 
 
+@single_blas_thread
 def solve_kldpo_native(data: PreferenceData, beta: float, radius: float, rho: float,
                        max_iter: int = 100) -> SolverResult:
     """KLDPO by Newton's method on the joint dual (exact to machine precision, certified).

@@ -49,6 +49,7 @@ from scipy import sparse
 from ..data import PreferenceData
 from ..losses import dpo_grad, dpo_loss, signed_labels
 from ._common import (
+    single_blas_thread,
     Timer,
     ball_fw_gap,
     check_common,
@@ -748,6 +749,7 @@ def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, i
     )
 
 
+@single_blas_thread
 def solve_wdpo_continuous_native(
     data: PreferenceData, beta: float, radius: float, eps: float, max_iter: int = 200
 ) -> SolverResult:
@@ -877,6 +879,7 @@ def _restricted_problem(support, theta_ref, beta, radius, e, rows_q, cut_j, cut_
     return prob, theta, lam, cut_con
 
 
+@single_blas_thread
 def solve_wdpo_finite(
     data: PreferenceData, beta: float, radius: float, eps: float, p: int = 1, kappa: float = math.inf,
     support: FiniteSupport | None = None, max_rounds: int = 50, cuts_per_row: int = 3,
