@@ -9,7 +9,7 @@ import pytest
 from numpy.testing import assert_allclose
 
 from drdpo_theory.cli import main
-from drdpo_theory.data import PreferenceData, load_npz
+from drdpo_theory.data import load_npz
 from drdpo_theory.solvers import solve
 from tests.helpers import random_data
 

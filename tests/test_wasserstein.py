@@ -308,7 +308,6 @@ def _check_ties(data, k):
 
 @pytest.mark.parametrize("d", [1, 2])
 def test_bruteforce_grid_over_theta(d):
-    rng = np.random.default_rng(20 + d)
     data = make_data(5, d, seed=20 + d, signal=2.0)
     radius, eps = 1.0, 0.15
     n_grid = 1001 if d == 1 else 51

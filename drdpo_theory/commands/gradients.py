@@ -11,22 +11,11 @@ collapse radii instead (:func:`drdpo_theory.calibration.calibrate`).
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import time
 
+from ._args import number as _float
 from ..cli import EXIT_OK, CLIError
-
-
-def _float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isnan(v):
-        raise argparse.ArgumentTypeError("NaN is not allowed")
-    return v
 
 
 def register(sub) -> None:

@@ -8,21 +8,11 @@ the last stdout line is one JSON object with ``theta``, ``objective``, ``duality
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
+from ._args import number as _float
 from ..cli import EXIT_OK, EXIT_SOLVER, CLIError
-
-
-def _float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isnan(v):
-        raise argparse.ArgumentTypeError("NaN is not allowed")
-    return v
 
 
 def register(sub) -> None:
