@@ -30,7 +30,7 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line of stdout)")
     p.add_argument("--out", default="results/gradients", help="directory of the result CSVs (default results/gradients)")
     p.add_argument("--figures", default="figures", help="directory of the figures (default figures; '' = none)")
-    p.add_argument("--jobs", type=int, default=1, help="joblib processes (default 1)")
+    p.add_argument("--n-jobs", "--jobs", dest="jobs", type=int, default=1, help="joblib processes (default 1)")
     g = p.add_argument_group("calibration (with --calibrate)")
     g.add_argument("--calibrate", action="store_true", help="calibrate tau and rho0 on --data instead of the study")
     g.add_argument("--data", metavar="FILE.npz", help="data: x (n,d), y (n,), [theta_ref (d,)], [weights (n,)]")

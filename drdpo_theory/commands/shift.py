@@ -38,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--alpha0", type=_alpha, default=0.5, help="training mixture weight (default 0.5)")
     p.add_argument("--out", default="results/shift", help="directory of the result CSV (default results/shift)")
     p.add_argument("--figures", default="figures", help="directory of the figure (default figures; '' = none)")
-    p.add_argument("--jobs", type=int, default=1, help="joblib processes over seeds (default 1)")
+    p.add_argument("--n-jobs", "--jobs", dest="jobs", type=int, default=1, help="joblib processes over seeds (default 1)")
     p.set_defaults(func=run)
 
 
