@@ -1,11 +1,15 @@
 """Training-step cost of DPO, KLDPO and the two WDPO gradient estimators, side by side.
 
 One run, one model, one batch. For each method: median wall time of ``--steps`` timed
-steps (forward + backward of :func:`drdpo_theory.llm.objectives.preference_loss`, no
-optimizer step) after ``--warmup`` untimed ones, answer+prompt tokens per second, and peak
-memory during the timed steps; ratios are to DPO. Then the cosine between the
-finite-difference and double-backward WDPO gradients (whole gradient, and its penalty
-part, i.e. minus the DPO gradient). "CPU ms" is the median process CPU time of a step
+steps (forward + backward via :func:`drdpo_theory.llm.objectives.preference_backward`, as
+the native trainer does, no optimizer step) after ``--warmup`` untimed ones, answer+prompt
+tokens per second, and peak memory during the timed steps; ratios are to DPO. WDPO
+finite-diff is timed twice: "two-pass" (``preference_backward``: forward-backward at e,
+then at e + h g, one graph alive at a time) and "surrogate" (``preference_loss(...)
+.backward()``, the single differentiable loss TRL's ``compute_loss`` needs: an extra
+embedding-gradient backward, both graphs alive in the final backward). Then the cosine
+between the finite-difference (both executions) and double-backward WDPO gradients (whole
+gradient, and its penalty part, i.e. minus the DPO gradient). "CPU ms" is the median process CPU time of a step
 (all threads; useful on a shared CPU, meaningless on GPU where the work is on the device).
 
 Memory:
@@ -14,7 +18,16 @@ Memory:
 * CPU: peak resident set size from ``/proc/self/status`` (VmHWM, reset before each method
   by writing 5 to ``/proc/self/clear_refs``, after ``gc`` and ``malloc_trim``) minus the
   RSS before the method. Coarse (allocator caching shows), but per method. Without
-  ``/proc`` it falls back to ``resource.getrusage`` ru_maxrss deltas, which only grow.
+  ``/proc``, it falls back to ``resource.getrusage`` ru_maxrss deltas, which only grow.
+* Both: "alloc MiB", the peak of the bytes allocated by torch during one extra untimed
+  step, above what was allocated before it (GPU: ``max_memory_allocated``; CPU: the
+  ``[memory]`` events of ``torch.profiler`` with ``profile_memory=True``, summed in time
+  order; the profiler prints a few ``USDT ... profiler_start/stop`` lines on stderr):
+  exact, free of allocator caching and fragmentation. The memory goal of the
+  WDPO estimator is stated on this number. "saved MiB", the peak bytes of the tensors autograd holds for backward (counted
+  with ``torch.autograd.graph.saved_tensors_hooks`` in one extra untimed step; a tensor
+  saved by several nodes counts each time, parameters included): the activation memory
+  of the graphs alive at once, exact and independent of the allocator.
 
 Attention: DPO, KLDPO and WDPO finite-diff run with SDPA; WDPO double-backward needs
 eager attention and switches the same model to it (with a warning); "DPO (eager)" is then
@@ -47,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from drdpo_theory.llm.attention import attention_implementation  # noqa: E402
 from drdpo_theory.llm.logprobs import concatenated_logps  # noqa: E402
-from drdpo_theory.llm.objectives import LossConfig, preference_loss  # noqa: E402
+from drdpo_theory.llm.objectives import LossConfig, preference_backward, preference_loss  # noqa: E402
 
 CPU_PRESET = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256, pairs=4,
                   seq_len=128, dtype="float32", device="cpu", steps=10, warmup=2)
@@ -154,28 +167,78 @@ def flat_grad(model):
     return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
 
 
-def run_step(model, batch, refs, cfg):
+def run_step(model, batch, refs, cfg, surrogate=False):
+    """One forward + backward: preference_backward, or (surrogate) preference_loss(...).backward()."""
     model.zero_grad(set_to_none=True)
-    loss, _ = preference_loss(model, batch, refs[0], refs[1], cfg)
-    loss.backward()
+    if surrogate:
+        loss, _ = preference_loss(model, batch, refs[0], refs[1], cfg)
+        loss.backward()
+        return loss.detach()
+    loss, _ = preference_backward(model, batch, refs[0], refs[1], cfg)
     return loss
 
 
-def measure(model, batch, refs, cfg, a, meter):
+def measure(model, batch, refs, cfg, a, meter, surrogate=False):
     for _ in range(a.warmup):
-        run_step(model, batch, refs, cfg)
+        run_step(model, batch, refs, cfg, surrogate)
     model.zero_grad(set_to_none=True)
     sync(a.device)
     meter.start()
     times, cpu_times = [], []
     for _ in range(a.steps):
         t0, c0 = time.perf_counter(), time.process_time()
-        run_step(model, batch, refs, cfg)
+        run_step(model, batch, refs, cfg, surrogate)
         sync(a.device)
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     peak, delta = meter.stop()
     return statistics.median(times), statistics.median(cpu_times), peak, delta
+
+
+class _Saved:
+    """A tensor saved for backward; counts its bytes while autograd holds it."""
+
+    def __init__(self, t, meter):
+        self.t, self.meter, self.n = t, meter, t.numel() * t.element_size()
+        meter["live"] += self.n
+        meter["peak"] = max(meter["peak"], meter["live"])
+
+    def __del__(self):
+        self.meter["live"] -= self.n
+
+
+def saved_peak(model, batch, refs, cfg, surrogate):
+    """Peak bytes of tensors saved for backward during one step."""
+    meter = {"live": 0, "peak": 0}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: _Saved(t, meter), lambda s: s.t):
+        run_step(model, batch, refs, cfg, surrogate)
+    return meter["peak"]
+
+
+def alloc_peak(model, batch, refs, cfg, surrogate, device):
+    """Peak bytes allocated by torch during one step, above the allocation before it (nan if unknown)."""
+    model.zero_grad(set_to_none=True)
+    gc.collect()
+    if device.startswith("cuda"):
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        run_step(model, batch, refs, cfg, surrogate)
+        sync(device)
+        return torch.cuda.max_memory_allocated() - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run_step(model, batch, refs, cfg, surrogate)
+    try:  # allocation (+) and free (-) events of the CPU allocator, in time order
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except AttributeError:
+        return float("nan")
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
 
 
 def cosine(u, v):
@@ -195,24 +258,28 @@ def main(argv=None):
         refs = concatenated_logps(model, batch)
     n_tokens = int(batch["attention_mask"].sum())
     base = dict(beta=a.beta)
-    methods = [
-        ("DPO", LossConfig(method="dpo", **base)),
-        ("KLDPO (clamped)", LossConfig(method="kldpo", kldpo_variant="clamped", tau=a.tau, clamp=10.0, **base)),
-        ("WDPO finite-diff", LossConfig(method="wdpo", wdpo_impl="finite-diff", rho0=a.rho0, fd_step=a.fd_step, **base)),
-        ("WDPO double-backward", LossConfig(method="wdpo", wdpo_impl="double-backward", rho0=a.rho0, **base)),
-        ("DPO (eager)", LossConfig(method="dpo", **base)),
+    fd = LossConfig(method="wdpo", wdpo_impl="finite-diff", rho0=a.rho0, fd_step=a.fd_step, **base)
+    methods = [  # (row, config, surrogate execution)
+        ("DPO", LossConfig(method="dpo", **base), False),
+        ("KLDPO (clamped)", LossConfig(method="kldpo", kldpo_variant="clamped", tau=a.tau, clamp=10.0, **base), False),
+        ("WDPO fd two-pass", fd, False),
+        ("WDPO fd surrogate", fd, True),
+        ("WDPO double-backward", LossConfig(method="wdpo", wdpo_impl="double-backward", rho0=a.rho0, **base), False),
+        ("DPO (eager)", LossConfig(method="dpo", **base), False),
     ]
     meter = MemoryMeter(a.device)
     rows, grads = [], {}
-    for name, cfg in methods:
+    for name, cfg, surrogate in methods:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the expected switch-to-eager warning of double backward
-            med, cpu_med, peak, delta = measure(model, batch, refs, cfg, a, meter)
-            run_step(model, batch, refs, cfg)
-        if name in ("DPO", "WDPO finite-diff", "WDPO double-backward"):
+            med, cpu_med, peak, delta = measure(model, batch, refs, cfg, a, meter, surrogate)
+            saved = saved_peak(model, batch, refs, cfg, surrogate)
+            alloc = alloc_peak(model, batch, refs, cfg, surrogate, a.device)
+            run_step(model, batch, refs, cfg, surrogate)
+        if name in ("DPO", "WDPO fd two-pass", "WDPO fd surrogate", "WDPO double-backward"):
             grads[name] = flat_grad(model)
         rows.append(dict(method=name, attn=attention_implementation(model), step_s=med, cpu_s=cpu_med,
-                         tokens_per_s=n_tokens / med, peak_bytes=peak, step_bytes=delta))
+                         tokens_per_s=n_tokens / med, peak_bytes=peak, step_bytes=delta, alloc_bytes=alloc, saved_bytes=saved))
         model.zero_grad(set_to_none=True)
     ref = rows[0]
     for r in rows:
@@ -220,8 +287,12 @@ def main(argv=None):
         r["cpu_ratio"] = r["cpu_s"] / ref["cpu_s"]
         r["peak_ratio"] = r["peak_bytes"] / ref["peak_bytes"]
         r["step_mem_ratio"] = r["step_bytes"] / ref["step_bytes"] if ref["step_bytes"] > 0 else float("nan")
-    g_dpo, g_fd, g_db = grads["DPO"], grads["WDPO finite-diff"], grads["WDPO double-backward"]
-    cos_full, cos_pen = cosine(g_fd, g_db), cosine(g_fd - g_dpo, g_db - g_dpo)
+        r["alloc_ratio"] = r["alloc_bytes"] / ref["alloc_bytes"]
+        r["saved_ratio"] = r["saved_bytes"] / ref["saved_bytes"]
+    g_dpo, g_db = grads["DPO"], grads["WDPO double-backward"]
+    cos = {k: (cosine(grads[k], g_db), cosine(grads[k] - g_dpo, g_db - g_dpo))
+           for k in ("WDPO fd two-pass", "WDPO fd surrogate")}
+    cos_full, cos_pen = cos["WDPO fd two-pass"]
 
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else f"{platform.processor() or 'cpu'} ({torch.get_num_threads()} threads)"
     n_params = sum(p.numel() for p in model.parameters())
@@ -230,17 +301,20 @@ def main(argv=None):
           f"{a.pairs} pairs x {a.seq_len} tokens; median of {a.steps} steps after {a.warmup} warmup")
     print(f"memory: {meter.kind}")
     mib = 2.0**20
-    header = f"| {'method':<22} | {'attn':<5} | {'step ms':>9} | {'x DPO':>6} | {'CPU ms':>9} | {'x DPO':>6} | {'tokens/s':>9} | {'peak MiB':>9} | {'x DPO':>6} | {'step MiB':>9} | {'x DPO':>6} |"
+    header = f"| {'method':<22} | {'attn':<5} | {'step ms':>9} | {'x DPO':>6} | {'CPU ms':>9} | {'x DPO':>6} | {'tokens/s':>9} | {'peak MiB':>9} | {'x DPO':>6} | {'step MiB':>9} | {'x DPO':>6} | {'alloc MiB':>9} | {'x DPO':>6} | {'saved MiB':>9} | {'x DPO':>6} |"
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for r in rows:
         print(f"| {r['method']:<22} | {r['attn']:<5} | {1e3 * r['step_s']:>9.1f} | {r['time_ratio']:>6.2f} | "
               f"{1e3 * r['cpu_s']:>9.1f} | {r['cpu_ratio']:>6.2f} | {r['tokens_per_s']:>9.0f} | {r['peak_bytes'] / mib:>9.1f} | {r['peak_ratio']:>6.2f} | "
-              f"{r['step_bytes'] / mib:>9.1f} | {r['step_mem_ratio']:>6.2f} |")
-    print(f"gradient cosine finite-diff vs double-backward: {cos_full:.6f} (whole), {cos_pen:.6f} (penalty part)")
+              f"{r['step_bytes'] / mib:>9.1f} | {r['step_mem_ratio']:>6.2f} | {r['alloc_bytes'] / mib:>9.1f} | {r['alloc_ratio']:>6.2f} | {r['saved_bytes'] / mib:>9.1f} | {r['saved_ratio']:>6.2f} |")
+    for k, (cf, cp) in cos.items():
+        print(f"gradient cosine {k} vs double-backward: {cf:.6f} (whole), {cp:.6f} (penalty part)")
     if a.json:
         print(json.dumps(dict(device=dev, torch=torch.__version__, config=vars(a), n_params=n_params,
-                              memory_kind=meter.kind, rows=rows, cos_fd_db=cos_full, cos_fd_db_penalty=cos_pen)))
+                              memory_kind=meter.kind, rows=rows, cos_fd_db=cos_full, cos_fd_db_penalty=cos_pen,
+                              cos_fd_surrogate_db=cos["WDPO fd surrogate"][0],
+                              cos_fd_surrogate_db_penalty=cos["WDPO fd surrogate"][1])))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ Modules (import them explicitly; this package ``__init__`` imports nothing heavy
 
 ``losses``      per-pair DPO / IPO losses on sequence log-probs and the KLDPO weights
 ``logprobs``    per-sequence log-probabilities of answer tokens (one forward)
-``objectives``  :class:`LossConfig` and :func:`preference_loss` (DPO, IPO, KLDPO, WDPO)
+``objectives``  :class:`LossConfig`, :func:`preference_loss` (DPO, IPO, KLDPO, WDPO) and
+                :func:`preference_backward` (its gradient; WDPO finite-diff in two passes)
 ``attention``   switching a model to twice-differentiable (eager) attention for WDPO
-``distributed`` the three ``torch.distributed`` helpers the losses need
+``distributed`` the ``torch.distributed`` helpers the losses need
 
 Nothing here imports :mod:`drdpo_theory.solvers` (THEORY.md section 5; CONVENTIONS.md).
 """

@@ -1,7 +1,8 @@
-"""Minimal ``torch.distributed`` helpers used by the KLDPO weights.
+"""Minimal ``torch.distributed`` helpers used by the KLDPO weights and the WDPO step.
 
-Only what the losses need: whether a process group is up, its size and rank, and an
-``all_gather`` of a detached tensor.  No distribution layer beyond this: gradient
+Only what the losses need: whether a process group is up, its size and rank, an
+``all_gather`` of a detached tensor (KLDPO weights) and an ``all_reduce`` sum (the WDPO
+finite-difference step).  No distribution layer beyond this: gradient
 averaging is left to :class:`torch.nn.parallel.DistributedDataParallel` (or accelerate).
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-__all__ = ["is_distributed", "world_size", "rank", "all_gather_detached"]
+__all__ = ["is_distributed", "world_size", "rank", "all_gather_detached", "all_reduce_sum_detached"]
 
 
 def is_distributed() -> bool:
@@ -67,3 +68,17 @@ def all_gather_detached(tensor: torch.Tensor) -> list[torch.Tensor]:
     out = [torch.empty_like(t_pad) for _ in range(ws)]
     dist.all_gather(out, t_pad)
     return [o[:n] for o, n in zip(out, sizes_int)]
+
+
+def all_reduce_sum_detached(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum of a detached copy of ``tensor`` over every rank (the tensor itself without distributed).
+
+    Same shape, dtype and device on every rank (NCCL: this rank's GPU; gloo: CPU). One
+    collective; every rank must call it.
+    """
+    t = tensor.detach()
+    if not is_distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t

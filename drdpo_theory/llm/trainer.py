@@ -2,11 +2,15 @@
 
 One optimizer step (nanoGPT-style loop, THEORY.md section 5 for the objectives):
 
-1. for each of ``grad_accum`` micro-batches of ``batch_size`` pairs: one forward over the
-   ``2B`` chosen+rejected rows inside :func:`drdpo_theory.llm.objectives.preference_loss`,
-   ``(loss / grad_accum).backward()`` (DDP syncs gradients on the last micro-batch only);
-2. non-finite guard on the loss and the global gradient norm (training stops, nothing is
-   written, the last good checkpoint stays as it was);
+1. for each of ``grad_accum`` micro-batches of ``batch_size`` pairs:
+   :func:`drdpo_theory.llm.objectives.preference_backward` with ``loss_scale = 1/grad_accum``
+   (forward over the ``2B`` chosen+rejected rows under the precision's autocast, then the
+   backward; WDPO finite-diff runs two forward-backward passes there, one graph at a time).
+   DDP syncs gradients on the last micro-batch only, once (the two-pass WDPO keeps its first
+   pass local);
+2. non-finite guard on every micro-batch's loss and on the global gradient norm (training
+   stops before the optimizer step, nothing is written, the last good checkpoint stays as
+   it was);
 3. gradient clipping, AdamW step, linear-warmup + cosine learning-rate schedule;
 4. one row of metrics appended to ``output_dir/metrics.csv`` (rank 0), optional TensorBoard;
 5. every ``checkpoint_every`` steps a checkpoint under ``output_dir/checkpoints/step-XXXXXXXX``.
@@ -486,6 +490,7 @@ class Trainer:
         if "cuda" in rng:
             rng_t["cuda"] = rng["cuda"]
         save_file(rng_t, str(tmp / f"rng_rank{self.rank}.safetensors"))
+        _barrier()  # every rank's RNG file is written before rank 0 renames the directory
         if self.rank == 0:
             save_file(
                 {n: p.detach().cpu().contiguous() for n, p in zip(self.param_names, self.params)},
@@ -629,7 +634,7 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """Run one optimizer step and return its metrics row (does not log or checkpoint)."""
-        from drdpo_theory.llm.objectives import preference_loss
+        from drdpo_theory.llm.objectives import preference_backward
 
         t0 = time.perf_counter()
         cfg = self.cfg
@@ -644,10 +649,12 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             sync = self.model.no_sync() if (self.world > 1 and not last) else _nullcontext()
             with sync:
+                # forward(s) under autocast; preference_backward runs its backward(s) outside it
                 with self._autocast():
-                    loss, metrics = preference_loss(self.model, inputs, ref_c, ref_r, self.loss_cfg)
-                self._check_finite(loss.detach(), "loss")
-                (loss / cfg.grad_accum).backward()
+                    loss, metrics = preference_backward(
+                        self.model, inputs, ref_c, ref_r, self.loss_cfg, loss_scale=1.0 / cfg.grad_accum
+                    )
+            self._check_finite(loss, "loss")  # after the backward: no step is taken on a bad loss
             loss_sum += float(loss.detach())
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)

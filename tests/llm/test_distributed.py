@@ -24,7 +24,7 @@ pytest.importorskip("transformers")
 from drdpo_theory.llm import distributed as D  # noqa: E402
 from drdpo_theory.llm.logprobs import concatenated_logps  # noqa: E402
 from drdpo_theory.llm.losses import dpo_loss, kldpo_weights  # noqa: E402
-from drdpo_theory.llm.objectives import LossConfig, preference_loss  # noqa: E402
+from drdpo_theory.llm.objectives import LossConfig, preference_backward, preference_loss  # noqa: E402
 
 pytestmark = pytest.mark.llm
 
@@ -39,7 +39,9 @@ CONFIGS = {
     "kldpo-calibrated": dict(method="kldpo", beta=0.5, kldpo_variant="calibrated", rho=0.3),
     "wdpo-finite-diff": dict(method="wdpo", beta=0.5, rho0=0.05, wdpo_impl="finite-diff", fd_step=1e-4),
     "wdpo-double-backward": dict(method="wdpo", beta=0.5, rho0=0.05, wdpo_impl="double-backward"),
+    "wdpo-finite-diff-two-pass": dict(method="wdpo", beta=0.5, rho0=0.05, wdpo_impl="finite-diff", fd_step=1e-4),
 }
+TWO_PASS = {"wdpo-finite-diff-two-pass"}  # stepped with preference_backward (the others: preference_loss + backward)
 
 
 def _conftest():
@@ -64,6 +66,17 @@ def _rows(batch, refs, pairs):
     return {k: v[rows] for k, v in batch.items()}, (refs[0][idx], refs[1][idx])
 
 
+def _counting_allreduce(calls):
+    """DDP comm hook: the default all-reduce, appending to ``calls`` once per bucket reduced."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    def hook(state, bucket):
+        calls.append(bucket.index())
+        return allreduce_hook(state, bucket)
+
+    return hook
+
+
 def _run(model_fn, batch, refs, train_model=None):
     """Weights (KLDPO, on the pre-step model) and parameters after one SGD step, per config."""
     out = {}
@@ -79,9 +92,16 @@ def _run(model_fn, batch, refs, train_model=None):
                 rho=cfg.rho, clamp=cfg.clamp,
             )
         opt = torch.optim.SGD(net.parameters(), lr=LR)
-        loss, _ = preference_loss(net, batch, refs[0], refs[1], cfg)
-        loss.backward()
+        calls = []
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            net.register_comm_hook(None, _counting_allreduce(calls))
+        if name in TWO_PASS:
+            preference_backward(net, batch, refs[0], refs[1], cfg)
+        else:
+            loss, _ = preference_loss(net, batch, refs[0], refs[1], cfg)
+            loss.backward()
         opt.step()
+        out[name + "/allreduces"] = len(calls)
         out[name + "/params"] = torch.cat([p.detach().flatten() for p in model.parameters()])
     return out
 
@@ -122,7 +142,8 @@ def test_two_ranks_match_one_process(tmp_path, one_process_results):
 
     * KLDPO weights (3 variants) gathered over ranks = the single-process weights;
     * parameters after one DDP SGD step are identical on both ranks and equal the
-      single-process step, for KLDPO (3 variants) and WDPO (both estimators);
+      single-process step, for KLDPO (3 variants) and WDPO (both estimators; finite-diff
+      also through preference_backward's two passes, which all-reduce gradients once);
     * ``all_gather_detached`` with different sizes per rank.
     """
     two = _spawn_two_ranks(tmp_path)
@@ -137,6 +158,9 @@ def test_two_ranks_match_one_process(tmp_path, one_process_results):
         assert_close(p0, p1, rtol=0, atol=0, msg=lambda m: f"{name}: replicas differ: {m}")
         assert_close(p0, one[name + "/params"], rtol=RTOL, atol=ATOL, msg=lambda m: f"{name} params: {m}")
     for r in two:
+        # the two-pass WDPO backward all-reduces gradients once (its first pass runs in no_sync),
+        # like the single-backward methods
+        assert r["wdpo-finite-diff-two-pass/allreduces"] == r["kldpo-clamped/allreduces"] >= 1
         assert r["world_size"] == WORLD
         assert [t.tolist() for t in r["gather"]] == [[0.0, 0.0], [1.0, 1.0, 1.0]]
     assert [r["rank"] for r in two] == [0, 1]

@@ -135,8 +135,9 @@ def test_lora_trains_only_adapters(tmp_path):
     assert names and all("lora_" in n for n in names), names
 
 
-def test_bf16_mixed_runs(tmp_path):
-    res = _run(tmp_path, max_steps=3, precision="bf16-mixed")
+@pytest.mark.parametrize("kw", [{"method": "dpo"}, {"method": "wdpo", "wdpo_impl": "finite-diff"}], ids=["dpo", "wdpo-fd"])
+def test_bf16_mixed_runs(tmp_path, kw):
+    res = _run(tmp_path, max_steps=3, precision="bf16-mixed", **kw)
     assert all(np.isfinite(res.losses))
 
 
@@ -263,18 +264,68 @@ def test_grad_accumulation_matches_the_large_batch(tmp_path):
     torch.testing.assert_close(torch.tensor(a.losses), torch.tensor(b.losses), rtol=ACCUM_RTOL, atol=ACCUM_ATOL)
 
 
+# fp32 model: the two-pass WDPO gradient adds (1 - c) P1 and c P2 with c = 2 rho0 / h, so rounding
+# differences from the surrogate's single backward scale with c (see tests/llm/test_wdpo.py)
+TWO_PASS_ROUND = 10.0  # allowed |difference| = TWO_PASS_ROUND * eps(float32) * c * max|gradient|
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_train_step_accumulates_the_surrogate_gradient(tmp_path, lora):
+    """WDPO finite-diff, 2 micro-batches: the trainer's two-pass gradient (preference_backward,
+    loss_scale 1/2) equals the mean of the surrogate preference_loss gradients of the micro-batches
+    (LoRA: frozen embedding table, adapters only)."""
+    from drdpo_theory.llm.objectives import preference_loss
+
+    cfg, model, tok, pairs = _setup(output_dir=str(tmp_path), method="wdpo", wdpo_impl="finite-diff", rho0=0.05,
+                                    batch_size=2, grad_accum=2, max_grad_norm=0.0, lora=lora, lora_r=4)
+    trainer = Trainer(cfg, model, tok, pairs)
+    trainer.precompute_reference()
+    expected = [torch.zeros_like(p) for p in trainer.params]
+    c_max = 0.0
+    for micro in range(cfg.grad_accum):
+        batch = trainer._batch_at(micro)
+        ref_c, ref_r = trainer._reference_logps(batch)
+        trainer.model.zero_grad(set_to_none=True)
+        loss, m = preference_loss(trainer.model, {k: v for k, v in batch.items() if k != "index"}, ref_c, ref_r,
+                                  trainer.loss_cfg)
+        (loss / cfg.grad_accum).backward()
+        c_max = max(c_max, 2 * cfg.rho0 / m["wdpo/fd_h"])
+        for e, p in zip(expected, trainer.params):
+            e += p.grad
+    seen = {}
+
+    def record(opt, args, kwargs):
+        seen["grads"] = [p.grad.clone() for p in trainer.params]
+
+    trainer.optimizer.register_step_pre_hook(record)
+    trainer.train_step()
+    g_max = max(float(e.abs().max()) for e in expected)
+    atol = TWO_PASS_ROUND * torch.finfo(torch.float32).eps * c_max * g_max
+    for name, got, want in zip(trainer.param_names, seen["grads"], expected):
+        torch.testing.assert_close(got, want, rtol=0.0, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
 # --------------------------------------------------------------------------- DDP
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_match_one_process(tmp_path):
-    """torchrun, 2 CPU ranks x 2 pairs, gloo: same trajectory as 1 process x 4 pairs."""
+@pytest.mark.parametrize(
+    "kw, port",
+    [({"method": "kldpo"}, 29517), ({"method": "wdpo", "wdpo_impl": "finite-diff", "rho0": 0.05}, 29518)],
+    ids=["kldpo", "wdpo-fd-two-pass"],
+)
+def test_ddp_two_processes_match_one_process(tmp_path, kw, port):
+    """torchrun, 2 CPU ranks x 2 pairs, gloo: same trajectory as 1 process x 4 pairs.
+
+    KLDPO: weights from the gathered losses. WDPO finite-diff: the trainer's two-pass
+    backward (first pass in no_sync) with the step from all-reduced norms."""
     pytest.importorskip("torch.distributed.run")
-    single = _run(tmp_path / "single", method="kldpo", max_steps=4)
+    single = _run(tmp_path / "single", max_steps=4, **kw)
     out = tmp_path / "ddp"
+    flags = [a for k, v in kw.items() for a in ("--" + k.replace("_", "-"), str(v))]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-        "-m", "drdpo_theory.llm.cli", "align", "--model", "tiny-random", "--method", "kldpo",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+        "-m", "drdpo_theory.llm.cli", "align", "--model", "tiny-random", *flags,
         "--data", "toy", "--output", str(out), "--max-steps", "4", "--batch-size", "2", "--lr", "1e-2",
         "--beta", "0.5", "--max-length", "128", "--max-prompt-length", "64", "--no-progress",
     ]

@@ -23,7 +23,7 @@ pytest.importorskip("transformers")
 from drdpo_theory.llm.attention import attention_implementation, ensure_double_backward_attention  # noqa: E402
 from drdpo_theory.llm.logprobs import concatenated_logps  # noqa: E402
 from drdpo_theory.llm.losses import dpo_loss  # noqa: E402
-from drdpo_theory.llm.objectives import LossConfig, preference_loss  # noqa: E402
+from drdpo_theory.llm.objectives import LossConfig, preference_backward, preference_loss  # noqa: E402
 
 pytestmark = pytest.mark.llm
 
@@ -44,7 +44,7 @@ def _flat_grad(model, batch, refs, cfg):
     model.zero_grad(set_to_none=True)
     loss, metrics = preference_loss(model, batch, refs[0], refs[1], cfg)
     loss.backward()
-    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    grad = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
     return grad, loss.detach(), metrics
 
 
@@ -188,3 +188,119 @@ def test_double_backward_on_sdpa_switches_to_eager_with_one_warning(llama_factor
 
 def test_ensure_double_backward_ignores_plain_modules():
     assert ensure_double_backward_attention(torch.nn.Linear(2, 2)) is False
+
+
+# --------------------------------------------------------------------------- preference_backward
+
+# The two-pass gradient adds (1 - c) P1 and c P2 (c = 2 rho0 / h, up to ~1e8 at the float64
+# default step), so rounding differences from the surrogate's single backward scale with c:
+# allowed |difference| = TWO_PASS_ROUND * eps(float64) * c * max|gradient|.
+TWO_PASS_ROUND = 10.0
+LOSS_SCALE = 0.25
+
+
+def _two_pass_vs_surrogate(model, batch, refs, cfg):
+    """(surrogate gradient, two-pass gradient, surrogate loss/metrics, two-pass loss/metrics).
+
+    The two-pass call runs on top of an existing .grad (as in gradient accumulation) and
+    with a loss scale; both are taken out again before comparing.
+    """
+    g_sur, loss_sur, m_sur = _flat_grad(model, batch, refs, cfg)
+    gen = torch.Generator().manual_seed(17)
+    params = [p for p in model.parameters() if p.requires_grad]
+    prev = [0.1 * torch.randn(p.shape, dtype=p.dtype, generator=gen) for p in params]
+    for p, v in zip(params, prev):
+        p.grad = v.clone()
+    loss, m = preference_backward(model, batch, refs[0], refs[1], cfg, loss_scale=LOSS_SCALE)
+    got = torch.cat([(p.grad - v).flatten() for p, v in zip(params, prev)]) / LOSS_SCALE
+    return g_sur, got, (loss_sur, m_sur), (loss, m)
+
+
+@pytest.mark.parametrize("frozen_table", [False, True], ids=["table-trained", "table-frozen"])
+@pytest.mark.parametrize("fd_step", [None, 1e-4], ids=["default-step", "step-1e-4"])
+def test_preference_backward_two_pass_equals_surrogate_gradient(exact_float64, llama_factory, batch_factory, fd_step, frozen_table):
+    model, batch = llama_factory(), batch_factory(n_pairs=3)
+    if frozen_table:  # LoRA-like: the embeddings are a leaf, no gradient to the table
+        model.get_input_embeddings().weight.requires_grad_(False)
+    refs = _refs(3)
+    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff", fd_step=fd_step)
+    g_sur, got, (loss_sur, m_sur), (loss, m) = _two_pass_vs_surrogate(model, batch, refs, cfg)
+    c = 2 * RHO0 / m["wdpo/fd_h"]
+    assert c > 1.0  # the cancellation regime (1 - c < 0), as in practice
+    atol = TWO_PASS_ROUND * torch.finfo(torch.float64).eps * c * float(g_sur.abs().max())
+    assert_close(got, g_sur, rtol=0.0, atol=atol)
+    assert not loss.requires_grad
+    assert_close(loss, loss_sur, rtol=RTOL_EXACT, atol=ATOL)
+    assert m.keys() == m_sur.keys()
+    for k in m:
+        assert_allclose(m[k], m_sur[k], rtol=RTOL_EXACT, atol=ATOL, err_msg=k)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(method="dpo"),
+        dict(method="ipo"),
+        dict(method="kldpo", kldpo_variant="calibrated", rho=0.3),
+        dict(method="wdpo", wdpo_impl="double-backward", rho0=RHO0),
+        dict(method="wdpo", wdpo_impl="finite-diff", rho0=0.0),
+    ],
+    ids=["dpo", "ipo", "kldpo", "wdpo-double-backward", "wdpo-fd-rho0-0"],
+)
+def test_preference_backward_single_pass_methods_equal_loss_backward(llama_factory, batch_factory, kw):
+    model, batch = llama_factory(), batch_factory(n_pairs=3)
+    refs = _refs(3)
+    cfg = LossConfig(beta=BETA, **kw)
+    g_sur, got, (loss_sur, m_sur), (loss, m) = _two_pass_vs_surrogate(model, batch, refs, cfg)
+    assert_close(got, g_sur, rtol=RTOL_EXACT, atol=ATOL)  # same backward, scaled
+    assert_close(loss, loss_sur, rtol=RTOL_EXACT, atol=ATOL)
+    assert m == m_sur
+
+
+class _SavedTensorMeter:
+    """Bytes of the tensors autograd currently holds for backward, and their peak."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def pack(self, t):
+        return _Saved(t, self)
+
+    @staticmethod
+    def unpack(s):
+        return s.t
+
+
+class _Saved:
+    def __init__(self, t, meter):
+        self.t, self.meter, self.n = t, meter, t.numel() * t.element_size()
+        meter.live += self.n
+        meter.peak = max(meter.peak, meter.live)
+
+    def __del__(self):
+        self.meter.live -= self.n
+
+
+def _saved_peak(fn):
+    meter = _SavedTensorMeter()
+    with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+        fn()
+    assert meter.live == 0  # every graph was freed
+    return meter.peak
+
+
+def test_two_pass_holds_one_graph_at_a_time(llama_factory, batch_factory):
+    """Saved-for-backward memory: two-pass ~ DPO; the single surrogate holds both graphs."""
+    model, batch = llama_factory("sdpa", dtype=torch.float32), batch_factory(n_pairs=3)
+    refs = tuple(r.float() for r in _refs(3))
+    fd = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff")
+
+    def surrogate():
+        loss, _ = preference_loss(model, batch, refs[0], refs[1], fd)
+        loss.backward()
+
+    dpo = _saved_peak(lambda: preference_backward(model, batch, refs[0], refs[1], LossConfig(method="dpo", beta=BETA)))
+    two_pass = _saved_peak(lambda: preference_backward(model, batch, refs[0], refs[1], fd))
+    single = _saved_peak(surrogate)
+    assert two_pass <= 1.05 * dpo, (two_pass, dpo)
+    assert single >= 1.8 * dpo, (single, dpo)
