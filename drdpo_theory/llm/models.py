@@ -230,5 +230,28 @@ def load_model(spec: str, dtype: str = "fp32", attn_implementation: str | None =
             model, tok = _from_pretrained(directory, gguf_file, tdtype, attn_implementation)
         except (OSError, ValueError, ImportError) as exc:
             raise ModelLoadError(f"model {spec!r}: loading failed: {exc}".splitlines()[0]) from exc
+        if gguf_file is not None:
+            model = _drop_gguf_quantizer_flag(model)
     model.eval()
     return model, tok
+
+
+def _drop_gguf_quantizer_flag(model):
+    """Clear transformers' "quantized" flag of a model loaded from GGUF.
+
+    The GGUF loader dequantises every tensor to the requested float dtype, yet leaves
+    ``model.hf_quantizer`` and ``model.is_quantized`` set, so ``model.float()`` (called by the trainer) raises
+    "``.float()`` is not supported for quantized model". The weights are plain float tensors,
+    so the flag is dropped here.
+    """
+    qc = getattr(model.config, "quantization_config", None)
+    method = getattr(qc, "quant_method", None) if qc is not None else None
+    if getattr(model, "hf_quantizer", None) is not None and str(getattr(method, "value", method)) == "gguf":
+        model.hf_quantizer = None
+        model.is_quantized = False  # what transformers' own dequantize() sets
+        if "quantization_method" in vars(model):
+            del model.quantization_method
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+

@@ -102,3 +102,7 @@ def test_smollm2_loads_and_answers():
     answer = tok.decode(out[0, inputs["input_ids"].shape[1]:])
     assert "Paris" in answer, answer
     json.dumps(model.config.to_dict())  # config is plain data
+    # the GGUF loader dequantises but used to leave a "quantized" flag that made the trainer's
+    # model.float() raise "`.float()` is not supported for quantized model"
+    assert not getattr(model, "is_quantized", False)
+    model.float()

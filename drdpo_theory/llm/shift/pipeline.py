@@ -1,0 +1,787 @@
+r"""Preference-shift experiment on a real causal LM: DPO vs KLDPO vs WDPO (``drdpo llm-shift``).
+
+The offline, small-scale counterpart of the paper's Emotion Alignment experiment (Xu et al.
+2025, arXiv 2502.01930): preference data are labelled with one mixture
+:math:`r_{\alpha_0}` of two reward objectives; the trained policies are evaluated with
+:math:`r_\alpha` for :math:`\alpha` across [0, 1], i.e. as the test-time preference moves away
+from the training mixture (rewards: :mod:`drdpo_theory.llm.shift.rewards`).
+
+Stages (each caches its output under ``out/`` and is skipped when already complete; the
+sampling stages also resume inside the stage, one generation batch at a time)
+
+1. ``samples.jsonl``     K completions per train prompt from the initial policy
+                         (temperature sampling), one JSON row per completion;
+2. ``scores.json``       raw objective values of every sample and the normaliser
+                         (mean/std per objective over this pool);
+3. ``pairs.jsonl``       one pair per train prompt in TRL's conversational format: chosen =
+                         the sample with the largest :math:`r_{\alpha_0}`, rejected = the one
+                         with the smallest (deterministic top-vs-bottom; prompts whose K
+                         samples tie are dropped);
+4. ``train/<run>/``      one training run per method (and seed) from the same initial
+                         policy with :func:`drdpo_theory.llm.trainer.train` (metrics.csv,
+                         checkpoints; resumes from the newest checkpoint);
+5. ``eval/<run>.jsonl``  M completions per test prompt from each trained policy and from the
+                         initial policy (``reference``), with their objective values;
+6. ``results.json``, ``results.csv``, ``results.md`` and the figure: the mean of
+   :math:`r_\alpha` over test completions for each :math:`\alpha`, with percentile-bootstrap
+   95% intervals over test prompts (per-prompt means, averaged over seeds), and the paired
+   difference to DPO with its interval.
+
+``config.json`` records the settings; rerunning into the same ``out`` with settings that
+change what a stage computes is refused (use a new directory); adding runs (more ``taus``,
+``rho0s``, ``seeds``, ``methods``) reuses every cached stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from drdpo_theory.llm.shift.prompts import Prompt, load_prompts
+from drdpo_theory.llm.shift.rewards import OBJECTIVES, Normalizer, mixture_reward, score_texts
+
+__all__ = [
+    "PRESETS",
+    "ShiftConfig",
+    "ShiftResult",
+    "bootstrap_mean_ci",
+    "build_pairs",
+    "generate_completions",
+    "markdown_table",
+    "plot_shift",
+    "run_shift",
+    "summarize",
+]
+
+RESULT_FIELDS = ("figure", "table", "json_out", "n_boot", "progress", "threads")
+"""Settings that do not change any cached stage (free to differ on a rerun)."""
+
+RUN_SET_FIELDS = ("methods", "taus", "rho0s", "seeds")
+"""Settings that only select which training runs to do and report: a rerun may add runs
+(another tau, rho0 or seed) to a directory and reuses every cached stage; the summary lists
+the runs of the current call."""
+
+
+def _h(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class ShiftConfig:
+    """Settings of one preference-shift experiment; every field documents itself in ``metadata['help']``."""
+
+    out: str = _h("Output directory (all stages cache here).", default="runs/llm_shift")
+    model: str = _h("Policy: 'tiny-random', 'smollm2' or a local model path (models.load_model).", default="smollm2")
+    objectives: tuple[str, str] = _h("The two reward objectives (r_1, r_2) of r_alpha = alpha z_1 + (1-alpha) z_2.", default=("positivity", "calm"))
+    alpha0: float = _h("Training mixture weight alpha0 in [0, 1] used to label the pairs.", default=0.5)
+    alphas: tuple[float, ...] = _h("Test mixture weights alpha (>= 2 values in [0, 1]).", default=tuple(round(0.1 * i, 1) for i in range(11)))
+    n_train: int = _h("Number of train prompts (from the shipped set, first n of the split).", default=96)
+    n_test: int = _h("Number of test prompts.", default=100)
+    k: int = _h("Completions sampled per train prompt (K >= 2).", default=4)
+    eval_samples: int = _h("Completions sampled per test prompt and policy (M >= 1).", default=1)
+    max_new_tokens: int = _h("Maximum new tokens per completion.", default=24)
+    system_prompt: str | None = _h(
+        "System message put before every prompt (None: the chat template's default; SmolLM2's is ~20 tokens).",
+        default="You are a helpful assistant.",
+    )
+    temperature: float = _h("Sampling temperature (> 0); top-p = 1, top-k off.", default=1.0)
+    gen_batch: int = _h("Sequences per generation batch.", default=32)
+    keep_ties: bool = _h(
+        "Keep prompts whose K samples tie in r_alpha0 (pair: first vs last sample). Only for smoke runs "
+        "(the tiny random model emits random bytes, which contain no lexicon word, so every prompt ties).",
+        default=False,
+    )
+    methods: tuple[str, ...] = _h("Training methods among dpo, ipo, kldpo, wdpo.", default=("dpo", "kldpo", "wdpo"))
+    beta: float = _h("DPO temperature beta.", default=0.1)
+    taus: tuple[float, ...] = _h("KLDPO temperatures tau (one run each).", default=(0.1,))
+    kldpo_variant: str = _h("KLDPO weight variant (trainer.TrainConfig.kldpo_variant).", default="clamped")
+    rho0s: tuple[float, ...] = _h(
+        "WDPO penalty coefficients rho0 (one run each). On SmolLM2 ||grad_emb l_i|| is ~5 at the start, so "
+        "rho0 = 0.005 makes the penalty ~0.17 (a quarter of the DPO loss log 2) and its gradient comparable to DPO's.",
+        default=(0.005,),
+    )
+    wdpo_impl: str = _h("WDPO gradient: 'finite-diff' or 'double-backward'.", default="finite-diff")
+    steps: int = _h("Optimizer steps per training run.", default=24)
+    batch_size: int = _h("Preference pairs per optimizer step.", default=8)
+    lr: float = _h("Peak AdamW learning rate.", default=1e-3)
+    warmup_steps: int = _h("Linear warm-up steps.", default=2)
+    lora: bool = _h("Train LoRA adapters (True) or all weights (False).", default=True)
+    lora_r: int = _h("LoRA rank.", default=16)
+    lora_alpha: float = _h("LoRA alpha.", default=32.0)
+    lora_target_modules: tuple[str, ...] = _h("LoRA target modules.", default=("q_proj", "k_proj", "v_proj", "o_proj"))
+    checkpoint_every: int = _h("Checkpoint every N optimizer steps (0: at the end only).", default=6)
+    seeds: tuple[int, ...] = _h("Training seeds (data order, LoRA init) and eval sampling seeds.", default=(0,))
+    sample_seed: int = _h("Seed of the train-pool sampling.", default=1234)
+    n_boot: int = _h("Bootstrap resamples for the 95% intervals.", default=2000)
+    figure: str | None = _h("Figure path (PNG; a PDF is written next to it); default out/llm_shift.png.", default=None)
+    table: str | None = _h("Extra copy of the markdown results table (e.g. results/llm_shift.md).", default=None)
+    json_out: str | None = _h("Extra copy of results.json.", default=None)
+    progress: bool = _h("Show progress bars.", default=True)
+    threads: int | None = _h(
+        "torch CPU threads (None: torch's default). The real preset uses 1: on a shared 2-core machine two "
+        "OpenMP threads per process made generation ~3x slower than one.",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        self.objectives = tuple(self.objectives)
+        self.alphas = tuple(float(a) for a in self.alphas)
+        self.methods = tuple(self.methods)
+        self.taus = tuple(float(t) for t in self.taus)
+        self.rho0s = tuple(float(r) for r in self.rho0s)
+        self.seeds = tuple(int(s) for s in self.seeds)
+        self.lora_target_modules = tuple(self.lora_target_modules)
+        if len(self.objectives) != 2 or any(o not in OBJECTIVES for o in self.objectives) or len(set(self.objectives)) != 2:
+            raise ValueError(f"objectives must be two different names from {sorted(OBJECTIVES)}; got {self.objectives}")
+        if not 0.0 <= self.alpha0 <= 1.0:
+            raise ValueError(f"alpha0 must lie in [0, 1]; got {self.alpha0}")
+        if len(self.alphas) < 2 or any(not 0.0 <= a <= 1.0 for a in self.alphas):
+            raise ValueError(f"alphas must be >= 2 values in [0, 1]; got {self.alphas}")
+        bad = [m for m in self.methods if m not in ("dpo", "ipo", "kldpo", "wdpo")]
+        if bad or not self.methods:
+            raise ValueError(f"methods must be a non-empty subset of dpo, ipo, kldpo, wdpo; got {self.methods}")
+        for name in ("n_train", "n_test", "eval_samples", "max_new_tokens", "gen_batch", "steps", "batch_size", "lora_r", "n_boot"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {getattr(self, name)}")
+        if self.k < 2:
+            raise ValueError(f"k must be >= 2 (a pair needs two completions); got {self.k}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature}")
+        if not self.seeds:
+            raise ValueError("seeds must hold at least one seed")
+        if "kldpo" in self.methods and not self.taus:
+            raise ValueError("kldpo needs at least one tau")
+        if "wdpo" in self.methods and not self.rho0s:
+            raise ValueError("wdpo needs at least one rho0")
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ShiftConfig":
+        """``"quick"`` (tiny random model, seconds) or ``"real"`` (SmolLM2-135M-Instruct), then overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {sorted(PRESETS)}; got {name!r}")
+        return cls(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    def runs(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """``(run name, method, TrainConfig overrides)`` for every training run (seeds excluded)."""
+        out = []
+        for m in self.methods:
+            if m == "kldpo":
+                out += [(f"kldpo-tau{t:g}", m, {"tau": t}) for t in self.taus]
+            elif m == "wdpo":
+                out += [(f"wdpo-rho{r:g}", m, {"rho0": r}) for r in self.rho0s]
+            else:
+                out.append((m, m, {}))
+        return out
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "quick": dict(
+        model="tiny-random", n_train=6, n_test=4, k=3, eval_samples=1, max_new_tokens=6, gen_batch=16,
+        steps=2, batch_size=2, warmup_steps=0, lr=1e-3, lora_r=4, lora_alpha=8.0, checkpoint_every=1,
+        alphas=(0.0, 0.25, 0.5, 0.75, 1.0), n_boot=200, keep_ties=True,
+    ),
+    "real": dict(model="smollm2", threads=1),
+}
+"""Named settings; ``real`` is the dataclass defaults (sized for < 60 min on 2 CPU cores)."""
+
+
+@dataclass
+class ShiftResult:
+    """What :func:`run_shift` returns.
+
+    Attributes
+    ----------
+    summary : dict
+        The content of ``results.json`` (per policy: mean r_alpha, 95% interval, difference to DPO).
+    out : pathlib.Path
+    stages_run : list of str
+        Stages computed in this call (the others were loaded from the cache).
+    seconds : float
+        Wall time of this call.
+    """
+
+    summary: dict[str, Any]
+    out: Path
+    stages_run: list[str]
+    seconds: float
+
+
+# ----------------------------------------------------------------------------- io helpers
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: the batch is redone
+                break
+    return rows
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_config(out: Path, cfg: ShiftConfig) -> None:
+    path = out / "config.json"
+    free = set(RESULT_FIELDS) | set(RUN_SET_FIELDS) | {"out"}
+    cur = {k: v for k, v in cfg.to_json().items() if k not in free}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        old = {k: v for k, v in old.items() if k not in free}
+        diff = sorted(k for k in set(old) | set(cur) if old.get(k) != cur.get(k))
+        if diff:
+            raise ValueError(
+                f"{out} holds a run with other settings ({', '.join(diff)}); use another --out or the same settings"
+            )
+    _write_json(path, cfg.to_json())
+
+
+# ----------------------------------------------------------------------------- generation
+def _messages(prompt: Prompt, system: str | None = None) -> list[dict[str, str]]:
+    sys_msg = [{"role": "system", "content": system}] if system else []
+    return sys_msg + [{"role": "user", "content": prompt.text}]
+
+
+def _stop_ids(tok: Any) -> list[int]:
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    im_end = tok.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tok.get_vocab() else None
+    if im_end is not None:
+        ids.add(im_end)
+    return sorted(ids)
+
+
+def generate_completions(
+    model: Any,
+    tok: Any,
+    prompts: Sequence[Prompt],
+    n_samples: int,
+    path: Path,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    gen_batch: int,
+    seed: int,
+    desc: str,
+    progress: bool = True,
+    system: str | None = None,
+) -> list[dict[str, Any]]:
+    """Sample ``n_samples`` completions per prompt and append them to ``path`` (JSONL).
+
+    Work is split in chunks of ``max(1, gen_batch // n_samples)`` prompts; chunk ``c`` is
+    sampled under ``torch.manual_seed(seed * 100003 + c)``, so a resumed run reproduces the
+    chunks it redoes. Prompts already complete in ``path`` are skipped.
+
+    Returns
+    -------
+    list of dict
+        One row per completion: ``prompt_id``, ``sample``, ``prompt``, ``completion``,
+        ``n_tokens`` (new tokens, up to the stop token), ``finished`` (a stop token was produced).
+        The chat is ``[system (if given), user prompt]`` rendered with the tokenizer's chat
+        template and its generation prompt.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    rows = _read_jsonl(path)
+    done: dict[int, int] = {}
+    for r in rows:
+        done[r["prompt_id"]] = done.get(r["prompt_id"], 0) + 1
+    rows = [r for r in rows if done[r["prompt_id"]] == n_samples]  # drop a partial chunk
+    if len(rows) != sum(done.values()):
+        _write_jsonl(path, rows)
+    complete = {r["prompt_id"] for r in rows}
+    per_chunk = max(1, gen_batch // n_samples)
+    chunks = [list(prompts[i : i + per_chunk]) for i in range(0, len(prompts), per_chunk)]
+    todo = [(c, ch) for c, ch in enumerate(chunks) if not all(p.id in complete for p in ch)]
+    if not todo:
+        return rows
+    stops = _stop_ids(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stops[0]
+    old_side = tok.padding_side
+    tok.padding_side = "left"
+    model.eval()
+    bar = tqdm(total=len(prompts), initial=len(prompts) - sum(len(ch) for _, ch in todo), desc=desc,
+               disable=not progress, dynamic_ncols=True)
+    try:
+        with path.open("a", encoding="utf-8") as fh:
+            for c, chunk in todo:
+                texts = [tok.apply_chat_template(_messages(p, system), tokenize=False, add_generation_prompt=True) for p in chunk]
+                texts = [t for t in texts for _ in range(n_samples)]  # (len(chunk) * n_samples,)
+                enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+                with torch.random.fork_rng(devices=[]), torch.no_grad():
+                    torch.manual_seed(seed * 100003 + c)
+                    out = model.generate(
+                        **enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=temperature,
+                        top_p=1.0, top_k=0, pad_token_id=pad, eos_token_id=stops,
+                    )
+                new = out[:, enc["input_ids"].shape[1] :]  # (rows, <= max_new_tokens)
+                for j, ids in enumerate(new.tolist()):
+                    cut = next((t for t, i in enumerate(ids) if i in stops), None)
+                    kept = ids if cut is None else ids[:cut]
+                    p = chunk[j // n_samples]
+                    row = {
+                        "prompt_id": p.id, "sample": j % n_samples, "prompt": p.text,
+                        "completion": tok.decode(kept, skip_special_tokens=True).strip(),
+                        "n_tokens": len(kept), "finished": cut is not None,
+                    }
+                    rows.append(row)
+                    fh.write(json.dumps(row) + "\n")
+                fh.flush()
+                bar.update(len(chunk))
+    finally:
+        tok.padding_side = old_side
+        bar.close()
+    return rows
+
+
+# ----------------------------------------------------------------------------- pairs
+def build_pairs(
+    samples: Sequence[dict[str, Any]], z: np.ndarray, alpha0: float, keep_ties: bool = False,
+    system: str | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """Top-vs-bottom pairs by :math:`r_{\\alpha_0}`, one per prompt.
+
+    Parameters
+    ----------
+    samples : sequence of dict, length n
+        Rows of ``samples.jsonl`` (keys ``prompt_id``, ``prompt``, ``completion``).
+    z : numpy.ndarray, shape (n, 2)
+        Normalised objective values of the samples.
+    alpha0 : float
+    keep_ties : bool
+        Keep tied prompts with chosen = first, rejected = last sample (smoke runs only).
+    system : str, optional
+        System message put before the user prompt (as at sampling time).
+
+    Returns
+    -------
+    pairs : list of dict
+        TRL conversational records ``prompt``/``chosen``/``rejected`` plus ``prompt_id``,
+        ``chosen_reward``, ``rejected_reward``; chosen = argmax, rejected = argmin of
+        :math:`r_{\\alpha_0}` over the prompt's samples (first index on ties).
+    n_dropped : int
+        Prompts skipped because the best and worst samples tie in reward or in text.
+    """
+    r = mixture_reward(z, alpha0)  # (n,)
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(int(s["prompt_id"]), []).append(i)
+    pairs, dropped = [], 0
+    for pid in sorted(groups):
+        idx = groups[pid]
+        rs = r[idx]
+        hi, lo = idx[int(np.argmax(rs))], idx[int(np.argmin(rs))]
+        if keep_ties and r[hi] - r[lo] <= 1e-12:
+            hi, lo = idx[0], idx[-1]
+        a, b = samples[hi]["completion"], samples[lo]["completion"]
+        if (r[hi] - r[lo] <= 1e-12 and not keep_ties) or a == b or not a.strip() or not b.strip():
+            dropped += 1
+            continue
+        pairs.append({
+            "prompt": ([{"role": "system", "content": system}] if system else [])
+            + [{"role": "user", "content": samples[hi]["prompt"]}],
+            "chosen": [{"role": "assistant", "content": a}],
+            "rejected": [{"role": "assistant", "content": b}],
+            "prompt_id": pid, "chosen_reward": float(r[hi]), "rejected_reward": float(r[lo]),
+        })
+    return pairs, dropped
+
+
+# ----------------------------------------------------------------------------- statistics
+def bootstrap_mean_ci(
+    values: np.ndarray, n_boot: int, seed: int = 0, level: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean and percentile-bootstrap interval over rows.
+
+    Parameters
+    ----------
+    values : numpy.ndarray, shape (n, A)
+        One row per test prompt (already averaged over samples and seeds).
+    n_boot : int
+    seed : int
+    level : float
+
+    Returns
+    -------
+    mean, lo, hi : numpy.ndarray, each of shape (A,)
+        ``mean`` is the plain mean over rows; ``lo``/``hi`` the ``(1-level)/2`` and
+        ``(1+level)/2`` quantiles of the means of ``n_boot`` resamples of the rows
+        (the same resampled rows for every column).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    n = values.shape[0]
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, n, size=(n_boot, n))  # (n_boot, n)
+    boots = values[idx].mean(axis=1)  # (n_boot, A)
+    q = (1.0 - level) / 2.0
+    return values.mean(axis=0), np.quantile(boots, q, axis=0), np.quantile(boots, 1.0 - q, axis=0)
+
+
+def _per_prompt(rows: Sequence[dict[str, Any]], objectives: Sequence[str], norm: Normalizer,
+                alphas: np.ndarray, prompt_ids: Sequence[int]) -> np.ndarray:
+    """Mean r_alpha per test prompt, shape (n_prompts, A)."""
+    z = norm(np.array([[r["scores"][o] for o in objectives] for r in rows]))  # (n_rows, 2)
+    ra = mixture_reward(z, alphas)  # (n_rows, A)
+    pos = {pid: i for i, pid in enumerate(prompt_ids)}
+    acc = np.zeros((len(prompt_ids), len(alphas)))
+    cnt = np.zeros(len(prompt_ids))
+    for r, v in zip(rows, ra):
+        i = pos[r["prompt_id"]]
+        acc[i] += v
+        cnt[i] += 1
+    if np.any(cnt == 0):
+        raise ValueError("some test prompts have no evaluated completion")
+    return acc / cnt[:, None]
+
+
+def summarize(
+    evals: dict[str, list[list[dict[str, Any]]]],
+    objectives: Sequence[str],
+    norm: Normalizer,
+    alphas: Sequence[float],
+    prompt_ids: Sequence[int],
+    n_boot: int,
+    baseline: str = "dpo",
+) -> dict[str, Any]:
+    """Per policy: mean r_alpha over test prompts with bootstrap intervals, and the paired difference to ``baseline``.
+
+    Parameters
+    ----------
+    evals : dict
+        Policy name -> list over seeds of eval rows (each with ``prompt_id`` and ``scores``).
+
+    Returns
+    -------
+    dict
+        ``{policy: {"mean": [A], "lo": [A], "hi": [A], "raw_mean": {objective: float},
+        "diff": {...} or None}}``; a policy's per-prompt values are averaged over its seeds and samples.
+    """
+    a = np.asarray(alphas, dtype=np.float64)
+    per = {}
+    raw = {}
+    for name, seed_rows in evals.items():
+        per[name] = np.mean([_per_prompt(rows, objectives, norm, a, prompt_ids) for rows in seed_rows], axis=0)
+        allrows = [r for rows in seed_rows for r in rows]
+        raw[name] = {o: float(np.mean([r["scores"][o] for r in allrows])) for o in OBJECTIVES}
+        raw[name]["n_tokens"] = float(np.mean([r["n_tokens"] for r in allrows]))
+    out: dict[str, Any] = {}
+    for name, v in per.items():
+        m, lo, hi = bootstrap_mean_ci(v, n_boot, seed=0)
+        entry = {"mean": m.tolist(), "lo": lo.tolist(), "hi": hi.tolist(), "raw_mean": raw[name], "diff": None}
+        if baseline in per and name != baseline:
+            dm, dlo, dhi = bootstrap_mean_ci(v - per[baseline], n_boot, seed=0)
+            entry["diff"] = {"vs": baseline, "mean": dm.tolist(), "lo": dlo.tolist(), "hi": dhi.tolist()}
+        out[name] = entry
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def _label(name: str) -> str:
+    if name.startswith("kldpo-tau"):
+        return f"KLDPO (tau={name[len('kldpo-tau'):]})"
+    if name.startswith("wdpo-rho"):
+        return f"WDPO (rho0={name[len('wdpo-rho'):]})"
+    return {"reference": "initial policy", "dpo": "DPO", "ipo": "IPO"}.get(name, name)
+
+
+TABLE_ALPHAS = (0.0, 0.2, 0.5, 0.8, 1.0)
+"""Columns of the markdown table when more than 6 alphas are evaluated (plus alpha0; all alphas
+are in results.json / results.csv)."""
+
+
+def markdown_table(summary: dict[str, Any], table_alphas: Sequence[float] | None = None) -> str:
+    """Markdown table: one row per policy, one column per alpha: ``mean [lo, hi]`` (and the difference to DPO)."""
+    alphas = summary["alphas"]
+    cols = [i for i, a in enumerate(alphas) if table_alphas is None or any(abs(a - t) < 1e-9 for t in table_alphas)]
+    head = "| policy | " + " | ".join(f"alpha={alphas[i]:g}" + (" (train)" if abs(alphas[i] - summary["alpha0"]) < 1e-9 else "") for i in cols) + " |"
+    lines = [head, "|" + "---|" * (len(cols) + 1)]
+    for name, e in summary["policies"].items():
+        cells = [f"{e['mean'][i]:+.3f} [{e['lo'][i]:+.3f}, {e['hi'][i]:+.3f}]" for i in cols]
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
+    diffs = [(n, e) for n, e in summary["policies"].items() if e["diff"] is not None and n != "reference"]
+    if diffs:
+        lines += ["", "Paired difference to DPO (same test prompts), mean [95% interval]:", "", head, lines[1]]
+        for name, e in diffs:
+            d = e["diff"]
+            cells = [f"{d['mean'][i]:+.3f} [{d['lo'][i]:+.3f}, {d['hi'][i]:+.3f}]" for i in cols]
+            lines.append(f"| {_label(name)} - DPO | " + " | ".join(cells) + " |")
+    o1, o2 = summary["objectives"]
+    lines += ["", "Raw objective means over the test completions (before standardisation):", "",
+              f"| policy | {o1} | {o2} | new tokens |", "|---|---|---|---|"]
+    for name, e in summary["policies"].items():
+        r = e["raw_mean"]
+        lines.append(f"| {_label(name)} | {r[o1]:.4f} | {r[o2]:.4f} | {r['n_tokens']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_shift(summary: dict[str, Any], path: Path) -> list[Path]:
+    """Mean r_alpha vs alpha per policy (95% bands) and the difference to DPO; PNG + PDF."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = np.asarray(summary["alphas"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, e in summary["policies"].items():
+        ls = ":" if name == "reference" else "-"
+        (line,) = axes[0].plot(a, e["mean"], ls, marker="o", ms=3, label=_label(name))
+        axes[0].fill_between(a, e["lo"], e["hi"], color=line.get_color(), alpha=0.08)
+        if e["diff"] is not None and name != "reference":
+            d = e["diff"]
+            axes[1].plot(a, d["mean"], marker="o", ms=3, color=line.get_color(), label=f"{_label(name)} - DPO")
+            axes[1].fill_between(a, d["lo"], d["hi"], color=line.get_color(), alpha=0.15)
+    o1, o2 = summary["objectives"]
+    for ax in axes:
+        ax.axvline(summary["alpha0"], color="k", ls="--", lw=0.8, label=f"training alpha0={summary['alpha0']:g}")
+        ax.set_xlabel(f"test mixture weight alpha (1 = all {o1}, 0 = all {o2})")
+        ax.grid(alpha=0.3)
+    axes[1].axhline(0.0, color="gray", lw=0.8)
+    axes[0].set_ylabel("mean r_alpha on test prompts (std units)")
+    axes[1].set_ylabel("paired difference to DPO (std units)")
+    model = {"smollm2": "SmolLM2-135M-Instruct", "tiny-random": "tiny random Llama"}.get(summary["model"], summary["model"])
+    axes[0].set_title(f"{model}: r_alpha = alpha z_{o1} + (1-alpha) z_{o2}", fontsize=10)
+    axes[1].set_title("difference to DPO (paired over test prompts), 95% bootstrap", fontsize=10)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    png, pdf = path.with_suffix(".png"), path.with_suffix(".pdf")
+    fig.savefig(png, dpi=150)
+    fig.savefig(pdf)
+    plt.close(fig)
+    return [png, pdf]
+
+
+# ----------------------------------------------------------------------------- pipeline
+def _score_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    names = list(OBJECTIVES)
+    raw = score_texts([r["completion"] for r in rows], names)
+    return [{**r, "scores": dict(zip(names, map(float, v)))} for r, v in zip(rows, raw)]
+
+
+def _train_done(run_dir: Path, steps: int) -> bool:
+    from drdpo_theory.llm.trainer import latest_checkpoint
+
+    ck = latest_checkpoint(run_dir)
+    return ck is not None and json.loads((ck / "trainer_state.json").read_text())["step"] >= steps
+
+
+def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResult:
+    """Run (or resume) every stage of the experiment; see the module docstring.
+
+    Returns
+    -------
+    ShiftResult
+    """
+    import torch
+
+    from drdpo_theory.llm.data import tokenize_preferences
+    from drdpo_theory.llm.models import load_model
+    from drdpo_theory.llm.trainer import Trainer, TrainConfig
+
+    t_start = time.perf_counter()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train").mkdir(exist_ok=True)
+    (out / "eval").mkdir(exist_ok=True)
+    _check_config(out, cfg)
+    timings_path = out / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    stages_run: list[str] = []
+
+    def record(stage: str, t0: float) -> None:
+        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - t0, 2)
+        _write_json(timings_path, timings)
+        stages_run.append(stage)
+
+    train_prompts = load_prompts("train", cfg.n_train)
+    test_prompts = load_prompts("test", cfg.n_test)
+    cache: dict[str, Any] = {}
+
+    def base() -> tuple[Any, Any]:
+        if "model" not in cache:
+            t0 = time.perf_counter()
+            model, cache["tok"] = load_model(cfg.model, "fp32")
+            cache["model"] = model
+            log(f"loaded {cfg.model} in {time.perf_counter() - t0:.1f} s")
+        return cache["model"], cache["tok"]
+
+    # 1. train pool
+    samples_path = out / "samples.jsonl"
+    scores_path = out / "scores.json"
+    if not scores_path.is_file():
+        t0 = time.perf_counter()
+        model, tok = base()
+        samples = generate_completions(
+            model, tok, train_prompts, cfg.k, samples_path, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, gen_batch=cfg.gen_batch, seed=cfg.sample_seed,
+            desc="sample train pool", progress=cfg.progress, system=cfg.system_prompt,
+        )
+        record("sample", t0)
+        # 2. scores and normaliser
+        t0 = time.perf_counter()
+        order = {p.id: i for i, p in enumerate(train_prompts)}
+        samples = sorted(samples, key=lambda r: (order[r["prompt_id"]], r["sample"]))
+        samples = _score_rows(samples)
+        raw = np.array([[s["scores"][o] for o in cfg.objectives] for s in samples])
+        norm = Normalizer.fit(raw)
+        _write_json(scores_path, {"objectives": list(cfg.objectives), "normalizer": norm.to_json(), "samples": samples})
+        record("score", t0)
+    scored = json.loads(scores_path.read_text())
+    samples = scored["samples"]
+    norm = Normalizer(tuple(scored["normalizer"]["mean"]), tuple(scored["normalizer"]["std"]))
+    log(f"train pool: {len(samples)} completions; normaliser mean={norm.mean} std={norm.std}")
+
+    # 3. pairs
+    pairs_path = out / "pairs.jsonl"
+    meta_path = out / "pairs_meta.json"
+    if not meta_path.is_file():
+        t0 = time.perf_counter()
+        z = norm(np.array([[s["scores"][o] for o in cfg.objectives] for s in samples]))
+        pairs, dropped = build_pairs(samples, z, cfg.alpha0, cfg.keep_ties, cfg.system_prompt)
+        if len(pairs) < cfg.batch_size:
+            raise ValueError(f"only {len(pairs)} preference pairs (dropped {dropped} tied prompts); need >= batch_size={cfg.batch_size}")
+        _write_jsonl(pairs_path, pairs)
+        _write_json(meta_path, {"n_pairs": len(pairs), "n_dropped": dropped, "alpha0": cfg.alpha0,
+                                "rule": "top-vs-bottom r_alpha0 among K samples"})
+        record("pairs", t0)
+    pairs = _read_jsonl(pairs_path)
+    log(f"pairs: {len(pairs)} ({json.loads(meta_path.read_text())['n_dropped']} prompts dropped on ties)")
+
+    # 4.-5. train each run and evaluate it; the initial policy is evaluated as "reference"
+    eval_seed0 = 0  # the initial policy is sampled like the seed-0 runs (common random numbers)
+    evals: dict[str, list[list[dict[str, Any]]]] = {}
+    ref_path = out / "eval" / "reference.jsonl"
+    n_eval_rows = len(test_prompts) * cfg.eval_samples
+
+    def eval_policy(model: Any, tok: Any, path: Path, seed: int, desc: str) -> list[dict[str, Any]]:
+        rows = generate_completions(
+            model, tok, test_prompts, cfg.eval_samples, path, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, gen_batch=cfg.gen_batch, seed=10_000 + seed, desc=desc,
+            progress=cfg.progress, system=cfg.system_prompt,
+        )
+        return rows
+
+    def scored_eval(path: Path) -> list[dict[str, Any]] | None:
+        rows = _read_jsonl(path.with_suffix(".scored.jsonl"))
+        return rows if len(rows) == n_eval_rows else None
+
+    def finish_eval(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        order = {p.id: i for i, p in enumerate(test_prompts)}
+        rows = _score_rows(sorted(rows, key=lambda r: (order[r["prompt_id"]], r["sample"])))
+        _write_jsonl(path.with_suffix(".scored.jsonl"), rows)
+        return rows
+
+    rows = scored_eval(ref_path)
+    if rows is None:
+        t0 = time.perf_counter()
+        model, tok = base()
+        rows = finish_eval(ref_path, eval_policy(model, tok, ref_path, eval_seed0, "eval reference"))
+        record("eval:reference", t0)
+    evals["reference"] = [rows]
+
+    tokenized = None
+    for name, method, extra in cfg.runs():
+        evals[name] = []
+        for seed in cfg.seeds:
+            run = f"{name}-seed{seed}"
+            epath = out / "eval" / f"{run}.jsonl"
+            rows = scored_eval(epath)
+            if rows is None:
+                model0, tok = base()
+                if tokenized is None:
+                    tokenized = tokenize_preferences(tok, pairs, max_length=256, max_prompt_length=192)
+                run_dir = out / "train" / run
+                tcfg = TrainConfig(
+                    output_dir=str(run_dir), method=method, beta=cfg.beta, kldpo_variant=cfg.kldpo_variant,
+                    wdpo_impl=cfg.wdpo_impl, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps,
+                    batch_size=cfg.batch_size, max_length=256, max_prompt_length=192, precision="fp32",
+                    lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                    lora_target_modules=cfg.lora_target_modules, reference="precompute",
+                    checkpoint_every=cfg.checkpoint_every, keep_checkpoints=2, seed=seed,
+                    progress=cfg.progress, model_spec=cfg.model, **extra,
+                )
+                t0 = time.perf_counter()
+                was_done = _train_done(run_dir, cfg.steps)
+                trainer = Trainer(tcfg, copy.deepcopy(model0), tok, tokenized, device=torch.device("cpu"))
+                res = trainer.fit(resume_from="auto")
+                if res.interrupted:
+                    raise KeyboardInterrupt
+                if not was_done:
+                    record(f"train:{run}", t0)
+                    log(f"trained {run}: steps {res.start_step}->{res.final_step}, last loss "
+                        f"{res.losses[-1] if res.losses else float('nan'):.4f}")
+                t0 = time.perf_counter()
+                policy = trainer.base.eval()
+                rows = finish_eval(epath, eval_policy(policy, tok, epath, seed, f"eval {run}"))
+                record(f"eval:{run}", t0)
+                del trainer, policy
+            evals[name].append(rows)
+
+    # 6. summary, table, figure
+    policies = summarize(evals, cfg.objectives, norm, cfg.alphas, [p.id for p in test_prompts], cfg.n_boot)
+    summary = {
+        "model": cfg.model, "objectives": list(cfg.objectives), "alpha0": cfg.alpha0, "alphas": list(cfg.alphas),
+        "normalizer": norm.to_json(), "n_train_prompts": len(train_prompts), "n_pairs": len(pairs),
+        "n_test_prompts": len(test_prompts), "eval_samples": cfg.eval_samples, "seeds": list(cfg.seeds),
+        "policies": policies, "timings_s": timings,
+        "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
+                    "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "config": cfg.to_json(),
+    }
+    _write_json(out / "results.json", summary)
+    import csv
+
+    with (out / "results.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["policy", "alpha", "mean", "lo", "hi", "diff_vs_dpo", "diff_lo", "diff_hi"])
+        for name, e in policies.items():
+            for i, a in enumerate(cfg.alphas):
+                d = e["diff"]
+                w.writerow([name, a, e["mean"][i], e["lo"][i], e["hi"][i]] +
+                           ([d["mean"][i], d["lo"][i], d["hi"][i]] if d else ["", "", ""]))
+    a0 = summary["alpha0"]
+    shown = [a for a in cfg.alphas if any(abs(a - t) < 1e-9 for t in TABLE_ALPHAS + (a0,))]
+    table = markdown_table(summary, shown if len(cfg.alphas) > 6 and len(shown) >= 5 else None)
+    (out / "results.md").write_text(table, encoding="utf-8")
+    fig_path = Path(cfg.figure) if cfg.figure else out / "llm_shift.png"
+    plot_shift(summary, fig_path)
+    if cfg.table:
+        Path(cfg.table).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.table).write_text(table, encoding="utf-8")
+    if cfg.json_out:
+        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
+        _write_json(Path(cfg.json_out), summary)
+    return ShiftResult(summary, out, stages_run, time.perf_counter() - t_start)

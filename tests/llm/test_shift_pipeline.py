@@ -1,0 +1,163 @@
+"""End-to-end ``drdpo llm-shift --quick`` (tiny random model) and the pipeline's pieces."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("vaderSentiment")
+
+from drdpo_theory.cli import main  # noqa: E402
+from drdpo_theory.llm.shift import pipeline as PL  # noqa: E402
+from drdpo_theory.llm.shift.rewards import mixture_reward  # noqa: E402
+
+pytestmark = pytest.mark.llm
+
+ATOL = 1e-12
+
+
+def _samples(texts_by_prompt):
+    rows = []
+    for pid, texts in texts_by_prompt.items():
+        for k, t in enumerate(texts):
+            rows.append({"prompt_id": pid, "sample": k, "prompt": f"p{pid}", "completion": t})
+    return rows
+
+
+def test_build_pairs_top_vs_bottom_and_ties():
+    rows = _samples({0: ["a", "b", "c"], 1: ["x", "y", "z"], 2: ["u", "v", "w"]})
+    z = np.array([[1, 0], [3, 0], [2, 0], [0, 1], [0, 5], [0, 2], [1, 1], [1, 1], [1, 1]], dtype=float)
+    # alpha0 = 1: only z_1 counts; prompts 1 and 2 tie and are dropped
+    pairs, dropped = PL.build_pairs(rows, z, alpha0=1.0)
+    assert dropped == 2 and [p["prompt_id"] for p in pairs] == [0]
+    assert pairs[0]["chosen"][0]["content"] == "b" and pairs[0]["rejected"][0]["content"] == "a"
+    # alpha0 = 0: only z_2 counts; prompts 0 and 2 tie
+    pairs, dropped = PL.build_pairs(rows, z, alpha0=0.0)
+    assert [p["prompt_id"] for p in pairs] == [1] and dropped == 2
+    assert pairs[0]["chosen"][0]["content"] == "y" and pairs[0]["rejected"][0]["content"] == "x"
+    assert_allclose(pairs[0]["chosen_reward"], mixture_reward(z[4:5], 0.0)[0], atol=ATOL)
+    pairs, dropped = PL.build_pairs(rows, z, alpha0=0.0, keep_ties=True)
+    assert dropped == 0 and pairs[2]["chosen"][0]["content"] == "u" and pairs[2]["rejected"][0]["content"] == "w"
+    assert set(pairs[0]) >= {"prompt", "chosen", "rejected"} and pairs[0]["prompt"][0]["role"] == "user"
+    sys_pairs, _ = PL.build_pairs(rows, z, alpha0=0.0, system="Be brief.")
+    assert sys_pairs[0]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "p1"}]
+
+
+def test_bootstrap_interval_brackets_mean_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    small = rng.normal(size=(20, 2))
+    big = rng.normal(size=(2000, 2))
+    m, lo, hi = PL.bootstrap_mean_ci(small, 500)
+    assert_allclose(m, small.mean(0), atol=ATOL)
+    assert np.all(lo < m) and np.all(m < hi)
+    _, lo2, hi2 = PL.bootstrap_mean_ci(big, 500)
+    assert np.all(hi2 - lo2 < hi - lo)
+    # ~ 2 * 1.96 / sqrt(n) for unit variance
+    assert_allclose(hi2 - lo2, 2 * 1.96 / np.sqrt(2000), rtol=0.25)
+    const = np.ones((10, 1))
+    assert PL.bootstrap_mean_ci(const, 50)[1][0] == PL.bootstrap_mean_ci(const, 50)[2][0] == 1.0
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="objectives"):
+        PL.ShiftConfig(objectives=("positivity", "positivity"))
+    with pytest.raises(ValueError, match="alpha0"):
+        PL.ShiftConfig(alpha0=1.5)
+    with pytest.raises(ValueError, match="k must"):
+        PL.ShiftConfig(k=1)
+    with pytest.raises(ValueError, match="methods"):
+        PL.ShiftConfig(methods=("robust",))
+    cfg = PL.ShiftConfig(taus=(0.1, 1.0), rho0s=(0.5,))
+    assert [r[0] for r in cfg.runs()] == ["dpo", "kldpo-tau0.1", "kldpo-tau1", "wdpo-rho0.5"]
+
+
+def _mtimes(out):
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+
+
+def test_quick_end_to_end_and_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    fig = tmp_path / "fig" / "llm_shift.png"
+    argv = ["llm-shift", "--quick", "--out", str(out), "--figure", str(fig), "--no-progress", "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    names = {"reference", "dpo", "kldpo-tau0.1", "wdpo-rho0.005"}
+    assert set(res["methods"]) == names
+    assert len(res["alphas"]) >= 5 and res["alpha0"] == 0.5
+    stages = set(res["stages_run"])
+    assert {"sample", "score", "pairs", "eval:reference"} <= stages
+    assert {f"train:{n}-seed0" for n in names - {"reference"}} <= stages
+    for name, e in res["methods"].items():
+        assert len(e["mean"]) == len(res["alphas"])
+        assert all(lo - 1e-9 <= m <= hi + 1e-9 for m, lo, hi in zip(e["mean"], e["lo"], e["hi"]))
+        assert (e["diff_vs_dpo"] is None) == (name in ("dpo",))
+    # the cached files are consistent with each other
+    pairs = [json.loads(l) for l in (out / "pairs.jsonl").read_text().splitlines()]
+    samples = json.loads((out / "scores.json").read_text())["samples"]
+    assert len(samples) == 6 * 3 and len(pairs) == 6
+    for n in names - {"reference"}:
+        assert (out / "train" / f"{n}-seed0" / "metrics.csv").is_file()
+        ev = [json.loads(l) for l in (out / "eval" / f"{n}-seed0.scored.jsonl").read_text().splitlines()]
+        assert len(ev) == 4 and {"positivity", "calm"} <= set(ev[0]["scores"])
+    summary = json.loads((out / "results.json").read_text())
+    # the reported mean is the mean over test completions of r_alpha (one sample per prompt here)
+    ref = [json.loads(l) for l in (out / "eval" / "reference.scored.jsonl").read_text().splitlines()]
+    nm = summary["normalizer"]
+    z = np.array([[(r["scores"][o] - nm["mean"][j]) / nm["std"][j] for j, o in enumerate(summary["objectives"])] for r in ref])
+    assert_allclose(summary["policies"]["reference"]["mean"], mixture_reward(z, np.array(summary["alphas"])).mean(0), atol=1e-9)
+    assert fig.is_file() and fig.with_suffix(".pdf").is_file()
+    assert "alpha=0.5 (train)" in (out / "results.md").read_text()
+
+    # rerun: every stage is cached; nothing but the summary files is rewritten
+    before = _mtimes(out)
+    assert main(argv) == 0
+    res2 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res2["stages_run"] == []
+    assert res2["methods"] == res["methods"]
+    after = _mtimes(out)
+    summary_files = {"results.json", "results.csv", "results.md", "config.json"}
+    changed = {k for k in before if before[k] != after.get(k)}
+    assert changed <= summary_files
+
+    # a lost eval file of one method is recomputed from its finished checkpoint (no retraining)
+    os.remove(out / "eval" / "dpo-seed0.scored.jsonl")
+    os.remove(out / "eval" / "dpo-seed0.jsonl")
+    assert main(argv) == 0
+    res3 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res3["stages_run"] == ["eval:dpo-seed0"]
+    assert res3["methods"]["dpo"] == res["methods"]["dpo"]  # seeded sampling: same completions
+
+    # adding a run (another tau) reuses every cached stage and trains only the new run
+    assert main(argv + ["--tau", "0.1,1"]) == 0
+    res4 = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res4["stages_run"] == ["train:kldpo-tau1-seed0", "eval:kldpo-tau1-seed0"]
+    assert set(res4["methods"]) == names | {"kldpo-tau1"}
+    assert res4["methods"]["kldpo-tau0.1"] == res["methods"]["kldpo-tau0.1"]
+
+    # other settings into the same directory are refused with exit code 2
+    assert main(["llm-shift", "--quick", "--out", str(out), "--alpha0", "0.3", "--no-progress"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_sampling_resumes_inside_the_stage(tmp_path):
+    from drdpo_theory.llm.models import load_model
+    from drdpo_theory.llm.shift.prompts import load_prompts
+
+    model, tok = load_model("tiny-random")
+    prompts = load_prompts("train", 5)
+    kw = dict(max_new_tokens=4, temperature=1.0, gen_batch=4, seed=3, desc="t", progress=False)
+    full = PL.generate_completions(model, tok, prompts, 2, tmp_path / "a.jsonl", **kw)
+    assert len(full) == 10
+    lines = (tmp_path / "a.jsonl").read_text().splitlines()
+    # simulate a crash after the first chunk (2 prompts) plus a cut line
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:10])
+    resumed = PL.generate_completions(model, tok, prompts, 2, tmp_path / "b.jsonl", **kw)
+    key = lambda r: (r["prompt_id"], r["sample"])  # noqa: E731
+    assert sorted(resumed, key=key) == sorted(full, key=key)
+
