@@ -11,36 +11,10 @@ object ``{"model", "alpha0", "alphas", "objectives", "methods": {name: {"mean", 
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 
+from ._args import ints as _ints, names as _names, number as _float, numbers as _floats
 from ..cli import EXIT_OK, CLIError
-
-
-def _float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if math.isnan(v):
-        raise argparse.ArgumentTypeError("NaN is not allowed")
-    return v
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(_float(t) for t in text.split(",") if t.strip())
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
 def register(sub) -> None:
