@@ -903,12 +903,7 @@ def solve_wdpo_finite(
 
     eps, kappa, p = _check_all(data, beta, radius, eps, kappa, p)
     with Timer() as tm:
-        if support is None:
-            support = FiniteSupport.from_data(data, flips=not math.isinf(kappa))
-        if support.d != data.d:
-            raise ValueError(f"support has d={support.d} but data has d={data.d}")
-        q = support.histogram(data)
-        rows = np.flatnonzero(q > 0)
+        support, q, rows = _finite_setup(None, data, beta, p, kappa, support)
         rq = q[rows]
         e = eps**p
         tr = data.theta_ref
