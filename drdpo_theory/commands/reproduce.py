@@ -120,8 +120,34 @@ def report(summaries: dict[str, dict], quick_figures: bool = True) -> str:
             shown = fig
         else:
             shown = fig.replace("figures/", "figures/quick/", 1)
-        lines.append(f"* {name}\n    paper says : {claim}\n    we measured: {_summarise(s)}\n    figure     : {shown}")
+        measured = _headline(name, s) or _summarise(s)
+        lines.append(f"* {name}\n    paper says : {claim}\n    we measured: {measured}\n    figure     : {shown}")
     return "\n".join(lines)
+
+
+def _headline(name: str, s: dict) -> str | None:
+    """The few numbers each study's claim rests on (None: fall back to the generic summary)."""
+    try:
+        if name == "sample-complexity":
+            parts = []
+            for method, v in s.items():
+                if isinstance(v, dict) and "slope" in v:
+                    lo, hi = v["slope_ci"]
+                    bound = "bound holds" if v.get("bound_holds") else "BOUND VIOLATED"
+                    if v.get("bound_vacuous_at_all_n"):
+                        bound += " (vacuous)"
+                    parts.append(f"{method} slope {v['slope']:.2f} [{lo:.2f}, {hi:.2f}], {bound}")
+            return "; ".join(parts) or None
+        if name == "shift":
+            w = s["worst_alpha_reward"]
+            return "worst-case reward over alpha: " + ", ".join(f"{k} {v:.3f}" for k, v in w.items())
+        if name == "llm-shift":
+            alphas = s["alphas"]
+            cells = [f"{m} " + "/".join(f"{x:+.2f}" for x in v["mean"]) for m, v in s["methods"].items()]
+            return f"{s['model']}, mean r_alpha at alpha = {'/'.join(f'{a:g}' for a in alphas)}: " + "; ".join(cells)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None
 
 
 def _summarise(s: dict, limit: int = 400) -> str:
