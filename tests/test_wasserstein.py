@@ -529,3 +529,14 @@ def test_cutting_planes_m2000_certified_and_timed():
         elapsed = time.perf_counter() - t0
         check_certificate(res)
         assert elapsed < 30, elapsed
+
+
+@pytest.mark.parametrize("kappa", [math.inf, 0.5])
+def test_eps_zero_finite_support_is_dpo_and_certified(kappa):
+    """Radius 0 with a metric cost (kappa > 0): the ball is {P}; native and cvxpy both give DPO."""
+    data = make_data(20, 3, seed=66, signal=2.0)
+    ref = solve_dpo_native(data, 5.0, 5.0)
+    for solver in ("native", "cvxpy"):
+        res = solve_wdpo(data, 5.0, 5.0, 0.0, kappa=kappa, p=2, solver=solver)
+        assert res.status == "optimal", (solver, res.duality_gap, res.solver)
+        assert_allclose(res.objective, ref.objective, rtol=1e-7)

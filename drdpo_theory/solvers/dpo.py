@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..data import PreferenceData
-from ._common import Timer, ball_fw_gap, check_common, curvature_floor, solve_cvxpy, weighted_grad_hess, weighted_loss, single_blas_thread
+from ._common import Timer, check_common, weighted_min_lower_bound, solve_cvxpy, weighted_grad_hess, weighted_loss, single_blas_thread
 from ._newton import newton_ball
 from .result import FAILED, SolverError, SolverResult, status_from_gap
 
@@ -25,7 +25,9 @@ def dpo_gradient(theta, data: PreferenceData, beta: float) -> np.ndarray:
 
 def _result(theta, data, beta, radius, solver, seconds, info) -> SolverResult:
     obj = weighted_loss(theta, data, beta)
-    gap = ball_fw_gap(dpo_gradient(theta, data, beta), theta, radius, curvature_floor(data, beta, radius))
+    # certified lower bound on the optimum: the quadratic minorant at theta, refined by a Newton
+    # solve from theta when that is loose (first order in theta's error when mu ~ 0, large beta B)
+    gap = max(0.0, obj - weighted_min_lower_bound(data, beta, radius, data.weights, theta))
     return SolverResult(
         method="dpo", theta=theta, objective=obj, lower_bound=obj - gap, duality_gap=gap, lam=None,
         weights=data.weights.copy(), status=status_from_gap(gap), solver=solver, seconds=seconds, info=info,

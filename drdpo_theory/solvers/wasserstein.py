@@ -52,6 +52,7 @@ from ._common import (
     single_blas_thread,
     Timer,
     ball_fw_gap,
+    weighted_min_lower_bound,
     check_common,
     check_radius,
     curvature_floor,
@@ -696,14 +697,11 @@ def _lower_bound_plan(theta, support, theta_ref, beta, radius, weights):
     """Lower bound on the finite-support optimum from the column sums ``weights`` of a feasible plan.
 
     ``L_W(t) >= sum_k weights_k l(z_k; t) =: h(t)`` for every ``t``, and ``min h >= h(theta) -
-    ball_fw_gap(grad h(theta), theta, B, mu_h)`` with ``mu_h`` the curvature floor of ``h``.
+    ball_fw_gap(grad h(theta), theta, B, mu_h)`` with ``mu_h`` the curvature floor of ``h``, refined
+    by solving ``min h`` with Newton when that bound is loose (``_common.weighted_min_lower_bound``).
     """
     sdata = PreferenceData(support.x, support.y, None, theta_ref)
-    wts = np.maximum(np.asarray(weights, float), 0.0)
-    h = float(wts @ dpo_loss(theta, support.x, support.y, beta, theta_ref))
-    g = wts @ dpo_grad(theta, support.x, support.y, beta, theta_ref)
-    mu = curvature_floor(sdata, beta, radius, weights=wts)
-    return h - ball_fw_gap(g, theta, radius, mu)
+    return weighted_min_lower_bound(sdata, beta, radius, weights, theta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1037,6 +1035,15 @@ def solve_wdpo(
     eps, kappa, p = _check_all(data, beta, radius, eps, kappa, p)
     if solver not in ("native", "cvxpy"):
         raise ValueError(f"unknown solver {solver!r}; expected 'native' or 'cvxpy'")
+    if eps == 0 and kappa > 0 and solver == "native" and not (p == 1 and support is None):
+        # the cost is a metric when kappa > 0, so the ball of radius 0 is {P}: WDPO is DPO exactly
+        from dataclasses import replace
+
+        from .dpo import solve_dpo_native
+
+        res = solve_dpo_native(data, beta, radius)
+        return replace(res, method="wdpo", info={**res.info, "kappa": kappa, "p": p,
+                                                  "note": "eps = 0 with kappa > 0: the Wasserstein ball is {P}, so WDPO = DPO"})
     if p == 1 and support is None:
         if solver == "native" and math.isinf(kappa):
             return solve_wdpo_continuous_native(data, beta, radius, eps)
