@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import pkgutil
 import sys
 
@@ -22,6 +23,15 @@ EXIT_OK, EXIT_USAGE, EXIT_SOLVER, EXIT_INTERRUPT = 0, 2, 3, 130
 
 class CLIError(Exception):
     """A user error: printed as one line to stderr, exit code 2."""
+
+
+def emit_summary(summary: dict, as_json: bool, width: int = 40) -> None:
+    """Print a study summary: one JSON line (``--json``), or one ``key value`` line per entry."""
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        for k, v in summary.items():
+            print(f"{k:{width}s} {v}")
 
 
 def build_parser() -> argparse.ArgumentParser:

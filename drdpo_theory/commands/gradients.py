@@ -11,11 +11,10 @@ collapse radii instead (:func:`drdpo_theory.calibration.calibrate`).
 
 from __future__ import annotations
 
-import json
 import time
 
 from ._args import number as _float
-from ..cli import EXIT_OK, CLIError
+from ..cli import EXIT_OK, CLIError, emit_summary
 
 
 def register(sub) -> None:
@@ -63,11 +62,7 @@ def _calibrate(args) -> int:
         out = calibrate(data, args.beta, args.radius, rho=args.rho, eps=args.eps, theta=theta, space=args.space)
     except (DataError, ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from None
-    if args.json:
-        print(json.dumps(out))
-    else:
-        for k, v in out.items():
-            print(f"{k:14s} {v}")
+    emit_summary(out, args.json, width=14)
     return EXIT_OK
 
 
@@ -87,9 +82,5 @@ def run(args) -> int:
     summary["seconds"] = time.perf_counter() - t0
     summary["quick"] = bool(args.quick)
     summary["config_key"] = cfg.key()
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        for k, v in summary.items():
-            print(f"{k:40s} {v}")
+    emit_summary(summary, args.json)
     return EXIT_OK
