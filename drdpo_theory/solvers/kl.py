@@ -35,7 +35,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..data import PreferenceData
 from ..losses import dpo_grad, dpo_loss, signed_labels
-from ._common import CONIC_ATTEMPTS, Timer, ball_fw_gap, weighted_min_lower_bound, check_common, check_radius, curvature_floor, solve_cvxpy, single_blas_thread
+from ._common import CONIC_ATTEMPTS, Timer, weighted_min_lower_bound, check_common, check_radius, solve_cvxpy, single_blas_thread
 from ._newton import _subproblem, newton_ball
 from .result import FAILED, INACCURATE, SolverError, SolverResult, status_from_gap
 
@@ -627,11 +627,10 @@ def _certificate(theta, data: PreferenceData, beta: float, radius: float, rho: f
     For each KL-feasible ``q`` (the worst case at ``theta``, plus ``extra_q``, e.g. conic duals),
     ``f_q = E_q l`` is convex and ``min_Theta f_q <= L*``; its quadratic minorant on the ball
     (strong convexity ``mu = curvature_floor(weights=q)``) gives
-    ``Lb = f_q(theta) - ball_fw_gap(grad f_q(theta), theta, B, mu) <= min_Theta f_q``; when that is
-    looser than 1e-8, ``min_Theta f_q`` is solved by Newton (``_common.weighted_min_lower_bound``).
+    ``Lb = f_q(theta) - ball_fw_gap(grad f_q(theta), theta, B, mu) <= min_Theta f_q``, refined by a
+    Newton solve of ``min_Theta f_q`` when looser than 1e-8 (``_common.weighted_min_lower_bound``).
     """
     l = _losses(theta, data, beta)
-    G = dpo_grad(theta, data.x, data.y, beta, data.theta_ref)
     inner = kl_inner(l, data.weights, rho, lam_hint=lam_hint)
     upper = min(inner.value, upper_extra)
     best_lb, best_q = -math.inf, inner.q
@@ -639,10 +638,7 @@ def _certificate(theta, data: PreferenceData, beta: float, radius: float, rho: f
         if cand is None:
             continue
         q = _make_feasible(np.asarray(cand, float), data.weights, rho)
-        mu = curvature_floor(data, beta, radius, weights=q)
-        lb = float(q @ l) - ball_fw_gap(q @ G, theta, radius, mu)
-        if upper - lb > 1e-8:  # loose (e.g. mu ~ 0 at large beta B): solve min_Theta E_q l exactly
-            lb = max(lb, weighted_min_lower_bound(data, beta, radius, q, theta))
+        lb = weighted_min_lower_bound(data, beta, radius, q, theta)
         if lb > best_lb:
             best_lb, best_q = lb, q
     lower = min(best_lb, upper)

@@ -521,7 +521,9 @@ def _solve_pl_dual(env: _RowEnvelope, e: float, max_iter: int = 500):
     return best[0], best[1], max_iter
 
 
-def _finite_setup(theta, data, beta, p, kappa, support):
+def _finite_setup(data, kappa, support):
+    """The support (default: the data's distinct tuples, plus label flips when kappa is finite),
+    the data histogram ``q`` on it and the rows with mass."""
     if support is None:
         support = FiniteSupport.from_data(data, flips=not math.isinf(kappa))
     if support.d != data.d:
@@ -582,7 +584,7 @@ def wdpo_inner_finite(
     """
     eps, kappa = _check_eps_kappa(eps, kappa)
     p = _check_p(p)
-    support, q, rows = _finite_setup(theta, data, beta, p, kappa, support)
+    support, q, rows = _finite_setup(data, kappa, support)
     losses = dpo_loss(theta, support.x, support.y, beta, data.theta_ref)
     return _inner_finite_core(losses, q, rows, _CostRows(support.cost(rows, p, kappa)), eps**p, support)
 
@@ -901,7 +903,7 @@ def solve_wdpo_finite(
 
     eps, kappa, p = _check_all(data, beta, radius, eps, kappa, p)
     with Timer() as tm:
-        support, q, rows = _finite_setup(None, data, beta, p, kappa, support)
+        support, q, rows = _finite_setup(data, kappa, support)
         rq = q[rows]
         e = eps**p
         tr = data.theta_ref
