@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-    from drdpo_theory.llm.trainer import _rank
+    from drdpo_theory.llm.distributed import rank as _rank
 
     if result.interrupted:
         print(f"{PROG}: interrupted at step {result.final_step}; checkpoint: {result.checkpoint}", file=sys.stderr)

@@ -38,6 +38,7 @@ while saving never leaves a half-written ``step-*`` directory.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import dataclasses
@@ -55,6 +56,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from drdpo_theory.llm.distributed import all_reduce_sum_detached, rank, world_size
 from drdpo_theory.llm.data import PreferenceCollator, TokenizedPair, fingerprint_pairs
 
 __all__ = [
@@ -250,25 +252,9 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return steps[-1] if steps else None
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _barrier() -> None:
-    if _world() > 1:
+    if world_size() > 1:
         dist.barrier()
-
-
-def _all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
-    if _world() > 1:
-        values = values.clone()
-        dist.all_reduce(values)
-        values /= _world()
-    return values
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -304,7 +290,7 @@ class Trainer:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.pairs = list(pairs)
-        self.rank, self.world = _rank(), _world()
+        self.rank, self.world = rank(), world_size()
         if len(self.pairs) < cfg.batch_size * self.world:
             raise ValueError(
                 f"{len(self.pairs)} pairs cannot fill one batch of batch_size={cfg.batch_size} "
@@ -446,7 +432,7 @@ class Trainer:
             batch = self.collate([self.pairs[i] for i in idx])
             inputs = {k: v.to(self.device) for k, v in batch.items() if k != "index"}
             with torch.no_grad(), self._autocast():
-                ctx = self.base.disable_adapter() if self.cfg.lora else _nullcontext()
+                ctx = self.base.disable_adapter() if self.cfg.lora else contextlib.nullcontext()
                 with ctx:
                     c, r = concatenated_logps(self.base, inputs)
             chosen[idx] = c.double()
@@ -647,7 +633,7 @@ class Trainer:
             ref_c, ref_r = self._reference_logps(batch)
             inputs = {k: v for k, v in batch.items() if k != "index"}
             last = micro == cfg.grad_accum - 1
-            sync = self.model.no_sync() if (self.world > 1 and not last) else _nullcontext()
+            sync = self.model.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
             with sync:
                 # forward(s) under autocast; preference_backward runs its backward(s) outside it
                 with self._autocast():
@@ -669,7 +655,7 @@ class Trainer:
         self._rng_snapshot = self._rng_state()
         names = sorted(sums)
         vals = torch.tensor([loss_sum] + [sums[k] for k in names], dtype=torch.float64, device=self.device)
-        vals = _all_reduce_mean(vals) / cfg.grad_accum
+        vals = all_reduce_sum_detached(vals) / (self.world * cfg.grad_accum)  # mean over ranks and micro-batches
         row: dict[str, Any] = {
             "step": self.step,
             "epoch": round(self.consumed / self.batches_per_epoch, 4),
@@ -733,14 +719,6 @@ class Trainer:
                 self._tb.close()
                 self._tb = None
         return TrainResult(losses, rows, start, self.step, self.last_checkpoint, interrupted)
-
-
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return False
 
 
 def train(
