@@ -31,6 +31,7 @@ import pandas as pd
 
 from .. import bounds as bd
 from ..data import PreferenceData
+from ..io import write_csv, write_parquet
 from ..losses import dpo_curvature, dpo_grad, dpo_loss
 from ..model import LogLinearModel, NominalDistribution, make_model
 
@@ -573,8 +574,10 @@ def fit_slope(df: pd.DataFrame, n_boot: int = 1000, seed: int = 0, column: str =
 
     ``df``: the rows of one ``(method, radius)`` (several ``n``, several seeds). The bootstrap
     resamples seeds with replacement within each ``n`` and refits. Cells whose median is 0 (e.g.
-    both optima at ``theta_ref``) make the slope undefined: NaN.
+    both optima at ``theta_ref``) make the slope undefined: NaN. Rows are sorted by ``(n, seed)``
+    first, so the bootstrap does not depend on the order of ``df`` (e.g. on how many workers wrote it).
     """
+    df = df.sort_values([c for c in ("n", "seed") if c in df.columns], kind="stable")
     groups = [(n, g[column].to_numpy(float)) for n, g in df.groupby("n")]
     groups = [(n, v[np.isfinite(v)]) for n, v in groups]
     groups = [(n, v) for n, v in groups if len(v)]
@@ -673,7 +676,8 @@ def _num(v):
 def run_study(grid: StudyGrid, out: str | Path, n_jobs: int = 1, progress: bool = True,
               on_row=None) -> StudyResult:
     """Run (or resume) the study: sweep rows to ``out/rows.csv``, then the tables
-    ``summary.csv``, ``fits.csv``, ``bounds.csv`` (and ``rows.parquet``)."""
+    ``summary.csv``, ``fits.csv``, ``bounds.csv`` (and ``rows.parquet``), each written atomically.
+    The rows are in grid order whatever ``n_jobs`` is, so the results do not depend on it."""
     from .sweep import run_sweep
 
     t0 = time.perf_counter()
@@ -709,10 +713,10 @@ def run_study(grid: StudyGrid, out: str | Path, n_jobs: int = 1, progress: bool 
                 blist.append(bound_curve(inst.with_beta(beta), method, float(r), grid.beta_ns, grid.delta))
     bounds = pd.concat(blist, ignore_index=True).drop_duplicates(["method", "radius", "beta", "n"])
     summary, fits = analyze(rows, grid, bounds)
-    rows.to_parquet(out / "rows.parquet", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
-    fits.to_csv(out / "fits.csv", index=False)
-    bounds.to_csv(out / "bounds.csv", index=False)
+    write_parquet(rows, out / "rows.parquet")
+    write_csv(summary, out / "summary.csv")
+    write_csv(fits, out / "fits.csv")
+    write_csv(bounds, out / "bounds.csv")
     return StudyResult(rows, summary, fits, bounds, grid, out, time.perf_counter() - t0)
 
 

@@ -10,9 +10,14 @@ Usage::
   ``fsync`` per chunk), with a final ``_done`` column; a rerun reads the file, skips every cell
   whose key is already there and computes only the rest. Interrupting (Ctrl-C, a kill, an
   exception in ``on_row``) loses at most the chunks in flight; a torn last line is dropped on read.
+* The file is created atomically (header and first rows in one ``os.replace``), so it always
+  starts with a complete header; a file whose header is not a sweep table of this ``key`` (a
+  foreign ``rows.csv``) is refused with :class:`~drdpo_theory.io.OutputPathError`.
 * Progress: a tqdm bar over cells.
 
-The result is the tidy table of all finished rows (old and new), one row per cell.
+The result is the tidy table of all finished rows (old and new), one row per cell, in the order
+of ``cells`` (not the order in which workers finished), so everything computed from it (e.g. a
+bootstrap over rows) is the same for every ``n_jobs``.
 """
 
 from __future__ import annotations
@@ -20,13 +25,16 @@ from __future__ import annotations
 import csv
 import io
 import math
+import operator
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import pandas as pd
 
-__all__ = ["cell_key", "load_rows", "run_sweep", "chunked"]
+from ..io import OutputPathError, write_text
+
+__all__ = ["cell_key", "load_rows", "run_sweep", "chunked", "resolve_n_jobs"]
 
 DONE_COL = "_done"
 
@@ -49,14 +57,58 @@ def cell_key(cell: dict, key: Sequence[str]) -> tuple:
     return tuple(_norm(cell[k]) for k in key)
 
 
-def load_rows(path: str | Path) -> pd.DataFrame:
-    """All complete rows in ``path`` (empty frame if none); torn or partial lines are dropped."""
+def resolve_n_jobs(n_jobs: int, cpus: int | None = None) -> tuple[int, str | None]:
+    """``(workers, notice)``: ``n_jobs`` checked and capped at the CPU count.
+
+    ``n_jobs`` must be an integer >= 1 or -1 (all CPUs); anything else raises ``ValueError``.
+    More workers than CPUs only cost memory and semaphores, so the value is capped at ``cpus``
+    (default: the CPUs this process may use); ``notice`` is a one-line message when it was capped.
+    """
+    try:
+        ok = not isinstance(n_jobs, bool) and operator.index(n_jobs) == n_jobs
+    except TypeError:
+        ok = False
+    if not ok or n_jobs == 0 or n_jobs < -1:
+        raise ValueError(f"--n-jobs must be an integer >= 1, or -1 for all CPUs; got {n_jobs!r}")
+    n_jobs = int(n_jobs)
+    if cpus is None:
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 1
+    cpus = max(1, int(cpus))
+    if n_jobs == -1:
+        return cpus, None
+    if n_jobs > cpus:
+        return cpus, f"--n-jobs {n_jobs} is more than the {cpus} CPUs available; using {cpus}"
+    return n_jobs, None
+
+
+def _header(path: Path) -> list[str] | None:
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        first = f.readline()
+    return next(csv.reader([first])) if first.strip() else None
+
+
+def _check_header(path: Path, header: list[str] | None, key: Sequence[str] = ()) -> None:
+    missing = [] if header is None else [k for k in key if k not in header]
+    if header is None or DONE_COL not in header or missing:
+        what = f"lacks the key column(s) {missing}" if header and DONE_COL in header else \
+            f"is not a sweep table (no '{DONE_COL}' column in its header)"
+        raise OutputPathError(f"{path} {what}; it was not written by this study: move it away or use another --out")
+
+
+def load_rows(path: str | Path, key: Sequence[str] = ()) -> pd.DataFrame:
+    """All complete rows in ``path`` (empty frame if none); torn or partial lines are dropped.
+
+    A non-empty file that is not a sweep table with the ``key`` columns raises
+    :class:`~drdpo_theory.io.OutputPathError`.
+    """
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame()
+    _check_header(path, _header(path), key)
     df = pd.read_csv(path, on_bad_lines="skip", engine="python")
-    if DONE_COL not in df.columns:
-        return pd.DataFrame()
     df = df[pd.to_numeric(df[DONE_COL], errors="coerce") == 1]
     return df.drop(columns=[DONE_COL]).reset_index(drop=True)
 
@@ -77,9 +129,7 @@ class _Appender:
         self.path = path
         self.header: list[str] | None = None
         if path.exists() and path.stat().st_size > 0:
-            with open(path, newline="") as f:
-                first = f.readline()
-            self.header = next(csv.reader([first])) if first.strip() else None
+            self.header = _header(path)
 
     def append(self, rows: list[dict]) -> None:
         if not rows:
@@ -96,7 +146,9 @@ class _Appender:
                 raise ValueError(f"row has fields {missing} not in the file's header {self.header}; "
                                  f"use a new output file for a different table")
             writer.writerow(["" if r.get(k) is None else r.get(k, "") for k in self.header[:-1]] + [1])
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if new_file:  # header and first rows appear at once: the file never has a torn header
+            write_text(self.path, buf.getvalue())
+            return
         # ensure the previous content ends with a newline (a torn last line must not swallow ours)
         if not new_file and self.path.stat().st_size > 0:
             with open(self.path, "rb") as f:
@@ -128,23 +180,22 @@ def run_sweep(
     func : ``cell -> row`` (a dict; it should repeat the key fields); top-level, picklable.
     path : CSV file (created if missing). Rows of earlier runs are kept and their cells skipped.
     key : the fields that identify a cell.
-    n_jobs : joblib workers (1: in this process, in order; -1: all cores).
+    n_jobs : joblib workers (1: in this process, in order; -1: all cores; capped at the CPU count).
     chunk_size : cells per joblib task (rows are written per finished task).
     on_row : called with every new row after it is on disk (tests use it to interrupt).
 
     Returns
     -------
-    DataFrame of all finished rows in ``path`` restricted to the requested cells.
+    DataFrame of all finished rows in ``path`` restricted to the requested cells, one per cell
+    (the first on disk if a cell appears twice), in the order of ``cells``.
     """
     from tqdm.auto import tqdm
 
     path = Path(path)
-    done = load_rows(path)
+    n_jobs, _ = resolve_n_jobs(n_jobs)
+    done = load_rows(path, key)
     done_keys = set()
     if len(done):
-        missing = [k for k in key if k not in done.columns]
-        if missing:
-            raise ValueError(f"{path}: existing file lacks key column(s) {missing}")
         done_keys = {tuple(_norm(v) for v in row) for row in done[list(key)].itertuples(index=False)}
     seen = set()
     todo = []
@@ -174,9 +225,14 @@ def run_sweep(
                     on_row(r)
     finally:
         bar.close()
-    all_rows = load_rows(path)
+    all_rows = load_rows(path, key)
     if not len(all_rows):
         return all_rows
-    wanted = {cell_key(c, key) for c in cells}
-    mask = [tuple(_norm(v) for v in row) in wanted for row in all_rows[list(key)].itertuples(index=False)]
-    return all_rows[mask].reset_index(drop=True)
+    order: dict[tuple, int] = {}
+    for i, c in enumerate(cells):
+        order.setdefault(cell_key(c, key), i)
+    pos = pd.Series([order.get(tuple(_norm(v) for v in row), -1)
+                     for row in all_rows[list(key)].itertuples(index=False)], index=all_rows.index)
+    keep = (pos >= 0) & ~pos.duplicated(keep="first")
+    # grid order, not arrival order: workers finish in any order, results must not depend on n_jobs
+    return all_rows.loc[pos[keep].sort_values(kind="stable").index].reset_index(drop=True)
