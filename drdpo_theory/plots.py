@@ -29,11 +29,12 @@ def _plt():
 
 
 def _save(fig, figdir: Path, name: str) -> list[Path]:
-    figdir.mkdir(parents=True, exist_ok=True)
+    from .io import save_figure
+
     out = []
     for ext in ("png", "pdf"):
-        p = figdir / f"{name}.{ext}"
-        fig.savefig(p, dpi=150 if ext == "png" else None, bbox_inches="tight")
+        p = Path(figdir) / f"{name}.{ext}"
+        save_figure(fig, p, dpi=150 if ext == "png" else None, bbox_inches="tight")  # atomic
         out.append(p)
     _plt().close(fig)
     return out

@@ -16,11 +16,12 @@ __all__ = ["plot_kl_cosine_tau", "plot_kl_lam_path", "plot_value_error", "plot_s
 
 
 def _save(fig, out_dir, name) -> list[Path]:
+    from .io import save_figure
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
-    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
-    fig.savefig(paths[1], bbox_inches="tight")
+    save_figure(fig, paths[0], dpi=130, bbox_inches="tight")  # atomic: temp file + os.replace
+    save_figure(fig, paths[1], bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -38,6 +38,7 @@ import pandas as pd
 from .. import approx as A
 from ..calibration import collapse_radii, rho0_for_eps, tau_for_rho
 from ..data import PreferenceData
+from ..io import read_cell, write_cell, write_csv
 from ..model import make_model
 
 __all__ = [
@@ -562,12 +563,13 @@ TABLES: dict[str, Callable] = {
 
 def _cell(inst_seed: int, cfg: GradientStudyConfig, name: str, cache_dir: Path | None) -> pd.DataFrame:
     path = None if cache_dir is None else cache_dir / f"{name}_i{inst_seed}_{cfg.key()}.csv"
-    if path is not None and path.exists():  # resume: finished cells are not recomputed
-        return pd.read_csv(path)
+    if path is not None:  # resume: a complete cell (verified by its marker) is not recomputed
+        df = read_cell(path, columns=("instance",))
+        if df is not None:
+            return df
     df = TABLES[name](make_instance(inst_seed, cfg), cfg)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        df.to_csv(path, index=False)
+        write_cell(df, path)  # atomic CSV, then its completion marker
     return df
 
 
@@ -576,12 +578,16 @@ def run_study(cfg: GradientStudyConfig, out_dir: str | Path | None = None, n_job
     """Every table of the study, concatenated over instances.
 
     ``out_dir``: if given, each (table, instance) cell is cached in ``out_dir/cells/`` (reruns skip
-    finished cells) and the tables are written as ``out_dir/<table>.csv``. ``n_jobs``: joblib
-    processes over cells.
+    finished cells; a torn, empty or unmarked cell is recomputed) and the tables are written
+    atomically as ``out_dir/<table>.csv``. ``n_jobs``: joblib processes over cells (>= 1 or -1,
+    capped at the CPU count); the tables are in cell order for every ``n_jobs``.
     """
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
 
+    from .sweep import resolve_n_jobs
+
+    n_jobs, _ = resolve_n_jobs(n_jobs)
     out = None if out_dir is None else Path(out_dir)
     cache = None if out is None else out / "cells"
     cells = [(name, s) for name in tables for s in cfg.instances]
@@ -595,9 +601,8 @@ def run_study(cfg: GradientStudyConfig, out_dir: str | Path | None = None, n_job
         res.setdefault(name, []).append(df)
     res = {k: pd.concat(v, ignore_index=True) for k, v in res.items()}
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
         for k, v in res.items():
-            v.to_csv(out / f"{k}.csv", index=False)
+            write_csv(v, out / f"{k}.csv")
     return res
 
 

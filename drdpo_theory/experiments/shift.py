@@ -36,6 +36,7 @@ import pandas as pd
 from .. import approx as A
 from ..calibration import collapse_radii, rho0_for_eps, tau_for_rho
 from ..data import PreferenceData
+from ..io import read_cell, write_cell, write_csv
 from ..losses import dpo_loss, sigmoid
 from ..model import LogLinearModel, make_model
 from .gradients import run_sgd
@@ -254,22 +255,31 @@ def run_shift(cfg: ShiftConfig, out_dir: str | Path | None = None, n_jobs: int =
     """Tidy table: one row per (seed, method, alpha), plus the reference rows ``method="reference"``
     (``pi_{theta_alpha*}``, the KL-regularised optimal policy of ``r_alpha``, evaluated at its own alpha).
 
-    ``out_dir``: per-seed cells cached in ``out_dir/cells/`` (resume) and ``out_dir/shift.csv``.
+    ``out_dir``: per-seed cells cached in ``out_dir/cells/`` (resume; a torn, empty or unmarked
+    cell is recomputed) and ``out_dir/shift.csv`` (written atomically). ``n_jobs``: joblib
+    processes over seeds (>= 1 or -1, capped at the CPU count); rows are in seed order for every ``n_jobs``.
     """
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
 
+    from .sweep import resolve_n_jobs
+
+    n_jobs, _ = resolve_n_jobs(n_jobs)
+
     world = make_world(cfg)
     out = None if out_dir is None else Path(out_dir)
 
+    expected = len(cfg.methods) * len(cfg.alphas)  # rows of one seed's cell
+
     def cell(seed):
         path = None if out is None else out / "cells" / f"seed{seed}_{cfg.key()}.csv"
-        if path is not None and path.exists():
-            return pd.read_csv(path)
+        if path is not None:  # resume: only a complete cell (marker, hash, row count) is reused
+            df = read_cell(path, columns=("seed", "method", "alpha", "reward"))
+            if df is not None and len(df) == expected:
+                return df
         df = _seed_cell(cfg, world, seed)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            df.to_csv(path, index=False)
+            write_cell(df, path)  # atomic CSV, then its completion marker
         return df
 
     seeds = tqdm(cfg.seeds, desc="shift", disable=not progress)
@@ -284,8 +294,7 @@ def run_shift(cfg: ShiftConfig, out_dir: str | Path | None = None, n_jobs: int =
     res["alpha0"] = cfg.alpha0
     res["mixture"] = cfg.mixture
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        res.to_csv(out / "shift.csv", index=False)
+        write_csv(res, out / "shift.csv")
     return res
 
 
