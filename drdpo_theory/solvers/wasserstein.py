@@ -658,21 +658,59 @@ def _norm_model(data, beta, b, c):
     return fun, grad, grad_hess
 
 
-def _lower_bound_norm_model(theta, data, beta, radius, b, c, mu):
+def _lower_bound_norm_model(theta, data, beta, radius, b, c, mu, refine_above: float = 1e-8):
     """Certified lower bound on ``min_{||t|| <= B} F(t)`` for the model of :func:`_norm_model`.
 
     ``F`` is convex with ``F(t) >= F(s) + g.(t - s) + (mu/2)||t - s||^2`` for any subgradient ``g``
     at ``s`` (``mu`` from the loss part), so ``min F >= F(s) - ball_fw_gap(g, s, B, mu)``. Evaluated at
-    ``s = theta`` and at ``s = theta_ref`` (with the least-norm subgradient, which certifies a
-    collapsed optimum); the larger bound is returned.
+    ``s = theta`` and at ``s = theta_ref`` (with the subgradients of :func:`_subgradients_at_ref`,
+    which certify a collapsed optimum, ``theta_ref`` inside the ball or on its sphere); when the
+    bound is looser than ``refine_above``, ``F`` is minimised by Newton from ``theta`` and bounded at
+    that point too. The largest bound is returned.
     """
-    fun, grad, _ = _norm_model(data, beta, b, c)
+    fun, grad, grad_hess = _norm_model(data, beta, b, c)
+    tr = data.theta_ref
+    theta = np.asarray(theta, float)
     best = -math.inf
-    for s in (np.asarray(theta, float), data.theta_ref):
-        if np.linalg.norm(s) > radius * (1 + 1e-12):
-            continue
-        best = max(best, fun(s) - ball_fw_gap(grad(s), s, radius, mu))
+    if np.linalg.norm(theta) <= radius * (1 + 1e-12):
+        best = fun(theta) - ball_fw_gap(grad(theta), theta, radius, mu)
+    if np.linalg.norm(tr) <= radius * (1 + 1e-12):
+        g0 = weighted_grad_hess(tr, data, beta)[0] + b
+        f_ref = fun(tr)
+        for g in _subgradients_at_ref(g0, c, tr, radius):
+            best = max(best, f_ref - ball_fw_gap(g, tr, radius, mu))
+    if fun(theta) - best > refine_above and np.linalg.norm(theta - tr) > 0:
+        # loose (theta not yet the minimiser of this model, or mu ~ 0): minimise the model itself by
+        # Newton from theta, keeping away from theta_ref where it is not smooth, and bound there
+        rmin = 1e-14 * max(1.0, radius)
+
+        def guarded(v):
+            return math.inf if np.linalg.norm(v - tr) <= rmin else fun(v)
+
+        res = newton_ball(guarded, grad_hess, theta, data.d, radius, max_iter=100, tol=1e-15)
+        if np.isfinite(res.f):
+            best = max(best, res.f - ball_fw_gap(grad(res.v), res.v, radius, mu))
     return best
+
+
+def _subgradients_at_ref(g0, c, theta_ref, radius):
+    """Subgradients ``g0 + c v`` (``||v|| <= 1``) of the norm model at ``theta_ref`` to certify with.
+
+    The least-norm one certifies a collapsed optimum with ``theta_ref`` inside the ball. With
+    ``theta_ref`` on the sphere the ball's normal cone ``{eta theta_ref, eta >= 0}`` also enters the
+    optimality condition: the subgradient aligned with ``-eta theta_ref`` (``eta`` minimising
+    ``||g0 + eta theta_ref||``) has Frank-Wolfe gap ``eta ||theta_ref|| (B - ||theta_ref||) = 0``,
+    so it certifies ``theta_ref`` whenever ``min_eta ||g0 + eta theta_ref|| <= c``
+    (docs/theory_wasserstein.md, section 2).
+    """
+    out = [_add_norm_term(g0, np.zeros_like(g0), c)]
+    nref = float(np.linalg.norm(theta_ref))
+    if nref > 0 and nref >= radius * (1 - 1e-9):
+        eta = max(0.0, -float(g0 @ theta_ref) / nref**2)
+        r = g0 + eta * theta_ref  # the part of g0 the normal cone cannot absorb
+        nr = float(np.linalg.norm(r))
+        out.append(-eta * theta_ref if nr <= c else g0 - c * r / nr)
+    return out
 
 
 def _lower_bound_continuous(theta, data, beta, radius, eps, kappa, alpha, mu):
@@ -717,8 +755,12 @@ def _check_all(data, beta, radius, eps, kappa, p=1):
     return eps, kappa, _check_p(p)
 
 
-def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, info, alpha_candidates=()):
-    """Exact value, certificate and worst case at ``theta`` (``alpha_candidates``: flip fractions, (n,))."""
+def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, info, alpha_candidates=(),
+                       snap=True):
+    """Exact value, certificate and worst case at ``theta`` (``alpha_candidates``: flip fractions, (n,)).
+
+    ``snap``: a ``theta`` within ``1e-6 B`` of ``theta_ref`` is also certified at ``theta_ref`` itself,
+    and the better certificate is returned."""
     theta = np.asarray(theta, float)
     nt = np.linalg.norm(theta)
     if nt > radius:
@@ -730,9 +772,9 @@ def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, i
         lb = max(lb, _lower_bound_continuous(theta, data, beta, radius, eps, kappa, alpha, mu))
     gap = max(0.0, inner.value - lb)
     near_ref = 0 < np.linalg.norm(theta - data.theta_ref) <= 1e-6 * max(1.0, radius)
-    if near_ref and gap > 0:  # a solver's collapsed solution is theta_ref up to its tolerance: snap if better
+    if snap and near_ref and gap > 0:  # a solver's collapsed solution is theta_ref up to its tolerance
         snapped = _continuous_result(data.theta_ref, data, beta, radius, eps, kappa, solver, seconds, info,
-                                     alpha_candidates)
+                                     alpha_candidates, snap=False)
         if snapped.duality_gap <= gap:
             snapped.info["snapped_to_theta_ref"] = True
             return snapped
