@@ -33,3 +33,64 @@ def ints(text: str) -> tuple[int, ...]:
 def names(text: str) -> tuple[str, ...]:
     """Comma-separated names."""
     return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def n_jobs(value: int) -> int:
+    """``--n-jobs`` checked (>= 1 or -1, else exit 2) and capped at the CPU count (one-line notice on stderr)."""
+    import sys
+
+    from ..cli import CLIError
+    from ..experiments.sweep import resolve_n_jobs
+
+    try:
+        workers, notice = resolve_n_jobs(value)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+    if notice:
+        print(f"note: {notice}", file=sys.stderr)
+    return workers
+
+
+def output_dir(path, flag: str):
+    """``path`` as a writable output folder (:func:`drdpo_theory.io.check_output_dir`), else exit 2."""
+    from ..cli import CLIError
+    from ..io import OutputPathError, check_output_dir
+
+    try:
+        return check_output_dir(path, flag)
+    except OutputPathError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def output_file(path, flag: str):
+    """``path`` as a writable output file (:func:`drdpo_theory.io.check_output_file`), else exit 2."""
+    from ..cli import CLIError
+    from ..io import OutputPathError, check_output_file
+
+    try:
+        return check_output_file(path, flag)
+    except OutputPathError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def claim_output_dir(path, study: str, flag: str = "--out"):
+    """Mark ``path`` as ``study``'s folder (:func:`drdpo_theory.io.claim_output_dir`); another study's folder: exit 2."""
+    from ..cli import CLIError
+    from ..io import OutputPathError, claim_output_dir as _claim
+
+    try:
+        return _claim(path, study, flag)
+    except OutputPathError as exc:
+        raise CLIError(str(exc)) from None
+
+
+def quick_figures(out_given: str | None, figures: str | None, quick: bool, default_full: str = "figures") -> str:
+    """Figure folder: ``figures`` if given; else for a quick run ``OUT/figures`` (with ``--out``) or
+    ``figures/quick`` (not committed), so a quick run never overwrites the committed full-run figures."""
+    import os
+
+    if figures is not None:
+        return figures
+    if not quick:
+        return default_full
+    return os.path.join(out_given, "figures") if out_given else os.path.join("figures", "quick")

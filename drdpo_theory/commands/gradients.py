@@ -2,7 +2,8 @@
 
 Contract: ``drdpo gradients [--quick] [--json] [--out DIR] [--figures DIR] [--jobs N]`` runs the
 study of :mod:`drdpo_theory.experiments.gradients` (tables to ``results/gradients/``, figures to
-``figures/``); with ``--json`` the last stdout line is one JSON object with ``cos_at_lam_star``,
+``figures/``; with ``--quick``: tables to ``results/gradients_quick/``, figures to ``OUT/figures/``
+with ``--out``, else ``figures/quick/``, never over the committed full-run figures); with ``--json`` the last stdout line is one JSON object with ``cos_at_lam_star``,
 ``first_order_slope``, ``sgd_endpoint_error`` (per estimator) and the other headline numbers.
 ``drdpo gradients --calibrate --data FILE.npz --beta BETA --radius B [--rho RHO] [--eps EPS]
 [--space {z,x}] [--theta T1,T2,...] [--json]`` prints the calibration of tau / rho0 and the
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import time
 
-from ._args import number as _float
+from ._args import claim_output_dir as _claim, n_jobs as _n_jobs, number as _float, output_dir as _output_dir
+from ._args import quick_figures as _quick_figures
 from ..cli import EXIT_OK, CLIError, emit_summary
 
 
@@ -27,9 +29,13 @@ def register(sub) -> None:
     size.add_argument("--quick", action="store_true", help="small grid (< 3 minutes on 2 cores)")
     size.add_argument("--full", action="store_true", help="the full grid (the default; accepted for `drdpo reproduce --full`)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line of stdout)")
-    p.add_argument("--out", default="results/gradients", help="directory of the result CSVs (default results/gradients)")
-    p.add_argument("--figures", default="figures", help="directory of the figures (default figures; '' = none)")
-    p.add_argument("--n-jobs", "--jobs", dest="jobs", type=int, default=1, help="joblib processes (default 1)")
+    p.add_argument("--out", default=None,
+                   help="directory of the result CSVs (default results/gradients, results/gradients_quick with --quick)")
+    p.add_argument("--figures", default=None,
+                   help="directory of the figures (default figures; with --quick OUT/figures if --out is given, "
+                        "else figures/quick; '' = none)")
+    p.add_argument("--n-jobs", "--jobs", dest="jobs", type=int, default=1,
+                   help="joblib processes (default 1; -1: all cores; capped at the CPU count)")
     g = p.add_argument_group("calibration (with --calibrate)")
     g.add_argument("--calibrate", action="store_true", help="calibrate tau and rho0 on --data instead of the study")
     g.add_argument("--data", metavar="FILE.npz", help="data: x (n,d), y (n,), [theta_ref (d,)], [weights (n,)]")
@@ -71,14 +77,23 @@ def run(args) -> int:
         return _calibrate(args)
     from ..experiments.gradients import GradientStudyConfig, run_study, summarize
 
+    n_jobs = _n_jobs(args.jobs)
+    out = args.out if args.out is not None else ("results/gradients_quick" if args.quick else "results/gradients")
+    figures = _quick_figures(args.out or None, args.figures, args.quick)
+    if out:
+        _output_dir(out, "--out")
+    if figures:
+        _output_dir(figures, "--figures")
+    if out:
+        _claim(out, "gradients")
     cfg = GradientStudyConfig.quick() if args.quick else GradientStudyConfig()
     t0 = time.perf_counter()
-    res = run_study(cfg, out_dir=args.out or None, n_jobs=args.jobs, progress=not args.json)
+    res = run_study(cfg, out_dir=out or None, n_jobs=n_jobs, progress=not args.json)
     summary = summarize(res)
-    if args.figures:
+    if figures:
         from ..plots_approx import plot_all_gradients
 
-        summary["figures"] = [str(p) for p in plot_all_gradients(res, args.figures)]
+        summary["figures"] = [str(p) for p in plot_all_gradients(res, figures)]
     summary["seconds"] = time.perf_counter() - t0
     summary["quick"] = bool(args.quick)
     summary["config_key"] = cfg.key()

@@ -6,13 +6,17 @@ r_alpha0 of two VADER-lexicon objectives, trains each method from the same start
 the mean r_alpha on the test prompts for every alpha with bootstrap 95% intervals. Every stage is
 cached under ``--out`` and skipped on a rerun. With ``--json`` the last stdout line is one JSON
 object ``{"model", "alpha0", "alphas", "objectives", "methods": {name: {"mean", "lo", "hi",
-"diff_vs_dpo"}}, "out", "seconds"}``. Exit 2 on bad input.
+"diff_vs_dpo"}}, "smoke_test", "out", "seconds"}``; ``smoke_test`` is true for the tiny random
+model of ``--quick``, a pipeline smoke test whose policies are alike by construction (the figure
+and the table say so). Exit 2 with one line on bad input, including an ``--out`` that is a file or
+not writable and a ``--figure``/``--table``/``--results-json`` that is a folder or unwritable.
 """
 
 from __future__ import annotations
 
 import json
 
+from ._args import claim_output_dir as _claim, output_dir as _output_dir, output_file as _output_file
 from ._args import ints as _ints, names as _names, number as _float, numbers as _floats
 from ..cli import EXIT_OK, CLIError
 
@@ -71,6 +75,13 @@ def run(args) -> int:
         overrides["lora"] = False
     if args.no_progress:
         overrides["progress"] = False
+    _output_dir(args.out, "--out")
+    for flag, value in (("--figure", args.figure), ("--table", args.table), ("--results-json", args.json_out)):
+        if value is not None:
+            _output_file(value, flag)
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be an integer >= 1; got {args.threads}")
+    _claim(args.out, "llm-shift")
     log = (lambda msg: print(msg, flush=True))
     try:
         cfg = ShiftConfig.preset("quick" if args.quick else "real", **overrides)
@@ -84,10 +95,15 @@ def run(args) -> int:
             for name, e in s["policies"].items()
         }
         print(json.dumps({"model": s["model"], "objectives": s["objectives"], "alpha0": s["alpha0"],
-                          "alphas": s["alphas"], "methods": methods, "out": str(result.out),
+                          "alphas": s["alphas"], "methods": methods, "smoke_test": bool(s.get("smoke_test")),
+                          "out": str(result.out),
                           "stages_run": result.stages_run, "seconds": round(result.seconds, 2)}))
     else:
         print((result.out / "results.md").read_text(), end="")
+        if s.get("smoke_test"):
+            from ..llm.shift.pipeline import SMOKE_NOTE
+
+            print(SMOKE_NOTE)
         print(f"stages run: {', '.join(result.stages_run) or 'none (all cached)'}; {result.seconds:.1f} s; "
               f"outputs in {result.out}")
     return EXIT_OK

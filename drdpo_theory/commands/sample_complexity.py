@@ -3,7 +3,10 @@
 Contract: ``drdpo sample-complexity [--quick] [--out DIR] [--n-jobs K] [--json]``. Runs (or resumes:
 finished cells in ``DIR/rows.csv`` are skipped) the sweep of
 :mod:`drdpo_theory.experiments.sample_complexity`, writes the tables to ``DIR`` and the figures to
-``figures/``. With ``--json`` the last stdout line is one JSON object with, for each method
+``figures/`` (a ``--quick`` run: ``DIR/figures/`` with ``--out``, else ``figures/quick/``, so it
+never overwrites the committed full-run figures). Exit 2 with one line on a bad ``--n-jobs``, an
+unusable ``--out``/``--figures`` or a foreign ``rows.csv`` in ``--out``. With ``--json`` the last
+stdout line is one JSON object with, for each method
 (``dpo``, ``kldpo``, ``wdpo-w1``, ``wdpo-w2``) at its main radius: ``slope`` (log-log slope of the
 median error in ``n``), ``slope_ci`` ``[lo, hi]`` (bootstrap 95%) and ``bound_holds`` (the bound is
 above the empirical (1-delta)-quantile of the error at every ``n``); plus ``"_meta"``.
@@ -15,6 +18,8 @@ import argparse
 import json
 import math
 
+from ._args import claim_output_dir as _claim, n_jobs as _n_jobs, output_dir as _output_dir
+from ._args import quick_figures as _quick_figures
 from ..cli import EXIT_OK, CLIError
 
 
@@ -32,8 +37,10 @@ def register(sub) -> None:
     p.add_argument("--out", default=None, metavar="DIR",
                    help="results folder (default results/sample_complexity, or results/sample_complexity_quick "
                         "with --quick)")
-    p.add_argument("--figures", default="figures", metavar="DIR", help="figure folder (default figures/)")
-    p.add_argument("--n-jobs", type=int, default=2, metavar="K", help="parallel workers (default 2; -1: all cores)")
+    p.add_argument("--figures", default=None, metavar="DIR",
+                   help="figure folder (default figures/; with --quick: OUT/figures/ if --out is given, else figures/quick/)")
+    p.add_argument("--n-jobs", type=int, default=2, metavar="K",
+                   help="parallel workers (default 2; -1: all cores; capped at the CPU count)")
     p.add_argument("--no-figures", action="store_true", help="skip the figures")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line of stdout)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds-long grid for tests
@@ -54,9 +61,9 @@ def run(args) -> int:
     import time
 
     from ..experiments import sample_complexity as sc
+    from ..io import OutputPathError, write_json
 
-    if args.n_jobs == 0 or args.n_jobs < -1:
-        raise CLIError(f"--n-jobs must be >= 1 or -1, got {args.n_jobs}")
+    n_jobs = _n_jobs(args.n_jobs)
     t0 = time.perf_counter()
     if args.tiny:
         grid, default_out = sc.tiny_grid(), "results/sample_complexity_tiny"
@@ -65,16 +72,23 @@ def run(args) -> int:
     else:
         grid, default_out = sc.default_grid(), "results/sample_complexity"
     out = args.out or default_out
-    result = sc.run_study(grid, out, n_jobs=args.n_jobs, progress=not args.json)
+    figdir = _quick_figures(args.out, args.figures, args.quick or args.tiny)
+    _output_dir(out, "--out")
+    if not args.no_figures:
+        _output_dir(figdir, "--figures")
+    _claim(out, "sample-complexity")
+    try:
+        result = sc.run_study(grid, out, n_jobs=n_jobs, progress=not args.json)
+    except OutputPathError as exc:  # e.g. a rows.csv in --out that this study did not write
+        raise CLIError(str(exc)) from None
     figs = []
     if not args.no_figures:
         from ..plots import make_all
 
-        figs = [str(p) for p in make_all(result, args.figures)]
+        figs = [str(p) for p in make_all(result, figdir)]
     head = result.headline()
     seconds = time.perf_counter() - t0
-    with open(f"{out}/headline.json", "w") as f:
-        json.dump(_clean({**head, "_meta": {"seconds": seconds, "grid": sc.grid_dict(grid)}}), f, indent=1)
+    write_json(f"{out}/headline.json", _clean({**head, "_meta": {"seconds": seconds, "grid": sc.grid_dict(grid)}}))
     if args.json:
         meta = {"out": str(out), "figures": figs, "seconds": round(seconds, 2), "delta": grid.delta,
                 "cells": int(len(result.rows)), "grid": "tiny" if args.tiny else ("quick" if args.quick else "default")}

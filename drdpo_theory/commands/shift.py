@@ -2,8 +2,10 @@
 
 Contract: ``drdpo shift [--quick] [--json] [--mixture {label,reward}] [--alpha0 A] [--out DIR]
 [--figures DIR] [--jobs N]`` runs :mod:`drdpo_theory.experiments.shift` (table to
-``results/shift/shift.csv``, figure ``figures/shift_reward_vs_alpha.png``); with ``--json`` the last
-stdout line is one JSON object: ``alphas`` and, per method, ``reward_mean`` / ``reward_se`` at each alpha.
+``results/shift/shift.csv``, figure ``figures/shift_reward_vs_alpha.png``; ``--mixture reward``:
+``results/shift_reward/``, ``figures/shift_reward_vs_alpha_reward_mixture.png``; with ``--quick``:
+``results/shift[_reward]_quick/`` and ``OUT/figures/`` with ``--out``, else ``figures/quick/``);
+with ``--json`` the last stdout line is one JSON object: ``alphas`` and, per method, ``reward_mean`` / ``reward_se`` at each alpha.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import json
 import time
 from dataclasses import replace
 
+from ._args import claim_output_dir as _claim, n_jobs as _n_jobs, output_dir as _output_dir
+from ._args import quick_figures as _quick_figures
 from ..cli import EXIT_OK, CLIError
 
 
@@ -36,9 +40,13 @@ def register(sub) -> None:
     p.add_argument("--mixture", choices=["label", "reward"], default="label",
                    help="label: mixture of the two Bradley-Terry label distributions (default); reward: BT with r_alpha")
     p.add_argument("--alpha0", type=_alpha, default=0.5, help="training mixture weight (default 0.5)")
-    p.add_argument("--out", default="results/shift", help="directory of the result CSV (default results/shift)")
-    p.add_argument("--figures", default="figures", help="directory of the figure (default figures; '' = none)")
-    p.add_argument("--n-jobs", "--jobs", dest="jobs", type=int, default=1, help="joblib processes over seeds (default 1)")
+    p.add_argument("--out", default=None,
+                   help="directory of the result CSV (default results/shift[_reward][_quick] by --mixture and --quick)")
+    p.add_argument("--figures", default=None,
+                   help="directory of the figure (default figures; with --quick OUT/figures if --out is given, "
+                        "else figures/quick; '' = none)")
+    p.add_argument("--n-jobs", "--jobs", dest="jobs", type=int, default=1,
+                   help="joblib processes over seeds (default 1; -1: all cores; capped at the CPU count)")
     p.set_defaults(func=run)
 
 
@@ -50,13 +58,24 @@ def run(args) -> int:
         cfg = replace(base, mixture=args.mixture, alpha0=args.alpha0)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
+    n_jobs = _n_jobs(args.jobs)
+    default_out = "results/shift" + ("_reward" if cfg.mixture == "reward" else "") + ("_quick" if args.quick else "")
+    out = args.out if args.out is not None else default_out
+    figures = _quick_figures(args.out or None, args.figures, args.quick)
+    if out:
+        _output_dir(out, "--out")
+    if figures:
+        _output_dir(figures, "--figures")
+    if out:
+        _claim(out, "shift")
     t0 = time.perf_counter()
-    res = run_shift(cfg, out_dir=args.out or None, n_jobs=args.jobs, progress=not args.json)
+    res = run_shift(cfg, out_dir=out or None, n_jobs=n_jobs, progress=not args.json)
     summary = summarize_shift(res)
-    if args.figures:
+    if figures:
         from ..plots_approx import plot_shift_reward
 
-        summary["figures"] = [str(p) for p in plot_shift_reward(res, args.figures)]
+        name = "shift_reward_vs_alpha" if cfg.mixture == "label" else "shift_reward_vs_alpha_reward_mixture"
+        summary["figures"] = [str(p) for p in plot_shift_reward(res, figures, name=name)]
     summary["seconds"] = time.perf_counter() - t0
     summary["quick"] = bool(args.quick)
     if args.json:

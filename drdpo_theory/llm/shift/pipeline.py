@@ -46,6 +46,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from drdpo_theory.io import read_json, save_figure, write_json, write_text
 from drdpo_theory.llm.shift.prompts import Prompt, load_prompts
 from drdpo_theory.llm.shift.rewards import OBJECTIVES, Normalizer, mixture_reward, score_texts
 
@@ -162,6 +163,14 @@ class ShiftConfig:
             raise ValueError("kldpo needs at least one tau")
         if "wdpo" in self.methods and not self.rho0s:
             raise ValueError("wdpo needs at least one rho0")
+        if self.threads is not None and int(self.threads) < 1:
+            raise ValueError(f"threads must be an integer >= 1; got {self.threads}")
+
+    @property
+    def smoke_test(self) -> bool:
+        """True for a pipeline smoke test: the tiny random model (or tied pairs kept), whose
+        policies are all alike, so the numbers check the plumbing, not robustness."""
+        return self.model == "tiny-random" or bool(self.keep_ties)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "ShiftConfig":
@@ -219,34 +228,37 @@ class ShiftResult:
 
 
 # ----------------------------------------------------------------------------- io helpers
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def _read_jsonl_checked(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """``(rows, clean)``: the rows before the first unreadable line; ``clean`` is False when a line
+    was unreadable (cut by a crash, or not ours), so the caller rewrites the file without it."""
     if not path.is_file():
-        return []
+        return [], True
     rows = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8", errors="replace") as fh:
         for line in fh:
             line = line.strip()
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:  # a line cut by a crash: the batch is redone
-                break
-    return rows
+                return rows, False
+            if not isinstance(row, dict):
+                return rows, False
+            rows.append(row)
+    return rows, True
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return _read_jsonl_checked(path)[0]
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, obj)  # atomic: temporary file in the same folder + os.replace
 
 
 def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))  # atomic
 
 
 def _check_config(out: Path, cfg: ShiftConfig) -> None:
@@ -254,7 +266,10 @@ def _check_config(out: Path, cfg: ShiftConfig) -> None:
     free = set(RESULT_FIELDS) | set(RUN_SET_FIELDS) | {"out"}
     cur = {k: v for k, v in cfg.to_json().items() if k not in free}
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path)
+        if not isinstance(old, dict):
+            raise ValueError(f"{path} is not a config.json written by llm-shift (not a JSON object); "
+                             "use another --out or remove it")
         old = {k: v for k, v in old.items() if k not in free}
         diff = sorted(k for k in set(old) | set(cur) if old.get(k) != cur.get(k))
         if diff:
@@ -310,13 +325,16 @@ def generate_completions(
     import torch
     from tqdm.auto import tqdm
 
-    rows = _read_jsonl(path)
+    rows, clean = _read_jsonl_checked(path)
+    ids = {p.id for p in prompts}
+    rows = [r for r in rows if r.get("prompt_id") in ids and isinstance(r.get("completion"), str)]
     done: dict[int, int] = {}
     for r in rows:
         done[r["prompt_id"]] = done.get(r["prompt_id"], 0) + 1
-    rows = [r for r in rows if done[r["prompt_id"]] == n_samples]  # drop a partial chunk
-    if len(rows) != sum(done.values()):
-        _write_jsonl(path, rows)
+    kept = [r for r in rows if done[r["prompt_id"]] == n_samples]  # drop a partial chunk
+    if not clean or len(kept) != len(rows):  # rewrite without the torn line / partial chunk,
+        _write_jsonl(path, kept)  # so new rows are never appended after a cut line
+    rows = kept
     complete = {r["prompt_id"] for r in rows}
     per_chunk = max(1, gen_batch // n_samples)
     chunks = [list(prompts[i : i + per_chunk]) for i in range(0, len(prompts), per_chunk)]
@@ -512,6 +530,10 @@ def _label(name: str) -> str:
     return {"reference": "initial policy", "dpo": "DPO", "ipo": "IPO"}.get(name, name)
 
 
+SMOKE_NOTE = ("PIPELINE SMOKE TEST (tiny random model): every policy is alike by construction; "
+              "these numbers check the plumbing, not robustness")
+"""Title of the figure and first line of the table of a smoke run (:attr:`ShiftConfig.smoke_test`)."""
+
 TABLE_ALPHAS = (0.0, 0.2, 0.5, 0.8, 1.0)
 """Columns of the markdown table when more than 6 alphas are evaluated (plus alpha0; all alphas
 are in results.json / results.csv)."""
@@ -534,6 +556,8 @@ def markdown_table(summary: dict[str, Any], table_alphas: Sequence[float] | None
             cells = [f"{d['mean'][i]:+.3f} [{d['lo'][i]:+.3f}, {d['hi'][i]:+.3f}]" for i in cols]
             lines.append(f"| {_label(name)} - DPO | " + " | ".join(cells) + " |")
     o1, o2 = summary["objectives"]
+    if summary.get("smoke_test"):
+        lines = [f"**{SMOKE_NOTE}**", ""] + lines
     lines += ["", "Raw objective means over the test completions (before standardisation):", "",
               f"| policy | {o1} | {o2} | new tokens |", "|---|---|---|---|"]
     for name, e in summary["policies"].items():
@@ -572,11 +596,12 @@ def plot_shift(summary: dict[str, Any], path: Path) -> list[Path]:
     axes[1].set_title("difference to DPO (paired over test prompts), 95% bootstrap", fontsize=10)
     axes[0].legend(fontsize=8)
     axes[1].legend(fontsize=8)
+    if summary.get("smoke_test"):
+        fig.suptitle(SMOKE_NOTE, color="firebrick", fontsize=10, fontweight="bold")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
     png, pdf = path.with_suffix(".png"), path.with_suffix(".pdf")
-    fig.savefig(png, dpi=150)
-    fig.savefig(pdf)
+    save_figure(fig, png, dpi=150)  # atomic: temporary file + os.replace
+    save_figure(fig, pdf)
     plt.close(fig)
     return [png, pdf]
 
@@ -592,7 +617,8 @@ def _train_done(run_dir: Path, steps: int) -> bool:
     from drdpo_theory.llm.trainer import latest_checkpoint
 
     ck = latest_checkpoint(run_dir)
-    return ck is not None and json.loads((ck / "trainer_state.json").read_text())["step"] >= steps
+    state = None if ck is None else read_json(ck / "trainer_state.json")
+    return isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= steps
 
 
 def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResult:
@@ -618,7 +644,8 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
     (out / "eval").mkdir(exist_ok=True)
     _check_config(out, cfg)
     timings_path = out / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings = read_json(timings_path)
+    timings = timings if isinstance(timings, dict) else {}
     stages_run: list[str] = []
 
     def record(stage: str, t0: float) -> None:
@@ -641,7 +668,9 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
     # 1. train pool
     samples_path = out / "samples.jsonl"
     scores_path = out / "scores.json"
-    if not scores_path.is_file():
+    scored = read_json(scores_path)  # None when missing or unreadable: the stage is redone
+    if not (isinstance(scored, dict) and {"samples", "normalizer"} <= set(scored)
+            and len(scored["samples"]) == len(train_prompts) * cfg.k):
         t0 = time.perf_counter()
         model, tok = base()
         samples = generate_completions(
@@ -659,7 +688,7 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
         norm = Normalizer.fit(raw)
         _write_json(scores_path, {"objectives": list(cfg.objectives), "normalizer": norm.to_json(), "samples": samples})
         record("score", t0)
-    scored = json.loads(scores_path.read_text())
+        scored = read_json(scores_path)
     samples = scored["samples"]
     norm = Normalizer(tuple(scored["normalizer"]["mean"]), tuple(scored["normalizer"]["std"]))
     log(f"train pool: {len(samples)} completions; normaliser mean={norm.mean} std={norm.std}")
@@ -667,7 +696,9 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
     # 3. pairs
     pairs_path = out / "pairs.jsonl"
     meta_path = out / "pairs_meta.json"
-    if not meta_path.is_file():
+    meta = read_json(meta_path)
+    pairs = _read_jsonl(pairs_path)
+    if not (isinstance(meta, dict) and meta.get("n_pairs") == len(pairs) and "n_dropped" in meta):
         t0 = time.perf_counter()
         z = norm(np.array([[s["scores"][o] for o in cfg.objectives] for s in samples]))
         pairs, dropped = build_pairs(samples, z, cfg.alpha0, cfg.keep_ties, cfg.system_prompt)
@@ -677,8 +708,8 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
         _write_json(meta_path, {"n_pairs": len(pairs), "n_dropped": dropped, "alpha0": cfg.alpha0,
                                 "rule": "top-vs-bottom r_alpha0 among K samples"})
         record("pairs", t0)
-    pairs = _read_jsonl(pairs_path)
-    log(f"pairs: {len(pairs)} ({json.loads(meta_path.read_text())['n_dropped']} prompts dropped on ties)")
+        meta = read_json(meta_path)
+    log(f"pairs: {len(pairs)} ({meta['n_dropped']} prompts dropped on ties)")
 
     # 4.-5. train each run and evaluate it; the initial policy is evaluated as "reference"
     eval_seed0 = 0  # the initial policy is sampled like the seed-0 runs (common random numbers)
@@ -756,32 +787,32 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
         "model": cfg.model, "objectives": list(cfg.objectives), "alpha0": cfg.alpha0, "alphas": list(cfg.alphas),
         "normalizer": norm.to_json(), "n_train_prompts": len(train_prompts), "n_pairs": len(pairs),
         "n_test_prompts": len(test_prompts), "eval_samples": cfg.eval_samples, "seeds": list(cfg.seeds),
-        "policies": policies, "timings_s": timings,
+        "policies": policies, "timings_s": timings, "smoke_test": cfg.smoke_test,
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
         "config": cfg.to_json(),
     }
     _write_json(out / "results.json", summary)
     import csv
+    import io
 
-    with (out / "results.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["policy", "alpha", "mean", "lo", "hi", "diff_vs_dpo", "diff_lo", "diff_hi"])
-        for name, e in policies.items():
-            for i, a in enumerate(cfg.alphas):
-                d = e["diff"]
-                w.writerow([name, a, e["mean"][i], e["lo"][i], e["hi"][i]] +
-                           ([d["mean"][i], d["lo"][i], d["hi"][i]] if d else ["", "", ""]))
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["policy", "alpha", "mean", "lo", "hi", "diff_vs_dpo", "diff_lo", "diff_hi"])
+    for name, e in policies.items():
+        for i, a in enumerate(cfg.alphas):
+            d = e["diff"]
+            w.writerow([name, a, e["mean"][i], e["lo"][i], e["hi"][i]] +
+                       ([d["mean"][i], d["lo"][i], d["hi"][i]] if d else ["", "", ""]))
+    write_text(out / "results.csv", buf.getvalue())
     a0 = summary["alpha0"]
     shown = [a for a in cfg.alphas if any(abs(a - t) < 1e-9 for t in TABLE_ALPHAS + (a0,))]
     table = markdown_table(summary, shown if len(cfg.alphas) > 6 and len(shown) >= 5 else None)
-    (out / "results.md").write_text(table, encoding="utf-8")
+    write_text(out / "results.md", table)
     fig_path = Path(cfg.figure) if cfg.figure else out / "llm_shift.png"
     plot_shift(summary, fig_path)
     if cfg.table:
-        Path(cfg.table).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.table).write_text(table, encoding="utf-8")
+        write_text(Path(cfg.table), table)
     if cfg.json_out:
-        Path(cfg.json_out).parent.mkdir(parents=True, exist_ok=True)
         _write_json(Path(cfg.json_out), summary)
     return ShiftResult(summary, out, stages_run, time.perf_counter() - t_start)
