@@ -70,7 +70,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field, fields
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -86,10 +86,15 @@ from drdpo_theory.llm.losses import (
     kldpo_weights,
 )
 
-__all__ = ["LossConfig", "preference_loss", "preference_backward", "METHODS", "WDPO_IMPLS"]
+__all__ = ["LossConfig", "preference_loss", "preference_backward", "METHODS", "WDPO_IMPLS", "LogpsFn", "BackwardFn"]
 
 METHODS = ("dpo", "ipo", "kldpo", "wdpo")
 WDPO_IMPLS = ("double-backward", "finite-diff")
+
+#: ``logps_fn(model, batch) -> (chosen_logps (B,), rejected_logps (B,))``, one forward with ``input_ids``
+LogpsFn = Callable[[torch.nn.Module, Mapping[str, torch.Tensor]], "tuple[torch.Tensor, torch.Tensor]"]
+#: ``backward(t, final) -> float | None``: the engine's backward of scalar t; returns its loss-scale factor
+BackwardFn = Callable[[torch.Tensor, bool], "float | None"]
 
 
 @dataclass
@@ -193,12 +198,71 @@ def _refs(ref_c, ref_r, like: torch.Tensor):
     return ref_c, ref_r
 
 
-def _embed(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Input embeddings (2B, T, D), attached to the embedding table (frozen table: a leaf)."""
-    e = _unwrap(model).get_input_embeddings()(input_ids)
-    if not e.requires_grad:  # frozen table (e.g. LoRA): differentiate w.r.t. e itself
-        e = e.detach().requires_grad_(True)
-    return e
+def _embedding_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The input-embedding module of a Hugging Face model under DDP / DeepSpeed / PEFT wrappers."""
+    base = _unwrap(model)
+    get = getattr(base, "get_input_embeddings", None)
+    if not callable(get) or get() is None:
+        raise TypeError(f"WDPO needs a model with get_input_embeddings(); got {type(base).__name__}")
+    return get()
+
+
+class _EmbeddingProbe:
+    r"""Forward hook on the input-embedding module: read, perturb and differentiate e.
+
+    The model's own forward runs unchanged with ``input_ids`` (so FSDP2 / DeepSpeed gather
+    and shard the embedding table themselves); the hook sees the lookup output
+    e (2B, T, D) and
+
+    * ``delta`` given: returns :math:`e + \delta` (``delta`` detached, same shape);
+    * ``leaf=True`` or a table without gradient (frozen, e.g. LoRA): returns e detached
+      with ``requires_grad`` (a leaf), so that :math:`\nabla_e` exists;
+    * ``capture_grad=True``: registers a tensor hook storing :math:`\nabla_e` of the next
+      backward in ``self.grad`` (no ``autograd.grad`` on parameters needed).
+
+    ``self.e`` is the tensor the model consumed (before ``delta``). Exactly one embedding
+    call per forward is expected (a causal LM embeds its input once).
+    """
+
+    def __init__(self, model, delta=None, leaf=False, capture_grad=False):
+        self.module = _embedding_module(model)
+        self.delta, self.leaf, self.capture_grad = delta, leaf, capture_grad
+        self.e = self.grad = None
+        self.calls = 0
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("the input-embedding module ran twice in one forward; WDPO expects one lookup")
+        e = output
+        if self.leaf or (not e.requires_grad and (self.capture_grad or self.delta is None)):
+            e = e.detach().requires_grad_(True)
+        self.e = e
+        if self.capture_grad:
+            e.register_hook(self._store)
+        if self.delta is not None:
+            return e + self.delta.to(e.dtype)
+        return e
+
+    def _store(self, grad):
+        self.grad = grad.detach()
+
+    def __enter__(self):
+        self._handle = self.module.register_forward_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.remove()
+        return False
+
+
+def _embed_forward(model, batch, logps_fn, **probe_kw):
+    """Sequence log-probs (B,), (B,) from the engine's forward, with the embedding probe in place."""
+    with _EmbeddingProbe(model, **probe_kw) as probe:
+        pc, pr = logps_fn(model, batch)
+    if probe.calls != 1:
+        raise RuntimeError(f"expected one call of the input-embedding module in the forward, saw {probe.calls}")
+    return pc, pr, probe
 
 
 def _pair_sq_norms(g: torch.Tensor) -> torch.Tensor:
@@ -245,18 +309,59 @@ def _wdpo_metrics(l: torch.Tensor, pair_sq: torch.Tensor, cfg: LossConfig) -> tu
     }
 
 
-def _perturbed_losses(model, batch, e0: torch.Tensor, h: torch.Tensor, g: torch.Tensor, rc, rr, cfg: LossConfig):
-    """DPO losses (B,) at the embeddings e0 + h g (g detached)."""
-    pc2, pr2 = concatenated_logps(model, batch, inputs_embeds=e0 + h * g)
-    return dpo_loss(pc2, pr2, rc, rr, cfg.beta)
+def _engine(model: torch.nn.Module) -> str:
+    """'deepspeed', 'fsdp2', 'fsdp1', 'ddp' or 'plain': how parameter gradients are reduced and stored."""
+    if any(c.__module__.startswith("deepspeed") for c in type(model).__mro__):
+        return "deepspeed"
+    if any(hasattr(p, "ds_id") for p in model.parameters()):  # ZeRO-3 parameters under another wrapper
+        return "deepspeed"
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return "ddp"
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    except ImportError:  # torch without distributed
+        return "plain"
+    if isinstance(model, FullyShardedDataParallel):
+        return "fsdp1"
+    if isinstance(_unwrap(model), FSDPModule) or any(isinstance(m, FSDPModule) for m in model.modules()):
+        return "fsdp2"
+    return "plain"
 
 
-def _wdpo(model, batch, ref_c, ref_r, cfg: LossConfig):
-    e = _embed(model, batch["input_ids"])  # (2B, T, D)
-    pc, pr = concatenated_logps(model, batch, inputs_embeds=e)
+#: engines whose autograd graph can be differentiated twice (WDPO double-backward)
+DOUBLE_BACKWARD_ENGINES = ("plain", "ddp")
+
+
+def _check_double_backward_engine(model: torch.nn.Module) -> None:
+    engine = _engine(model)
+    if engine not in DOUBLE_BACKWARD_ENGINES:
+        raise ValueError(
+            f"WDPO wdpo_impl='double-backward' is not supported under {engine} (its gradient hooks and sharded "
+            f"parameters do not survive create_graph=True); use wdpo_impl='finite-diff', which runs two ordinary "
+            f"forward-backward passes under every engine (DDP, FSDP2, DeepSpeed ZeRO-2/3)."
+        )
+
+
+class _RNGState:
+    """CPU and CUDA RNG states, so that both finite-difference passes draw the same dropout masks."""
+
+    def __init__(self):
+        self.cpu = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+def _wdpo(model, batch, ref_c, ref_r, cfg: LossConfig, logps_fn):
+    double = cfg.wdpo_impl == "double-backward" and cfg.rho0 > 0
+    rng = _RNGState() if cfg.rho0 > 0 and not double else None
+    pc, pr, probe = _embed_forward(model, batch, logps_fn)
+    e = probe.e  # (2B, T, D), attached to the table (a leaf if the table is frozen)
     rc, rr = _refs(ref_c, ref_r, pc)
     l = dpo_loss(pc, pr, rc, rr, cfg.beta)  # (B,)
-    double = cfg.wdpo_impl == "double-backward" and cfg.rho0 > 0
     # g = grad_e sum_i l_i: per-pair blocks are grad_e l_i since pairs do not interact.
     (g,) = torch.autograd.grad(l.sum(), e, create_graph=double, retain_graph=True)  # (2B, T, D)
     pair_sq = _pair_sq_norms(g)  # (B,)
@@ -268,7 +373,11 @@ def _wdpo(model, batch, ref_c, ref_r, cfg: LossConfig):
     else:
         g = g.detach()
         h, c = _fd_coefficients(e, g, batch["attention_mask"], cfg, l.dtype)
-        l2 = _perturbed_losses(model, batch, e, h, g, rc, rr, cfg)  # (B,) at the perturbed embeddings
+        advanced = _RNGState()
+        rng.restore()  # the perturbed forward draws the same dropout masks
+        pc2, pr2, _ = _embed_forward(model, batch, logps_fn, delta=h * g)  # at e + h g, table path kept
+        advanced.restore()
+        l2 = dpo_loss(pc2, pr2, rc, rr, cfg.beta)  # (B,) at the perturbed embeddings
         surrogate = ((1.0 - c) * l + c * l2).mean()
         # value = the exact penalised objective, gradient = the finite-difference estimate
         loss = surrogate + (l.mean() + penalty - surrogate).detach()
@@ -292,51 +401,164 @@ def _no_autocast(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: float):
+def _plain_backward(t: torch.Tensor, final: bool) -> None:
+    t.backward()
+    return None
+
+
+class _GradInStore:
+    r"""Pass-1 weighting for engines whose gradients land in ``p.grad`` (plain, DDP, FSDP2, FSDP1).
+
+    ``begin`` moves the gradients accumulated so far aside; pass 1's backward then leaves
+    :math:`P_1` alone in ``.grad`` (DDP: local, pass 1 runs in ``no_sync``; FSDP2: the
+    reduce-scattered shard); ``finish(w)`` makes ``.grad = previous + w P_1``.
+    """
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    def begin(self):
+        self.prev = [p.grad for p in self.params]
+        for p in self.params:
+            p.grad = None
+
+    def finish(self, w1):
+        with torch.no_grad():
+            for p, prev in zip(self.params, self.prev):
+                if p.grad is None:
+                    p.grad = prev
+                    continue
+                p.grad.mul_(w1.to(p.grad.dtype) if torch.is_tensor(w1) else w1)
+                if prev is not None:
+                    p.grad.add_(prev)
+        self.prev = None
+
+    def pass2(self):
+        return contextlib.nullcontext()
+
+
+class _GradByHooks:
+    r"""Pass-1 weighting for engines that take gradients away during backward (DeepSpeed ZeRO).
+
+    ZeRO-2/3 reduce each parameter's gradient into their partitions in post-accumulate
+    hooks, so ``.grad`` cannot be rescaled afterwards. A tensor hook on every parameter
+    (it runs before accumulation, hence before the engine's hooks) keeps :math:`P_1` and
+    hands the engine zeros in pass 1; in pass 2 it adds :math:`w P_1` to the incoming
+    gradient, so the engine reduces :math:`c P_2 + w P_1` once as one gradient.
+    Cost: one parameter-sized buffer per rank between the passes (not sharded).
+    """
+
+    def __init__(self, model):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.p1: dict[int, torch.Tensor] = {}
+
+    def begin(self):
+        def keep(i):
+            def hook(grad):
+                self.p1[i] = grad.detach().clone() if i not in self.p1 else self.p1[i] + grad.detach()
+                return torch.zeros_like(grad)
+            return hook
+
+        self.handles = [p.register_hook(keep(i)) for i, p in enumerate(self.params)]
+
+    def finish(self, w1):
+        for hnd in self.handles:
+            hnd.remove()
+        with torch.no_grad():
+            for v in self.p1.values():
+                v.mul_(w1.to(v.dtype) if torch.is_tensor(w1) else w1)
+
+    @contextlib.contextmanager
+    def pass2(self):
+        def add(i):
+            def hook(grad):
+                extra = self.p1.pop(i, None)
+                return grad if extra is None else grad + extra.to(grad.dtype)
+            return hook
+
+        handles = [p.register_hook(add(i)) for i, p in enumerate(self.params) if i in self.p1]
+        try:
+            yield
+        finally:
+            for hnd in handles:
+                hnd.remove()
+            if self.p1:  # a parameter pass 2 did not reach (unused in the forward): nothing to add to
+                raise RuntimeError(f"{len(self.p1)} parameters had a pass-1 gradient but none in pass 2")
+
+
+def _grad_store(model):
+    return _GradByHooks(model) if _engine(model) == "deepspeed" else _GradInStore(model)
+
+
+def _check_fsdp2_sync(model) -> None:
+    """The two-pass estimator reads pass 1's reduce-scattered shard from ``.grad``: FSDP2 must sync."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            group = m._get_fsdp_state()._fsdp_param_group
+            if group is not None and not group.reduce_grads:
+                raise RuntimeError(
+                    "WDPO finite-diff under FSDP2 needs gradient sync in every backward "
+                    "(set_requires_gradient_sync(True)): pass 1's gradient is rescaled in its reduced shard"
+                )
+
+
+def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: float, logps_fn, backward):
     r"""WDPO finite-diff as two forward-backward passes, one graph alive at a time.
 
     Accumulates ``loss_scale`` times the gradient of the surrogate of :func:`_wdpo`,
     :math:`\frac1B\sum_i (1-c)\ell_i(e) + c\,\ell_i(e + hg)`:
 
-    1. forward at e; one backward of :math:`\sum_i\ell_i(e)` to (e, parameters) gives g and
-       :math:`P_1 = \nabla_\theta\sum_i\ell_i(e)` (graph 1 freed); h, c from g; add
-       :math:`\text{loss\_scale}(1-c)/B\cdot P_1` to ``.grad``;
-    2. forward at :math:`E(\text{ids}) + hg` (g detached; the embedding table E keeps its
-       gradient path); backward of :math:`\text{loss\_scale}\,c/B\cdot\sum_i\ell_i(e+hg)`
-       into ``.grad``.
+    1. forward at e (the engine's own forward; the embedding output is probed by a forward
+       hook); one ``backward`` of :math:`\text{loss\_scale}/B\cdot\sum_i\ell_i(e)` gives
+       g (tensor hook on e) and :math:`P_1` (graph 1 freed); h, c from g; the engine's
+       gradient becomes previous :math:`+ (1-c) P_1` (:class:`_GradInStore` or
+       :class:`_GradByHooks`);
+    2. forward at :math:`E(\text{ids}) + hg` (the hook adds the detached :math:`hg`, the
+       embedding table keeps its gradient path), with the RNG state of pass 1 (same dropout
+       masks); ``backward`` of :math:`\text{loss\_scale}\,c/B\cdot\sum_i\ell_i(e+hg)`.
 
-    Under DDP pass 1 runs in ``no_sync`` and its gradient is added to ``.grad`` before pass
-    2, whose backward all-reduces the sum: one gradient all-reduce per step, as for DPO.
+    ``backward(t, final)`` runs the engine's backward (``final`` is True for pass 2, the
+    last backward of this micro-batch). Under DDP pass 1 runs in ``no_sync``: one gradient
+    all-reduce per step, as for DPO. Under FSDP2 both passes reduce-scatter; under DeepSpeed
+    pass 1 hands the engine zero gradients and pass 2 the combined one.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
+    engine = _engine(model)
+    if engine == "fsdp2":
+        _check_fsdp2_sync(model)
+    store = _grad_store(model)
+    rng = _RNGState()
+    store.begin()
     with _no_sync(model):
-        e = _embed(model, batch["input_ids"])  # (2B, T, D), attached to the table
-        pc, pr = concatenated_logps(model, batch, inputs_embeds=e)
+        pc, pr, probe = _embed_forward(model, batch, logps_fn, capture_grad=True)
         rc, rr = _refs(ref_c, ref_r, pc)
         l = dpo_loss(pc, pr, rc, rr, cfg.beta)  # (B,)
+        b = l.shape[0]
         with _no_autocast(l):
-            g, *p1 = torch.autograd.grad(l.sum(), [e] + params, allow_unused=True)
-    g = g.detach()
+            factor = backward(l.sum() * (loss_scale / b), False)
+    e = probe.e.detach()
+    g = probe.grad
+    if g is None:
+        raise RuntimeError("no gradient reached the input embeddings in pass 1 of WDPO finite-diff")
+    scale = (loss_scale / b) * (1.0 if factor is None else float(factor))
+    if scale != 1.0:
+        g = g / scale  # grad_e sum_i l_i (the backward carried loss_scale / B and the engine's loss scale)
     pair_sq = _pair_sq_norms(g)
-    penalty, metrics = _wdpo_metrics(l, pair_sq, cfg)
+    penalty, metrics = _wdpo_metrics(l.detach(), pair_sq, cfg)
     h, c = _fd_coefficients(e, g, batch["attention_mask"], cfg, l.dtype)
-    del e  # only g (embedding-sized) stays alive into pass 2
-    b = l.shape[0]
-    with torch.no_grad():
-        w1 = (1.0 - c) * (loss_scale / b)
-        for p, gp in zip(params, p1):
-            if gp is None:
-                continue
-            gp.mul_(w1)
-            if p.grad is None:
-                p.grad = gp
-            else:
-                p.grad.add_(gp)
-    del p1
-    e_table = _unwrap(model).get_input_embeddings()(batch["input_ids"])  # fresh lookup, graph 2
-    l2 = _perturbed_losses(model, batch, e_table, h, g, rc, rr, cfg)
-    with _no_autocast(l2):
-        (l2.sum() * (c * (loss_scale / b))).backward()
+    del e, probe  # only g (embedding-sized) stays alive into pass 2
+    store.finish(1.0 - c)
+    advanced = _RNGState()
+    rng.restore()  # pass 2 draws the dropout masks of pass 1
+    with store.pass2():
+        pc2, pr2, _ = _embed_forward(model, batch, logps_fn, delta=h * g)
+        l2 = dpo_loss(pc2, pr2, rc, rr, cfg.beta)
+        with _no_autocast(l2):
+            backward(l2.sum() * (c * (loss_scale / b)), True)
+    advanced.restore()  # the RNG continues as after one forward
     loss = (l.mean() + penalty).detach()
     metrics["wdpo/fd_h"] = float(h)
     metrics["loss"] = float(loss)
@@ -350,6 +572,8 @@ def preference_loss(
     ref_chosen_logps: torch.Tensor | None,
     ref_rejected_logps: torch.Tensor | None,
     cfg: LossConfig,
+    *,
+    logps_fn: LogpsFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     r"""The scalar training loss of ``cfg.method`` on one batch of B pairs.
 
@@ -374,6 +598,12 @@ def preference_loss(
         Reference-policy sequence log-probs (detached here); None means 0
         (reference-free).
     cfg : LossConfig
+    logps_fn : callable, optional
+        ``logps_fn(model, batch) -> (chosen (B,), rejected (B,))`` sequence log-probs from
+        one forward of the model with ``input_ids`` (default
+        :func:`~drdpo_theory.llm.logprobs.concatenated_logps`; the TRL adapter passes TRL's
+        fused LM head). WDPO reads and perturbs the input embeddings through a forward hook
+        on the embedding module, so any forward that embeds ``input_ids`` once works.
 
     Returns
     -------
@@ -392,11 +622,13 @@ def preference_loss(
     With ``torch.distributed`` initialised, KLDPO (all-gather of the losses) and WDPO
     finite-diff (all-reduce of two norms) run collectives: every rank must call this.
     """
+    logps_fn = concatenated_logps if logps_fn is None else logps_fn
     if cfg.method == "wdpo":
         if cfg.wdpo_impl == "double-backward" and cfg.rho0 > 0:
+            _check_double_backward_engine(model)
             ensure_double_backward_attention(model)
-        return _wdpo(model, batch, ref_chosen_logps, ref_rejected_logps, cfg)
-    pc, pr = concatenated_logps(model, batch)
+        return _wdpo(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, logps_fn)
+    pc, pr = logps_fn(model, batch)
     rc, rr = _refs(ref_chosen_logps, ref_rejected_logps, pc)
     if cfg.method == "ipo":
         l = ipo_loss(pc, pr, rc, rr, cfg.beta)
@@ -430,6 +662,9 @@ def preference_backward(
     ref_rejected_logps: torch.Tensor | None,
     cfg: LossConfig,
     loss_scale: float = 1.0,
+    *,
+    logps_fn: LogpsFn | None = None,
+    backward: BackwardFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     r"""Compute the loss of :func:`preference_loss` and accumulate ``loss_scale`` times its gradient.
 
@@ -453,6 +688,15 @@ def preference_backward(
     loss_scale : float
         Multiplier of the gradient (e.g. ``1 / grad_accum``); the returned loss is not
         scaled.
+    logps_fn : callable, optional
+        As for :func:`preference_loss`.
+    backward : callable, optional
+        ``backward(t, final) -> float | None`` runs the engine's backward of the scalar t
+        (default ``t.backward()``; the TRL adapter passes ``accelerator.backward``, and
+        DeepSpeed's ``engine.backward`` without an optimizer step when ``final`` is False).
+        ``final`` is True for the last backward of this call. It returns the factor by
+        which the engine multiplied t before differentiating (a dynamic fp16 loss scale;
+        None means 1), so that WDPO reads the true embedding gradient.
 
     Returns
     -------
@@ -461,9 +705,11 @@ def preference_backward(
     metrics : dict of str to float
         As for :func:`preference_loss`.
     """
+    logps_fn = concatenated_logps if logps_fn is None else logps_fn
+    backward = _plain_backward if backward is None else backward
     if cfg.method == "wdpo" and cfg.wdpo_impl == "finite-diff" and cfg.rho0 > 0:
-        return _wdpo_two_pass(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, loss_scale)
-    loss, metrics = preference_loss(model, batch, ref_chosen_logps, ref_rejected_logps, cfg)
+        return _wdpo_two_pass(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, loss_scale, logps_fn, backward)
+    loss, metrics = preference_loss(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, logps_fn=logps_fn)
     with _no_autocast(loss):
-        (loss * loss_scale).backward()
+        backward(loss * loss_scale, True)
     return loss.detach(), metrics
