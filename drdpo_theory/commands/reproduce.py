@@ -83,6 +83,11 @@ def _run_study(name: str, argv: list[str], log_path: Path) -> dict:
 def run(args) -> int:
     from tqdm import tqdm
 
+    from ..io import read_json, write_json
+    from ._args import claim_output_dir, output_dir
+
+    output_dir(args.out, "--out")
+    claim_output_dir(args.out, "reproduce")
     out = Path(args.out) / ("full" if args.full else "quick")
     out.mkdir(parents=True, exist_ok=True)
     studies = [s for s in STUDIES if not args.only or s[0] in args.only]
@@ -93,15 +98,16 @@ def run(args) -> int:
     for name, argv, _, _ in bar:
         bar.set_postfix_str(name)
         path = out / f"{name}.json"
-        if path.exists() and not args.force:
-            summaries[name] = json.loads(path.read_text())
+        old = None if args.force else read_json(path)
+        if isinstance(old, dict):  # a summary that does not parse (torn, foreign) is rerun
+            summaries[name] = old
             tqdm.write(f"[skip] {name}: summary on disk ({path})")
             continue
         extra = study_args(name, args.full)
         t = time.perf_counter()
         summary = _run_study(name, argv + extra, out / f"{name}.log")
         summary["_seconds"] = time.perf_counter() - t
-        path.write_text(json.dumps(summary, indent=1))
+        write_json(path, summary)  # atomic: a kill never leaves a torn summary to be trusted
         summaries[name] = summary
         tqdm.write(f"[done] {name} in {summary['_seconds']:.0f} s")
     print(f"\nreproduce ({mode[2:]}) finished in {time.perf_counter() - t0:.0f} s; summaries in {out}/\n")
@@ -144,7 +150,11 @@ def _headline(name: str, s: dict) -> str | None:
         if name == "llm-shift":
             alphas = s["alphas"]
             cells = [f"{m} " + "/".join(f"{x:+.2f}" for x in v["mean"]) for m, v in s["methods"].items()]
-            return f"{s['model']}, mean r_alpha at alpha = {'/'.join(f'{a:g}' for a in alphas)}: " + "; ".join(cells)
+            line = f"{s['model']}, mean r_alpha at alpha = {'/'.join(f'{a:g}' for a in alphas)}: " + "; ".join(cells)
+            if s.get("smoke_test") or s.get("model") == "tiny-random":
+                line = ("PIPELINE SMOKE TEST only (tiny random model: every policy alike by construction, "
+                        "not a robustness result): " + line)
+            return line
     except (KeyError, TypeError, ValueError):
         return None
     return None

@@ -21,10 +21,12 @@ def run(args) -> int:
 
     from ..experiments.solver_check import run_solver_check, summarise
 
+    from ..io import write_csv
+    from ._args import output_dir
+
+    out = Path(output_dir(args.out, "--out"))  # a file, under a file, unwritable: exit 2 before the work
     df = run_solver_check()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "solver_check.csv", index=False)
+    write_csv(df, out / "solver_check.csv")  # atomic
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(df[["instance", "problem", "native_status", "native_gap", "cvxpy_solver", "cvxpy_status",
                   "cvxpy_gap", "obj_rel_diff", "theta_max_diff", "native_s", "cvxpy_s"]].to_string(
