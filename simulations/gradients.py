@@ -2,13 +2,15 @@
 
 Usage: python simulations/gradients.py [--quick] [--jobs N]
 Writes results/gradients/*.csv (resumable: finished cells are cached in results/gradients/cells/)
-and figures/gradients_*.{png,pdf}; prints the headline numbers as JSON.
+and figures/gradients_*.{png,pdf} (``--quick``: results/gradients_quick/ and figures/quick/, never the
+committed full-run figures); prints the headline numbers as JSON.
 """
 
 import argparse
 import json
 
 from drdpo_theory.experiments.gradients import GradientStudyConfig, run_study, summarize
+from drdpo_theory.experiments.sweep import resolve_n_jobs
 from drdpo_theory.plots_approx import plot_all_gradients
 
 if __name__ == "__main__":
@@ -17,6 +19,9 @@ if __name__ == "__main__":
     ap.add_argument("--jobs", type=int, default=2)
     a = ap.parse_args()
     cfg = GradientStudyConfig.quick() if a.quick else GradientStudyConfig()
-    res = run_study(cfg, out_dir="results/gradients", n_jobs=a.jobs)
-    plot_all_gradients(res, "figures")
+    n_jobs, notice = resolve_n_jobs(a.jobs)  # >= 1 or -1, capped at the CPU count
+    if notice:
+        print(f"note: {notice}")
+    res = run_study(cfg, out_dir="results/gradients_quick" if a.quick else "results/gradients", n_jobs=n_jobs)
+    plot_all_gradients(res, "figures/quick" if a.quick else "figures")
     print(json.dumps(summarize(res), indent=1))

@@ -3,12 +3,14 @@
     python simulations/sample_complexity.py [--quick] [--n-jobs K]
 
 is ``drdpo sample-complexity`` with the grid written out: results in results/sample_complexity/,
-figures in figures/. Edit the grid below to run another study (a new --out folder per grid).
+figures in figures/ (``--quick``: results/sample_complexity_quick/ and figures/quick/, never the
+committed full-run figures). Edit the grid below to run another study (a new --out folder per grid).
 """
 
 import argparse
 
 from drdpo_theory.experiments.sample_complexity import Instance, StudyGrid, quick_grid, run_study
+from drdpo_theory.experiments.sweep import resolve_n_jobs
 from drdpo_theory.plots import make_all
 
 GRID = StudyGrid(
@@ -31,7 +33,10 @@ if __name__ == "__main__":
     args = ap.parse_args()
     grid = quick_grid() if args.quick else GRID
     out = "results/sample_complexity_quick" if args.quick else "results/sample_complexity"
-    result = run_study(grid, out, n_jobs=args.n_jobs)
-    for path in make_all(result, "figures"):
+    n_jobs, notice = resolve_n_jobs(args.n_jobs)  # >= 1 or -1, capped at the CPU count
+    if notice:
+        print(f"note: {notice}")
+    result = run_study(grid, out, n_jobs=n_jobs)
+    for path in make_all(result, "figures/quick" if args.quick else "figures"):
         print(path)
     print(result.fits.to_string(index=False))

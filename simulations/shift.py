@@ -2,7 +2,8 @@
 
 Usage: python simulations/shift.py [--quick] [--mixture {label,reward}] [--jobs N]
 Writes results/shift/shift.csv (per-seed cells cached in results/shift/cells/) and
-figures/shift_reward_vs_alpha.{png,pdf}; prints the per-method rewards as JSON.
+figures/shift_reward_vs_alpha.{png,pdf} (``--quick``: results/shift_quick/ and figures/quick/, never
+the committed full-run figures); prints the per-method rewards as JSON.
 """
 
 import argparse
@@ -10,6 +11,7 @@ import json
 from dataclasses import replace
 
 from drdpo_theory.experiments.shift import ShiftConfig, run_shift, summarize_shift
+from drdpo_theory.experiments.sweep import resolve_n_jobs
 from drdpo_theory.plots_approx import plot_shift_reward
 
 if __name__ == "__main__":
@@ -19,8 +21,11 @@ if __name__ == "__main__":
     ap.add_argument("--jobs", type=int, default=2)
     a = ap.parse_args()
     cfg = replace(ShiftConfig.quick() if a.quick else ShiftConfig(), mixture=a.mixture)
-    out = "results/shift" if a.mixture == "label" else "results/shift_reward"
-    res = run_shift(cfg, out_dir=out, n_jobs=a.jobs)
+    out = ("results/shift" if a.mixture == "label" else "results/shift_reward") + ("_quick" if a.quick else "")
+    n_jobs, notice = resolve_n_jobs(a.jobs)  # >= 1 or -1, capped at the CPU count
+    if notice:
+        print(f"note: {notice}")
+    res = run_shift(cfg, out_dir=out, n_jobs=n_jobs)
     name = "shift_reward_vs_alpha" if a.mixture == "label" else "shift_reward_vs_alpha_reward_mixture"
-    plot_shift_reward(res, "figures", name=name)
+    plot_shift_reward(res, "figures/quick" if a.quick else "figures", name=name)
     print(json.dumps(summarize_shift(res), indent=1))
