@@ -25,6 +25,19 @@ class CLIError(Exception):
     """A user error: printed as one line to stderr, exit code 2."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (plus "see --help"), exit 2.
+
+    argparse prints the whole usage block before the message; a user reading a log wants the
+    message. Subparsers inherit the class (``add_subparsers`` defaults ``parser_class`` to it), so
+    every ``drdpo`` subcommand reports the same way.
+    """
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        message = " ".join(str(message).split())  # argparse messages may contain newlines
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def emit_summary(summary: dict, as_json: bool, width: int = 40) -> None:
     """Print a study summary: one JSON line (``--json``), or one ``key value`` line per entry."""
     if as_json:
@@ -35,7 +48,7 @@ def emit_summary(summary: dict, as_json: bool, width: int = 40) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="drdpo",
         description="Distributionally robust DPO (WDPO, KLDPO): exact solvers, studies and LLM training.",
     )
@@ -50,9 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _subparsers(parser: argparse.ArgumentParser) -> dict:
+    """``{name: parser}`` of the subcommands."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported by the subcommand's parser, so the hint names its --help
+        target = _subparsers(parser).get(getattr(args, "command", None), parser)
+        target.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
