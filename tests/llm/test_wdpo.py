@@ -304,3 +304,60 @@ def test_two_pass_holds_one_graph_at_a_time(llama_factory, batch_factory):
     single = _saved_peak(surrogate)
     assert two_pass <= 1.05 * dpo, (two_pass, dpo)
     assert single >= 1.8 * dpo, (single, dpo)
+
+
+# --------------------------------------------------------------------------- dropout
+
+DROPOUT = 0.1
+
+
+def _dropout_model(kind, llama_factory):
+    """Tiny float32 Llama in train mode with dropout 0.1 in attention, or in LoRA adapters."""
+    model = llama_factory("eager", dtype=torch.float32)
+    if kind == "attention":
+        for layer in model.model.layers:  # LlamaAttention reads this at every forward in train mode
+            layer.self_attn.attention_dropout = DROPOUT
+    else:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=DROPOUT, target_modules=["q_proj", "v_proj", "up_proj"],
+            init_lora_weights="gaussian",  # B != 0, so every adapter has a gradient
+        ))
+    return model.train()
+
+
+def _seeded_grad(model, batch, refs, cfg, two_pass, seed=123):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # same dropout masks for every estimator's (first) forward
+    if two_pass:
+        preference_backward(model, batch, refs[0], refs[1], cfg)
+    else:
+        loss, _ = preference_loss(model, batch, refs[0], refs[1], cfg)
+        loss.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), torch.get_rng_state()
+
+
+@pytest.mark.parametrize("kind", ["attention", "lora"])
+def test_finite_diff_passes_share_dropout_masks(kind, llama_factory, batch_factory, monkeypatch):
+    """Dropout kept: both finite-difference passes draw pass 1's masks, so the estimate matches double backward.
+
+    Without restoring the RNG state (control) the two passes see different masks and the
+    difference of gradients is noise: the cosine collapses to ~0 (measured -0.25..0.03).
+    """
+    from drdpo_theory.llm import objectives
+
+    model, batch = _dropout_model(kind, llama_factory), batch_factory(n_pairs=3)
+    refs = tuple(r.float() for r in _refs(3))
+    g_dpo, rng_dpo = _seeded_grad(model, batch, refs, LossConfig(method="dpo", beta=BETA), False)
+    g_db, _ = _seeded_grad(model, batch, refs, LossConfig(method="wdpo", beta=BETA, rho0=RHO0), False)
+    fd = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff")
+    assert float((g_db - g_dpo).norm()) > float(g_dpo.norm())  # the penalty dominates: a strict check
+    for two_pass in (True, False):  # preference_backward's two passes and the single surrogate
+        g_fd, rng_after = _seeded_grad(model, batch, refs, fd, two_pass)
+        assert _cos(g_fd, g_db) >= COS_MIN, two_pass
+        assert _cos(g_fd - g_dpo, g_db - g_dpo) >= COS_MIN, two_pass
+        # the RNG continues as after one forward (the state DPO leaves), not after two
+        assert torch.equal(rng_after, rng_dpo), two_pass
+    monkeypatch.setattr(objectives._RNGState, "restore", lambda self: None)  # control: fresh masks in pass 2
+    g_bad, _ = _seeded_grad(model, batch, refs, fd, True)
+    assert _cos(g_bad - g_dpo, g_db - g_dpo) < 0.5
