@@ -167,17 +167,22 @@ def check_output_dir(path: str | Path, flag: str = "--out") -> Path:
         raise OutputPathError(f"{flag} is empty; expected a folder")
     if path.exists() and not path.is_dir():
         raise OutputPathError(f"{flag} {path} is a file; expected a folder (give a folder path)")
-    base = _nearest_existing(path.absolute())
+    _check_writable_under(path, path.absolute(), flag, "folder")
+    return path
+
+
+def _check_writable_under(path: Path, target: Path, flag: str, what: str) -> None:
+    """The nearest existing folder above ``target`` (or ``target`` itself) must be a writable folder."""
+    base = _nearest_existing(target)
     if not base.is_dir():
-        raise OutputPathError(f"{flag} {path}: {base} is a file, so no folder can be made under it")
+        raise OutputPathError(f"{flag} {path}: {base} is a file, so no {what} can be made under it")
     try:
         fd, probe = tempfile.mkstemp(dir=base, prefix=".drdpo-write-probe-")
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
         raise OutputPathError(f"{flag} {path} is not writable ({base}: {exc.strerror or exc}); "
-                              "choose a folder you can write") from None
-    return path
+                              f"choose a {what} you can write") from None
 
 
 def check_output_file(path: str | Path, flag: str) -> Path:
@@ -187,7 +192,7 @@ def check_output_file(path: str | Path, flag: str) -> Path:
         raise OutputPathError(f"{flag} is empty; expected a file path")
     if path.is_dir():
         raise OutputPathError(f"{flag} {path} is a folder; expected a file path")
-    check_output_dir(path.parent if str(path.parent) else ".", flag=f"{flag} (folder of {path})")
+    _check_writable_under(path, path.absolute().parent, flag, "file")
     return path
 
 

@@ -85,9 +85,13 @@ def resolve_n_jobs(n_jobs: int, cpus: int | None = None) -> tuple[int, str | Non
 
 
 def _header(path: Path) -> list[str] | None:
+    """The header row, or None when the file has no complete first line (empty, or torn while the
+    header was written by an older non-atomic writer): such a file holds no row and is started afresh."""
     with open(path, newline="", encoding="utf-8", errors="replace") as f:
         first = f.readline()
-    return next(csv.reader([first])) if first.strip() else None
+    if not first.endswith("\n") or not first.strip():
+        return None
+    return next(csv.reader([first]))
 
 
 def _check_header(path: Path, header: list[str] | None, key: Sequence[str] = ()) -> None:
@@ -107,7 +111,10 @@ def load_rows(path: str | Path, key: Sequence[str] = ()) -> pd.DataFrame:
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return pd.DataFrame()
-    _check_header(path, _header(path), key)
+    header = _header(path)
+    if header is None:  # no complete header line: nothing finished is in the file
+        return pd.DataFrame()
+    _check_header(path, header, key)
     df = pd.read_csv(path, on_bad_lines="skip", engine="python")
     df = df[pd.to_numeric(df[DONE_COL], errors="coerce") == 1]
     return df.drop(columns=[DONE_COL]).reset_index(drop=True)
