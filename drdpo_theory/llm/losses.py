@@ -261,6 +261,7 @@ def kldpo_weights(
     clamp: float | None = 10.0,
     gather: bool = True,
     return_temperature: bool = False,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, float]:
     r"""Detached per-pair KLDPO weights; the KLDPO loss is ``(weights * losses).mean()``.
 
@@ -301,6 +302,14 @@ def kldpo_weights(
         group (or ``gather=False``) the local batch is the whole batch.
     return_temperature : bool
         Also return the temperature used (tau, or :math:`\lambda^*`).
+    weights : torch.Tensor, shape (B,), optional
+        Nominal pair weights v >= 0 (the data's ``weight``; None: all 1). The ball is then
+        around the weighted batch :math:`p \propto v` and the returned multipliers include v,
+        so that ``(weights_out * losses).mean()`` is still the loss: "clamped"
+        :math:`v_i\min\{e^{(\ell_i - \bar\ell_v)/\tau}, c\}` with the v-weighted mean
+        :math:`\bar\ell_v`; "normalized" :math:`N q_i`, :math:`q \propto v e^{\ell/\tau}`;
+        "calibrated" :math:`N q^*_i` with :math:`q^*` the exact worst case over
+        :math:`\{q: KL(q\|p) \le \rho\}` (``drdpo_theory.solvers.kl.kl_inner``).
 
     Returns
     -------
@@ -319,13 +328,44 @@ def kldpo_weights(
         raise ValueError(f"losses must have shape (B,), got {tuple(losses.shape)}")
     local = losses.detach()
     local = local.to(torch.float64 if local.dtype == torch.float64 else torch.float32)
+    if weights is not None:
+        wv = weights.detach().to(local)
+        if wv.shape != local.shape:
+            raise ValueError(f"weights must have the shape of losses {tuple(local.shape)}, got {tuple(wv.shape)}")
+        local = torch.stack([local, wv], dim=1)  # (B, 2): losses and nominal weights travel together
     if gather and _dist.is_distributed():
         parts = _dist.all_gather_detached(local)
         offset = sum(p.shape[0] for p in parts[: _dist.rank()])
-        all_l = torch.cat(parts)  # (N,) = losses of all ranks, rank order
+        all_l = torch.cat(parts)  # (N,) (or (N, 2)) = all ranks, rank order
     else:
         offset = 0
         all_l = local
+    if weights is not None:
+        all_l, all_v = all_l[:, 0], all_l[:, 1]
+        n = all_l.numel()
+        if not all_v.sum() > 0:
+            w = torch.zeros_like(all_l)
+            temp = float(tau) if tau is not None else math.inf
+        elif variant == "clamped":
+            mean_v = (all_v * all_l).sum() / all_v.sum()
+            w = torch.exp((all_l - mean_v) / tau)
+            if clamp is not None:
+                w = w.clamp(max=clamp)
+            w = all_v * w
+            temp = float(tau)
+        elif variant == "normalized":
+            w = torch.softmax(all_l / tau + torch.log(all_v), dim=0) * n
+            temp = float(tau)
+        else:
+            from drdpo_theory.solvers.kl import kl_inner
+
+            l_np = all_l.cpu().double().numpy()
+            v_np = all_v.cpu().double().numpy()
+            inner = kl_inner(l_np, v_np / v_np.sum(), float(rho))
+            w = torch.as_tensor(inner.q * n, dtype=all_l.dtype, device=all_l.device)
+            temp = float(inner.lam)
+        w = w[offset : offset + losses.shape[0]]
+        return (w, temp) if return_temperature else w
     n = all_l.numel()
     if variant == "clamped":
         w = torch.exp((all_l - all_l.mean()) / tau)

@@ -191,6 +191,27 @@ def _reward_metrics(pc, pr, rc, rr, beta) -> dict[str, float]:
     }
 
 
+def _nominal(batch: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:
+    """Pair weights v (B,) of the nominal distribution from ``batch["weight"]`` (None: all 1).
+
+    The trainer passes weights with mean 1 over the training set, so the batch mean of
+    v_i x_i estimates sum_i p_i x_i without bias; every objective below weighs pair i by v_i.
+    """
+    v = batch.get("weight") if hasattr(batch, "get") else None
+    if v is None:
+        return None
+    return v.detach().to(device=like.device, dtype=like.dtype)
+
+
+def _wmean(x: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    """(1/B) sum_i v_i x_i; the plain mean for v = None."""
+    return x.mean() if v is None else (v * x).mean()
+
+
+def _wsum(x: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    return x.sum() if v is None else (v * x).sum()
+
+
 def _refs(ref_c, ref_r, like: torch.Tensor):
     # None: reference-free (log pi_ref = 0 for every sequence)
     ref_c = torch.zeros_like(like) if ref_c is None else ref_c.detach().to(like)
@@ -300,10 +321,11 @@ def _fd_coefficients(e: torch.Tensor, g: torch.Tensor, attention_mask: torch.Ten
     return h, c
 
 
-def _wdpo_metrics(l: torch.Tensor, pair_sq: torch.Tensor, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    penalty = cfg.rho0 * pair_sq.mean()
+def _wdpo_metrics(l: torch.Tensor, pair_sq: torch.Tensor, cfg: LossConfig, v: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    penalty = cfg.rho0 * _wmean(pair_sq, v)
     return penalty, {
-        "dpo_loss": float(l.detach().mean()),
+        "dpo_loss": float(_wmean(l.detach(), v)),
         "wdpo/penalty": float(penalty.detach()),
         "wdpo/grad_emb_norm": float(pair_sq.detach().mean().sqrt()),  # RMS over pairs of ||g_i||
     }
@@ -362,14 +384,15 @@ def _wdpo(model, batch, ref_c, ref_r, cfg: LossConfig, logps_fn):
     e = probe.e  # (2B, T, D), attached to the table (a leaf if the table is frozen)
     rc, rr = _refs(ref_c, ref_r, pc)
     l = dpo_loss(pc, pr, rc, rr, cfg.beta)  # (B,)
+    v = _nominal(batch, l)
     # g = grad_e sum_i l_i: per-pair blocks are grad_e l_i since pairs do not interact.
     (g,) = torch.autograd.grad(l.sum(), e, create_graph=double, retain_graph=True)  # (2B, T, D)
     pair_sq = _pair_sq_norms(g)  # (B,)
-    penalty, metrics = _wdpo_metrics(l, pair_sq, cfg)
+    penalty, metrics = _wdpo_metrics(l, pair_sq, cfg, v)
     if cfg.rho0 == 0:
-        loss = l.mean()
+        loss = _wmean(l, v)
     elif double:
-        loss = l.mean() + penalty
+        loss = _wmean(l, v) + penalty
     else:
         g = g.detach()
         h, c = _fd_coefficients(e, g, batch["attention_mask"], cfg, l.dtype)
@@ -378,9 +401,9 @@ def _wdpo(model, batch, ref_c, ref_r, cfg: LossConfig, logps_fn):
         pc2, pr2, _ = _embed_forward(model, batch, logps_fn, delta=h * g)  # at e + h g, table path kept
         advanced.restore()
         l2 = dpo_loss(pc2, pr2, rc, rr, cfg.beta)  # (B,) at the perturbed embeddings
-        surrogate = ((1.0 - c) * l + c * l2).mean()
+        surrogate = _wmean((1.0 - c) * l + c * l2, v)
         # value = the exact penalised objective, gradient = the finite-difference estimate
-        loss = surrogate + (l.mean() + penalty - surrogate).detach()
+        loss = surrogate + (_wmean(l, v) + penalty - surrogate).detach()
         metrics["wdpo/fd_h"] = float(h)
     metrics["loss"] = float(loss.detach())
     metrics.update(_reward_metrics(pc, pr, rc, rr, cfg.beta))
@@ -536,18 +559,22 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
         pc, pr, probe = _embed_forward(model, batch, logps_fn, capture_grad=True)
         rc, rr = _refs(ref_c, ref_r, pc)
         l = dpo_loss(pc, pr, rc, rr, cfg.beta)  # (B,)
+        v = _nominal(batch, l)
         b = l.shape[0]
         with _no_autocast(l):
-            factor = backward(l.sum() * (loss_scale / b), False)
+            factor = backward(_wsum(l, v) * (loss_scale / b), False)
     e = probe.e.detach()
     g = probe.grad
     if g is None:
         raise RuntimeError("no gradient reached the input embeddings in pass 1 of WDPO finite-diff")
     scale = (loss_scale / b) * (1.0 if factor is None else float(factor))
     if scale != 1.0:
-        g = g / scale  # grad_e sum_i l_i (the backward carried loss_scale / B and the engine's loss scale)
+        g = g / scale  # grad_e sum_i v_i l_i (the backward carried loss_scale / B and the engine's loss scale)
+    if v is not None:  # rows of pair i carry v_i: divide it out (pairs of weight 0 get g_i = 0)
+        vr = torch.cat([v, v]).to(g.dtype)  # (2B,), chosen rows then rejected rows
+        g = torch.where(vr[:, None, None] > 0, g / torch.where(vr > 0, vr, 1.0)[:, None, None], 0.0)
     pair_sq = _pair_sq_norms(g)
-    penalty, metrics = _wdpo_metrics(l.detach(), pair_sq, cfg)
+    penalty, metrics = _wdpo_metrics(l.detach(), pair_sq, cfg, v)
     h, c = _fd_coefficients(e, g, batch["attention_mask"], cfg, l.dtype)
     del e, probe  # only g (embedding-sized) stays alive into pass 2
     store.finish(1.0 - c)
@@ -557,9 +584,9 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
         pc2, pr2, _ = _embed_forward(model, batch, logps_fn, delta=h * g)
         l2 = dpo_loss(pc2, pr2, rc, rr, cfg.beta)
         with _no_autocast(l2):
-            backward(l2.sum() * (c * (loss_scale / b)), True)
+            backward(_wsum(l2, v) * (c * (loss_scale / b)), True)
     advanced.restore()  # the RNG continues as after one forward
-    loss = (l.mean() + penalty).detach()
+    loss = (_wmean(l.detach(), v) + penalty).detach()
     metrics["wdpo/fd_h"] = float(h)
     metrics["loss"] = float(loss)
     metrics.update(_reward_metrics(pc, pr, rc, rr, cfg.beta))
@@ -634,11 +661,13 @@ def preference_loss(
         l = ipo_loss(pc, pr, rc, rr, cfg.beta)
     else:
         l = dpo_loss(pc, pr, rc, rr, cfg.beta)
-    metrics: dict[str, float] = {"dpo_loss": float(l.detach().mean())}
+    v = _nominal(batch, l)
+    metrics: dict[str, float] = {"dpo_loss": float(_wmean(l.detach(), v))}
     if cfg.method == "kldpo":
+        # the ball is around the weighted data: the multipliers w already include v
         w, temp = kldpo_weights(
             l, tau=cfg.tau, variant=cfg.kldpo_variant, rho=cfg.rho, clamp=cfg.clamp,
-            gather=True, return_temperature=True,
+            gather=True, return_temperature=True, weights=v,
         )
         loss = (w.to(l.dtype) * l).mean()
         metrics.update({
@@ -649,7 +678,7 @@ def preference_loss(
             "kldpo/temperature": temp,
         })
     else:
-        loss = l.mean()
+        loss = _wmean(l, v)
     metrics["loss"] = float(loss.detach())
     metrics.update(_reward_metrics(pc, pr, rc, rr, cfg.beta))
     return loss, metrics
