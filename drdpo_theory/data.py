@@ -22,16 +22,34 @@ class DataError(ValueError):
     """Invalid input data; the message says what was expected and where."""
 
 
+#: Largest accepted feature entry ``|x_ij|``: beyond it ``||x||^2`` (and the margins) overflow float64.
+MAX_ABS_FEATURE = 1e150
+
+
 def _as_float_array(name: str, value, ndim: int, where: str) -> NDArray[np.float64]:
+    raw = np.asarray(value)
+    if np.iscomplexobj(raw):  # float() of a complex array silently drops the imaginary part
+        raise DataError(f"{where}: '{name}' is complex (dtype {raw.dtype}); it must be real: "
+                        f"pass its real part if the imaginary part is meant to be zero")
+    if raw.dtype.kind not in "biuf":  # strings, objects, dates: refuse rather than guess
+        raise DataError(f"{where}: '{name}' must be a real numeric array, got dtype {raw.dtype}")
     try:
-        arr = np.asarray(value, dtype=float)
-    except (TypeError, ValueError) as exc:
+        arr = np.asarray(raw, dtype=float)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise DataError(f"{where}: '{name}' must be numeric ({exc})") from None
     if arr.ndim != ndim:
         raise DataError(f"{where}: '{name}' must have {ndim} dimension(s), got shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
         bad = np.argwhere(~np.isfinite(arr))[0]
         raise DataError(f"{where}: '{name}' contains NaN or inf (first at index {tuple(int(i) for i in bad)})")
+    big = np.abs(arr) > MAX_ABS_FEATURE
+    if np.any(big):
+        first = np.argwhere(big)[0]
+        raise DataError(
+            f"{where}: '{name}' has entries of magnitude up to {np.abs(arr).max():.3g} (first at index "
+            f"{tuple(int(i) for i in first)}), beyond {MAX_ABS_FEATURE:g} where float64 overflows; rescale it"
+            + (" (the theory assumes ||phi|| <= 1, so ||x|| <= 2)" if name == "x" else "")
+        )
     return arr
 
 
@@ -138,23 +156,58 @@ class PreferenceData:
         np.savez(path, x=self.x, y=self.y, theta_ref=self.theta_ref, weights=self.weights)
 
 
+#: How to write a file ``load_npz`` reads (quoted in its error messages).
+_NPZ_HOWTO = "write one with numpy.savez(path, x=x, y=y[, theta_ref=..., weights=...])"
+
+
 def load_npz(path: str | Path) -> PreferenceData:
     """Load the CLI's ``.npz`` format: ``x`` (n, d), ``y`` (n,), optional ``theta_ref`` (d,), ``weights`` (n,).
+
+    The file must be a NumPy ``.npz`` archive (a zip file, as written by ``numpy.savez``) of plain
+    numeric arrays; pickled object arrays are refused (never unpickled).
 
     Raises
     ------
     DataError
-        with the file name and what was expected, for every malformed input.
+        with the file name, what is wrong and how to write a valid file, for every malformed input
+        (missing file, directory, empty file, a single-array ``.npy``, text or other non-zip content,
+        a corrupt archive, object arrays, missing keys, bad shapes or values).
     """
     path = Path(path)
     where = str(path)
     if not path.exists():
         raise DataError(f"{where}: no such file")
+    if path.is_dir():
+        raise DataError(f"{where}: is a directory, not an .npz file; {_NPZ_HOWTO}")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(6)
+    except OSError as exc:
+        raise DataError(f"{where}: cannot be read ({exc.strerror or exc})") from None
+    if not head:
+        raise DataError(f"{where}: the file is empty; {_NPZ_HOWTO}")
+    if head == b"\x93NUMPY":  # np.load returns a bare array for .npy, not the archive we need
+        raise DataError(f"{where}: is a single-array .npy file, not an .npz archive of named arrays; {_NPZ_HOWTO}")
+    if not head.startswith(b"PK"):  # every zip archive (hence every .npz) starts with "PK"
+        what = "is a text file" if _looks_like_text(path) else "has no zip header"
+        raise DataError(f"{where}: {what}, not an .npz archive; {_NPZ_HOWTO}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as exc:  # np.load raises several types for corrupt files
-        raise DataError(f"{where}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+            names = list(f.files)
+            arrays = {}
+            for k in names:
+                try:
+                    arrays[k] = f[k]
+                except ValueError as exc:
+                    if "allow_pickle" in str(exc) or "pickled" in str(exc):
+                        raise DataError(f"{where}: array '{k}' holds Python objects (pickled), which are not "
+                                        f"loaded; store plain numeric arrays") from None
+                    raise
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile/np.load raise several types for a corrupt archive
+        raise DataError(f"{where}: corrupt or truncated .npz archive ({type(exc).__name__}: {exc}); "
+                        f"{_NPZ_HOWTO}") from None
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise DataError(
@@ -164,3 +217,16 @@ def load_npz(path: str | Path) -> PreferenceData:
     return PreferenceData(
         arrays["x"], arrays["y"], arrays.get("weights"), arrays.get("theta_ref"), source=where
     )
+
+
+def _looks_like_text(path: Path, nbytes: int = 4096) -> bool:
+    """True if the first ``nbytes`` of ``path`` decode as UTF-8 without NUL bytes."""
+    with open(path, "rb") as fh:
+        chunk = fh.read(nbytes)
+    if b"\x00" in chunk:
+        return False
+    try:
+        chunk.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return exc.start >= len(chunk) - 3  # a multi-byte character cut at the chunk's end
+    return True

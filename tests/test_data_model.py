@@ -41,7 +41,7 @@ def test_npz_roundtrip_and_errors(tmp_path):
     with pytest.raises(DataError, match=r"missing key\(s\) \['x'\]"):
         load_npz(tmp_path / "nox.npz")
     (tmp_path / "junk.npz").write_text("not a zip")
-    with pytest.raises(DataError, match="not a readable"):
+    with pytest.raises(DataError, match="is a text file, not an .npz archive"):
         load_npz(tmp_path / "junk.npz")
     with pytest.raises(DataError, match="no such file"):
         load_npz(tmp_path / "absent.npz")
