@@ -86,7 +86,7 @@ from drdpo_theory.llm.losses import (
     kldpo_weights,
 )
 
-__all__ = ["LossConfig", "preference_loss", "preference_backward", "METHODS", "WDPO_IMPLS", "LogpsFn", "BackwardFn"]
+__all__ = ["LossConfig", "preference_loss", "preference_backward", "preference_eval", "METHODS", "WDPO_IMPLS", "LogpsFn", "BackwardFn"]
 
 METHODS = ("dpo", "ipo", "kldpo", "wdpo")
 WDPO_IMPLS = ("double-backward", "finite-diff")
@@ -742,3 +742,45 @@ def preference_backward(
     with _no_autocast(loss):
         backward(loss * loss_scale, True)
     return loss.detach(), metrics
+
+
+def preference_eval(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    cfg: LossConfig,
+    *,
+    logps_fn: LogpsFn | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    r"""The value of :func:`preference_loss` without parameter gradients (evaluation).
+
+    DPO, IPO, KLDPO: one forward under ``torch.no_grad``. WDPO (either estimator): the
+    penalised objective :math:`\frac1B\sum_i[\ell_i + \rho_0\|\nabla_e\ell_i\|^2]` needs
+    the embedding gradient, so gradients are enabled for one forward whose embeddings are
+    a leaf (the hook detaches them) and ``torch.autograd.grad`` is taken with respect to
+    that leaf only: no parameter receives a gradient and no engine gradient hook fires.
+    Safe to call inside ``torch.no_grad`` (TRL's evaluation loop).
+
+    Returns
+    -------
+    loss : torch.Tensor, scalar, detached
+    metrics : dict of str to float
+        As for :func:`preference_loss` (WDPO without ``wdpo/fd_h``).
+    """
+    logps_fn = concatenated_logps if logps_fn is None else logps_fn
+    if cfg.method != "wdpo":
+        with torch.no_grad():
+            loss, metrics = preference_loss(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, logps_fn=logps_fn)
+        return loss.detach(), metrics
+    with torch.enable_grad():
+        pc, pr, probe = _embed_forward(model, batch, logps_fn, leaf=True)
+        rc, rr = _refs(ref_chosen_logps, ref_rejected_logps, pc)
+        l = dpo_loss(pc, pr, rc, rr, cfg.beta)  # (B,)
+        (g,) = torch.autograd.grad(l.sum(), probe.e)  # (2B, T, D): with respect to the leaf e only
+    pair_sq = _pair_sq_norms(g)
+    penalty, metrics = _wdpo_metrics(l.detach(), pair_sq, cfg)
+    loss = (l.mean() + penalty).detach()
+    metrics["loss"] = float(loss)
+    metrics.update(_reward_metrics(pc, pr, rc, rr, cfg.beta))
+    return loss, metrics

@@ -39,15 +39,20 @@ def _offline_one_thread(monkeypatch):
     torch.set_num_threads(n)
 
 
-def _trainer(cls, tmp_path, max_steps=2, **kw):
+def _trainer(cls, tmp_path, max_steps=2, eval_dataset=False, config=None, **kw):
     model, tok = load_model("tiny-random")
     records = load_preferences("toy")[:N_PAIRS]
-    args = trl.DPOConfig(
-        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
-        beta=0.5, max_length=128, precompute_ref_log_probs=True, report_to=[], use_cpu=True,
-        logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
-    )
-    trainer = cls(model=model, args=args, train_dataset=datasets.Dataset.from_list(records), processing_class=tok, **kw)
+    args = trl.DPOConfig(**{
+        **dict(
+            output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
+            beta=0.5, max_length=128, precompute_ref_log_probs=True, report_to=[], use_cpu=True,
+            logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0, per_device_eval_batch_size=4,
+        ),
+        **(config or {}),
+    })
+    ds = datasets.Dataset.from_list(records)
+    trainer = cls(model=model, args=args, train_dataset=ds, eval_dataset=ds if eval_dataset else None,
+                  processing_class=tok, **kw)
     return trainer, model, tok, records
 
 
@@ -112,3 +117,84 @@ def test_trl_subclass_rejects_settings_that_change_the_loss(tmp_path):
     ds = datasets.Dataset.from_list(load_preferences("toy")[:4])
     with pytest.raises(ValueError, match=r"unsupported DPOConfig: loss_type=\['hinge'\]"):
         KLDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+
+
+METHODS = [
+    (KLDPOTrainer, {"tau": 0.5}),
+    (WDPOTrainer, {"wdpo_impl": "finite-diff", "rho0": 0.01}),
+    (WDPOTrainer, {"wdpo_impl": "double-backward", "rho0": 0.01}),
+]
+METHOD_IDS = ["kldpo", "wdpo-finite-diff", "wdpo-double-backward"]
+
+
+@pytest.mark.parametrize("cls, kw", METHODS, ids=METHOD_IDS)
+def test_trl_evaluate_reports_the_method_objective(tmp_path, cls, kw):
+    """evaluate() runs for every method; eval_loss is the method's objective on the evaluation pairs.
+
+    WDPO: eval_loss = eval_dpo_loss + eval_wdpo/penalty (the penalised objective; the
+    embedding gradient is taken inside TRL's no_grad evaluation loop), and no parameter
+    receives a gradient.
+    """
+    from drdpo_theory.llm.objectives import preference_eval
+    from drdpo_theory.llm.trl_adapter import fused_lm_head_logps
+
+    trainer, model, *_ = _trainer(cls, tmp_path, eval_dataset=True, **kw)
+    model.zero_grad(set_to_none=True)
+    out = trainer.evaluate()
+    assert all(p.grad is None for p in model.parameters())
+    assert torch.isfinite(torch.tensor(out["eval_loss"]))
+    # the same numbers by hand: both eval batches of 4 pairs, averaged (TRL averages batch losses)
+    trainer.model.eval()
+    losses = []
+    for inputs in trainer.get_eval_dataloader():
+        inputs = trainer._prepare_inputs(inputs)
+        batch, rc, rr = trainer._batch_and_refs(inputs)
+        loss, _ = preference_eval(trainer.model, batch, rc, rr, trainer.loss_config, logps_fn=fused_lm_head_logps)
+        losses.append(float(loss))
+    torch.testing.assert_close(out["eval_loss"], sum(losses) / len(losses), rtol=1e-5, atol=0.0)
+    if cls is WDPOTrainer:
+        torch.testing.assert_close(out["eval_loss"], out["eval_dpo_loss"] + out["eval_wdpo/penalty"], rtol=1e-5, atol=0.0)
+        assert out["eval_wdpo/penalty"] > 0
+
+
+def _flat_grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+def test_trl_wdpo_training_step_runs_two_passes_with_the_surrogate_gradient(tmp_path, monkeypatch):
+    """WDPOTrainer.training_step (two passes) accumulates what TRL's single backward of the surrogate would.
+
+    Two micro-batches with gradient accumulation 2: the accumulated gradient equals that of
+    TRL's own training_step on compute_loss (the single surrogate), and the returned loss is
+    the penalised objective divided by the accumulation steps.
+    """
+    kw = {"wdpo_impl": "finite-diff", "rho0": 0.01, "fd_step": 1e-2}
+    trainer, model, *_ = _trainer(WDPOTrainer, tmp_path, config={"gradient_accumulation_steps": 2}, **kw)
+    trainer.current_gradient_accumulation_steps = 2
+    batches = [trainer._prepare_inputs(b) for b in list(trainer.get_train_dataloader())[:2]]
+    calls = []
+    orig = type(trainer.accelerator).backward
+    monkeypatch.setattr(type(trainer.accelerator), "backward", lambda self, t, **k: (calls.append(1), orig(self, t, **k)))
+
+    def accumulate(two_pass):
+        monkeypatch.setattr(WDPOTrainer, "_two_pass", lambda self: two_pass)
+        model.zero_grad(set_to_none=True)
+        losses = [float(trainer.training_step(trainer.model, dict(b))) for b in batches]
+        return _flat_grads(model), losses
+
+    calls.clear()
+    g_two, loss_two = accumulate(True)
+    assert len(calls) == 4  # two backward passes per micro-batch, both through accelerate
+    g_one, loss_one = accumulate(False)
+    err = float((g_two - g_one).norm() / g_one.norm())
+    assert err < 1e-4, err
+    torch.testing.assert_close(torch.tensor(loss_two), torch.tensor(loss_one), rtol=1e-5, atol=0.0)
+
+
+def test_trl_refuses_liger_kernel(tmp_path):
+    model, tok = load_model("tiny-random")
+    args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=128,
+                         precompute_ref_log_probs=True, use_liger_kernel=True)
+    ds = datasets.Dataset.from_list(load_preferences("toy")[:4])
+    with pytest.raises(ValueError, match="use_liger_kernel=True .need False: the loss already uses TRL's fused LM head"):
+        WDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
