@@ -45,8 +45,11 @@ import dataclasses
 import json
 import math
 import os
+import hashlib
 import random
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,15 +62,25 @@ import torch.distributed as dist
 from drdpo_theory.llm.distributed import all_reduce_sum_detached, rank, world_size
 from drdpo_theory.llm.data import PreferenceCollator, TokenizedPair, fingerprint_pairs
 
+try:  # llm/ may call the theory side's numpy solvers (never the reverse)
+    from drdpo_theory.solvers.kl import kl_inner
+except ImportError:  # pragma: no cover
+    kl_inner = None
+
 __all__ = [
+    "CheckpointError",
     "NonFiniteError",
     "TrainConfig",
     "TrainResult",
     "Trainer",
+    "build_policy",
     "cosine_with_warmup",
+    "disable_dropout",
     "init_distributed",
     "latest_checkpoint",
+    "read_checkpoint_state",
     "train",
+    "weights_fingerprint",
 ]
 
 METHODS = ("dpo", "ipo", "kldpo", "wdpo")
@@ -76,11 +89,30 @@ WDPO_IMPLS = ("double-backward", "finite-diff")
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 REFERENCES = ("precompute", "model")
 RESUME_MAY_CHANGE = frozenset(
-    {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress"}
+    {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress",
+     "eval_every", "eval_kl_rhos", "merge_lora", "export"}
 )
 """TrainConfig fields a resumed run may change; any other difference is refused."""
-BASE_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "seconds")
-"""Columns every metrics.csv row starts with; the loss metrics follow in sorted order."""
+BASE_COLUMNS = ("step", "epoch", "loss", "learning_rate", "lr", "grad_norm", "seconds")
+"""Columns metrics.csv starts with (``learning_rate`` is TRL's name, ``lr`` kept for older readers);
+the loss metrics and the ``eval/...`` metrics follow in sorted order. Evaluation rows fill only
+``step``, ``epoch`` and the ``eval/`` columns."""
+
+DEFAULT_LR = {"tiny-random": 1e-3, "lora": 1e-4, "full": 5e-6}
+"""Default peak learning rate: full fine-tuning 5e-6 and LoRA 1e-4 (pretrained models, TRL-like);
+``tiny-random`` is a randomly initialised 2-layer toy whose logits barely move at those rates, so
+it gets 1e-3 (with it, 30 default DPO steps on the toy data lower the loss visibly)."""
+
+FINAL_DIR = "final"
+"""Folder of the exported policy under ``output_dir`` (``final-merged`` for merged LoRA)."""
+
+OWN_OUTPUTS = ("metrics.csv", "checkpoints", FINAL_DIR, FINAL_DIR + "-merged", "ref_logps.safetensors",
+               "ref_logps_eval.safetensors", "tensorboard")
+"""What a run writes under ``output_dir`` (``--overwrite`` removes exactly these)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or cache is missing, corrupt, or belongs to another run (the message names the file)."""
 
 
 class NonFiniteError(RuntimeError):
@@ -105,12 +137,17 @@ class TrainConfig:
     tau: float = _help("KLDPO temperature tau (> 0) in w_i = exp((l_i - mean_j l_j)/tau), a stand-in for lam*.", default=1.0)
     rho: float | None = _help("KL radius rho (>= 0) of the 'calibrated' KLDPO variant (required there, unused otherwise).", default=None)
     clamp: float = _help("Upper clamp of the KLDPO weights (authors' code: 10).", default=10.0)
-    wdpo_impl: str = _help("WDPO gradient: 'double-backward' (needs eager attention) or 'finite-diff'.", default="double-backward")
+    wdpo_impl: str = _help(
+        "WDPO gradient: 'finite-diff' (two passes, fused attention kept) or 'double-backward' (needs eager attention).",
+        default="finite-diff",
+    )
     rho0: float = _help("WDPO penalty coefficient rho0 (>= 0) on ||grad_emb l_i||^2 (0 gives DPO).", default=0.01)
     fd_step: float | None = _help(
         "Relative finite-difference step (> 0) of the 'finite-diff' WDPO gradient; None: sqrt(eps) of the dtype.", default=None
     )
-    lr: float = _help("Peak AdamW learning rate (> 0).", default=5e-6)
+    lr: float | None = _help(
+        "Peak AdamW learning rate (> 0); None: DEFAULT_LR (5e-6 full, 1e-4 LoRA, 1e-3 for tiny-random).", default=None
+    )
     weight_decay: float = _help("AdamW decoupled weight decay (>= 0).", default=0.0)
     warmup_steps: int = _help("Linear warm-up steps from 0 to lr (>= 0).", default=0)
     schedule: str = _help("Learning-rate schedule after warm-up: 'cosine' (to min_lr_ratio*lr) or 'constant'.", default="cosine")
@@ -120,11 +157,13 @@ class TrainConfig:
     grad_accum: int = _help("Micro-batches accumulated per optimizer step (>= 1).", default=1)
     max_grad_norm: float = _help("Global gradient-norm clip (> 0); 0 disables clipping (the norm is still checked).", default=1.0)
     max_length: int = _help("Maximum prompt+answer length in tokens.", default=512)
-    max_prompt_length: int = _help("Maximum prompt length in tokens (< max_length; prompts keep their end).", default=256)
+    max_prompt_length: int | None = _help(
+        "Maximum prompt length in tokens (< max_length; prompts keep their end); None: max_length // 2.", default=None
+    )
     precision: str = _help("'fp32'; 'bf16' (bf16 weights); 'bf16-mixed' (fp32 weights, bf16 autocast).", default="fp32")
     lora: bool = _help("Train LoRA adapters (peft) instead of all weights.", default=False)
-    lora_r: int = _help("LoRA rank r (>= 1).", default=8)
-    lora_alpha: float = _help("LoRA scaling alpha (> 0).", default=16.0)
+    lora_r: int = _help("LoRA rank r (>= 1).", default=16)
+    lora_alpha: float = _help("LoRA scaling alpha (> 0).", default=32.0)
     lora_dropout: float = _help("LoRA dropout probability in [0, 1).", default=0.0)
     lora_target_modules: tuple[str, ...] = _help(
         "Module names receiving adapters, or ('all-linear',).", default=("q_proj", "k_proj", "v_proj", "o_proj")
@@ -136,6 +175,18 @@ class TrainConfig:
     tensorboard: bool = _help("Also log metrics to output_dir/tensorboard (needs the tensorboard package).", default=False)
     progress: bool = _help("Show a tqdm progress bar on rank 0.", default=True)
     model_spec: str = _help("Name of the model (recorded in checkpoints and the reference cache key).", default="")
+    keep_dropout: bool = _help(
+        "Keep the model's dropout in training (default: disabled in policy and reference, as TRL's disable_dropout).",
+        default=False,
+    )
+    gradient_checkpointing: bool = _help("Recompute activations in the backward (less memory, ~30% more time).", default=False)
+    eval_every: int = _help("Evaluate on the eval pairs every K optimizer steps (0: at the end only).", default=0)
+    eval_kl_rhos: tuple[float, ...] = _help(
+        "KL radii rho of the eval/kl_worst_loss@rho metrics (exact worst case over the KL ball around the eval pairs).",
+        default=(0.01, 0.1),
+    )
+    export: bool = _help("Write output_dir/final (model or adapter folder) when training finishes.", default=True)
+    merge_lora: bool = _help("LoRA: also write output_dir/final-merged, the adapters merged into the base.", default=False)
 
     def __post_init__(self) -> None:
         def choice(name: str, allowed: Sequence[str]) -> None:
@@ -146,6 +197,11 @@ class TrainConfig:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {what}; got {getattr(self, name)!r}")
 
+        if self.lr is None:
+            self.lr = DEFAULT_LR["tiny-random" if self.model_spec == "tiny-random" else ("lora" if self.lora else "full")]
+        if self.max_prompt_length is None and isinstance(self.max_length, int):
+            self.max_prompt_length = max(1, self.max_length // 2)
+        self.eval_kl_rhos = tuple(float(r) for r in self.eval_kl_rhos)
         choice("method", METHODS)
         choice("kldpo_variant", KLDPO_VARIANTS)
         choice("wdpo_impl", WDPO_IMPLS)
@@ -168,7 +224,12 @@ class TrainConfig:
         check("lora_dropout", 0.0 <= self.lora_dropout < 1.0, "in [0, 1)")
         for name in ("max_steps", "batch_size", "grad_accum", "lora_r", "max_length", "max_prompt_length"):
             check(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
-        for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints"):
+        for r in self.eval_kl_rhos:
+            if not (math.isfinite(r) and r > 0):
+                raise ValueError(f"TrainConfig.eval_kl_rhos must hold finite numbers > 0; got {self.eval_kl_rhos!r}")
+        if self.merge_lora and not self.lora:
+            raise ValueError("TrainConfig.merge_lora needs lora=True (merging folds LoRA adapters into the base)")
+        for name in ("warmup_steps", "checkpoint_every", "keep_checkpoints", "eval_every"):
             check(name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
         check("max_prompt_length", self.max_prompt_length < self.max_length, f"< max_length={self.max_length}")
         self.lora_target_modules = tuple(self.lora_target_modules)
@@ -194,6 +255,7 @@ class TrainConfig:
         """JSON-able dict of all fields."""
         d = dataclasses.asdict(self)
         d["lora_target_modules"] = list(self.lora_target_modules)
+        d["eval_kl_rhos"] = list(self.eval_kl_rhos)
         return d
 
 
@@ -212,7 +274,14 @@ class TrainResult:
     checkpoint : pathlib.Path or None
         Last checkpoint written (or resumed from).
     interrupted : bool
-        True when a KeyboardInterrupt stopped the run (a checkpoint was saved first).
+        True when SIGINT (KeyboardInterrupt) or SIGTERM stopped the run (a checkpoint was
+        saved first).
+    signal : str or None
+        ``"SIGINT"`` or ``"SIGTERM"`` when interrupted.
+    exported : list of pathlib.Path
+        Folders written by the final export (``output_dir/final`` and, merged, ``final-merged``).
+    eval_rows : list of dict
+        The evaluation rows written in this call.
     """
 
     losses: list[float]
@@ -221,6 +290,9 @@ class TrainResult:
     final_step: int
     checkpoint: Path | None
     interrupted: bool = False
+    signal: str | None = None
+    exported: list[Path] = field(default_factory=list)
+    eval_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
 def cosine_with_warmup(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0, cosine: bool = True) -> float:
@@ -252,6 +324,99 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return steps[-1] if steps else None
 
 
+CHECKPOINT_KEYS = ("step", "consumed", "world_size", "param_names", "param_groups", "optimizer_scalars",
+                   "scheduler", "python_rng", "numpy_rng", "config")
+
+
+def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``path/trainer_state.json``.
+
+    Raises
+    ------
+    CheckpointError
+        If ``path`` is not a checkpoint folder, or its state file is unreadable, not JSON, or
+        lacks a field; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    state_file = path / "trainer_state.json"
+    if not state_file.is_file():
+        raise CheckpointError(f"{path}: not a checkpoint (no trainer_state.json)")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(
+            f"{state_file}: corrupt checkpoint state ({type(exc).__name__}); resume from another checkpoint "
+            "or start over with --overwrite"
+        ) from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{state_file}: corrupt checkpoint state (missing {missing})")
+    return state
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """BLAKE2b digest of every tensor of ``model.state_dict()`` (names, dtypes, shapes, bytes).
+
+    Keys the reference log-prob caches and checkpoints: replacing the weights file of a model
+    folder changes it even when the model's name does not change.
+    """
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability of ``model`` to 0 (TRL's ``disable_dropout``), in place.
+
+    Covers ``nn.Dropout`` modules (LoRA dropout included) and the float ``attention_dropout``
+    / ``dropout`` attributes that transformers' attention modules pass to the attention kernel.
+    """
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+            continue
+        for attr in ("attention_dropout", "dropout"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+    return model
+
+
+def build_policy(model: torch.nn.Module, cfg: "TrainConfig") -> torch.nn.Module:
+    """The trained policy of ``cfg``: dtype cast, dropout off (unless ``keep_dropout``), LoRA, checkpointing.
+
+    Returns ``model`` itself for full fine-tuning, a ``peft.PeftModel`` with LoRA (new adapter
+    weights from the global torch RNG).
+    """
+    if cfg.precision == "bf16":
+        model = model.to(torch.bfloat16)
+    else:  # fp32, and bf16-mixed: fp32 master weights, bf16 compute under autocast
+        model = model.float()
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets: Any = "all-linear" if cfg.lora_target_modules == ("all-linear",) else list(cfg.lora_target_modules)
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                target_modules=targets, task_type="CAUSAL_LM",
+            ),
+        )
+    if not cfg.keep_dropout:
+        disable_dropout(model)
+    if cfg.gradient_checkpointing:
+        # non-reentrant checkpointing: works with frozen inputs (LoRA), inputs_embeds and double backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(model, "config", None) is not None:
+            model.config.use_cache = False
+    return model
+
+
 def _barrier() -> None:
     if world_size() > 1:
         dist.barrier()
@@ -259,6 +424,18 @@ def _barrier() -> None:
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def make_adamw(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW``, fused where the device and dtype support it, else the foreach kernel.
+
+    The three implementations compute the same update up to floating-point rounding (tested);
+    the fused one is ~3.5x faster on CPU at 135M parameters.
+    """
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # device or dtype without a fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
 
 
 class Trainer:
@@ -284,12 +461,20 @@ class Trainer:
         tokenizer: Any,
         pairs: Sequence[TokenizedPair],
         device: torch.device | None = None,
+        eval_pairs: Sequence[TokenizedPair] | None = None,
     ) -> None:
         if not pairs:
             raise ValueError("no training pairs")
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.pairs = list(pairs)
+        self.eval_pairs = list(eval_pairs or [])
+        # nominal distribution p: pair weights normalised to mean 1 over the training set, so the
+        # batch mean of w_i * l_i estimates sum_i p_i l_i without bias (uniform sampling)
+        total = sum(p.weight for p in self.pairs)
+        if not total > 0:
+            raise ValueError("every training pair has weight 0")
+        self.weight_scale = len(self.pairs) / total
         self.rank, self.world = rank(), world_size()
         if len(self.pairs) < cfg.batch_size * self.world:
             raise ValueError(
@@ -314,29 +499,13 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         model = model.to(device)
-        if cfg.precision == "fp32":
-            model = model.float()
-        elif cfg.precision == "bf16":
-            model = model.to(torch.bfloat16)
-        else:  # bf16-mixed: fp32 master weights, bf16 compute under autocast
-            model = model.float()
+        self.weights_fp = weights_fingerprint(model)  # the initial policy = the reference
         self.ref_model: torch.nn.Module | None = None
         if cfg.reference == "model" and not cfg.lora:
-            self.ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-        if cfg.lora:
-            from peft import LoraConfig, get_peft_model
-
-            targets: Any = "all-linear" if cfg.lora_target_modules == ("all-linear",) else list(cfg.lora_target_modules)
-            model = get_peft_model(
-                model,
-                LoraConfig(
-                    r=cfg.lora_r,
-                    lora_alpha=cfg.lora_alpha,
-                    lora_dropout=cfg.lora_dropout,
-                    target_modules=targets,
-                    task_type="CAUSAL_LM",
-                ),
-            )
+            ref = copy.deepcopy(model)
+            ref = ref.to(torch.bfloat16) if cfg.precision == "bf16" else ref.float()
+            self.ref_model = disable_dropout(ref).eval().requires_grad_(False)
+        model = build_policy(model, cfg)
         model.train()
         self.base = model  # unwrapped policy (a PeftModel with LoRA)
         if self.world > 1:
@@ -345,7 +514,7 @@ class Trainer:
         self.model = model
         self.params = [p for p in self.base.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.base.named_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule == "cosine"),
@@ -359,6 +528,9 @@ class Trainer:
         self.step = 0
         self.consumed = 0  # micro-batches consumed by this rank
         self.ref_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.eval_ref: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._eval_step: int | None = None
+        self._stop_signal: str | None = None
         self.last_checkpoint: Path | None = None
         self._rng_snapshot = self._rng_state()
         self._tb = None
@@ -378,75 +550,191 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, enabled=False)
 
     # ------------------------------------------------------------- reference
-    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _policy_logps(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor], adapters: bool = True):
+        """Sequence log-probs (chosen, rejected) in eval mode (no dropout), no grad."""
         from drdpo_theory.llm.logprobs import concatenated_logps
 
+        was_training = module.training
+        module.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                ctx = self.base.disable_adapter() if (self.cfg.lora and not adapters) else contextlib.nullcontext()
+                with ctx:
+                    return concatenated_logps(module, inputs)
+        finally:
+            module.train(was_training)
+
+    def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ref_cache is not None:
             idx = batch["index"]
             return self.ref_cache[0][idx].to(self.device), self.ref_cache[1][idx].to(self.device)
-        inputs = {k: v for k, v in batch.items() if k != "index"}
-        with torch.no_grad(), self._autocast():
-            if self.ref_model is not None:
-                c, r = concatenated_logps(self.ref_model, inputs)
-            else:  # LoRA: the base model is the reference
-                with self.base.disable_adapter():
-                    c, r = concatenated_logps(self.base, inputs)
+        inputs = {k: v for k, v in batch.items() if k not in ("index", "weight")}
+        if self.ref_model is not None:
+            c, r = self._policy_logps(self.ref_model, inputs)
+        else:  # LoRA: the base model (adapters disabled) is the reference
+            c, r = self._policy_logps(self.base, inputs, adapters=False)
         return c.detach().float(), r.detach().float()
 
-    def _reference_key(self) -> str:
+    def _reference_key(self, pairs: Sequence[TokenizedPair] | None = None) -> str:
         return json.dumps(
-            {"data": fingerprint_pairs(self.pairs), "model": self.cfg.model_spec, "precision": self.cfg.precision},
+            {
+                "data": fingerprint_pairs(self.pairs if pairs is None else pairs),
+                "model": self.cfg.model_spec,
+                "weights": self.weights_fp,
+                "precision": self.cfg.precision,
+            },
             sort_keys=True,
         )
 
-    def precompute_reference(self) -> None:
-        """Compute ``log pi_ref`` of every pair once (sharded over ranks) and cache it on disk.
+    def _read_reference_cache(self, path: Path, key: str, n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached (chosen, rejected) log-probs if ``path`` holds them for ``key``; None if absent or stale."""
+        if not path.is_file():
+            return None
+        from safetensors import safe_open
 
-        The cache ``output_dir/ref_logps.safetensors`` holds tensors ``chosen`` and ``rejected``
-        of shape ``(N,)`` and, in its metadata, the key (data fingerprint, model spec, precision);
-        a cache with another key is recomputed.
-        """
-        from safetensors.torch import load_file, save_file
-
-        from drdpo_theory.llm.logprobs import concatenated_logps
-
-        path = self.out / "ref_logps.safetensors"
-        key = self._reference_key()
-        if path.is_file():
-            from safetensors import safe_open
-
+        try:
             with safe_open(str(path), framework="pt") as fh:
                 meta = fh.metadata() or {}
-            if meta.get("key") == key:
-                t = load_file(str(path))
-                self.ref_cache = (t["chosen"], t["rejected"])
-                return
-        n = len(self.pairs)
+                if meta.get("key") != key:
+                    return None  # another model, data or precision: recomputed
+                t = {name: fh.get_tensor(name) for name in ("chosen", "rejected")}
+        except Exception as exc:  # safetensors raises its own error types on damaged files
+            raise CheckpointError(
+                f"{path}: corrupt reference log-prob cache ({type(exc).__name__}); delete it to recompute it"
+            ) from None
+        if any(v.shape != (n,) or not torch.isfinite(v).all() for v in t.values()):
+            raise CheckpointError(f"{path}: corrupt reference log-prob cache (expected {n} finite values per answer); "
+                                  "delete it to recompute it")
+        return t["chosen"], t["rejected"]
+
+    def _compute_reference(self, pairs: Sequence[TokenizedPair], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+        """``log pi_ref`` of every pair of ``pairs`` (sharded over ranks), cached atomically at ``path``."""
+        from safetensors.torch import save_file
+
+        key = self._reference_key(pairs)
+        cached = self._read_reference_cache(path, key, len(pairs))
+        if cached is not None:
+            return cached
+        n = len(pairs)
         chosen = torch.zeros(n, dtype=torch.float64, device=self.device)
         rejected = torch.zeros(n, dtype=torch.float64, device=self.device)
         mine = list(range(self.rank, n, self.world))
-        was_training = self.base.training
-        self.base.eval()
         for start in range(0, len(mine), self.cfg.batch_size):
             idx = mine[start : start + self.cfg.batch_size]
-            batch = self.collate([self.pairs[i] for i in idx])
-            inputs = {k: v.to(self.device) for k, v in batch.items() if k != "index"}
-            with torch.no_grad(), self._autocast():
-                ctx = self.base.disable_adapter() if self.cfg.lora else contextlib.nullcontext()
-                with ctx:
-                    c, r = concatenated_logps(self.base, inputs)
+            batch = self.collate([pairs[i] for i in idx])
+            inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("index", "weight")}
+            c, r = self._policy_logps(self.base, inputs, adapters=False)
             chosen[idx] = c.double()
             rejected[idx] = r.double()
-        self.base.train(was_training)
         if self.world > 1:  # each entry is non-zero on exactly one rank
             dist.all_reduce(chosen)
             dist.all_reduce(rejected)
-        self.ref_cache = (chosen.float().cpu(), rejected.float().cpu())
+        out = (chosen.float().cpu(), rejected.float().cpu())
         if self.rank == 0:
-            tmp = path.with_suffix(".tmp")
-            save_file({"chosen": self.ref_cache[0], "rejected": self.ref_cache[1]}, str(tmp), metadata={"key": key})
+            tmp = path.with_name(f".tmp-{path.name}")
+            save_file({"chosen": out[0], "rejected": out[1]}, str(tmp), metadata={"key": key})
             os.replace(tmp, path)
         _barrier()
+        return out
+
+    def precompute_reference(self) -> None:
+        """Compute ``log pi_ref`` of every training (and eval) pair once and cache it on disk.
+
+        The cache ``output_dir/ref_logps.safetensors`` (``ref_logps_eval.safetensors`` for the
+        eval pairs) holds tensors ``chosen`` and ``rejected`` of shape ``(N,)`` and, in its
+        metadata, the key: a hash of the tokenised data, a hash of the initial weights
+        (:func:`weights_fingerprint`), the model spec and the precision. A cache with another
+        key is recomputed; an unreadable one raises :class:`CheckpointError`. The reference is
+        the initial policy in eval mode (no dropout; with LoRA, adapters disabled).
+        """
+        if self.ref_cache is None:
+            self.ref_cache = self._compute_reference(self.pairs, self.out / "ref_logps.safetensors")
+        if self.eval_pairs and self.eval_ref is None:
+            self.eval_ref = self._compute_reference(self.eval_pairs, self.out / "ref_logps_eval.safetensors")
+
+    def _eval_reference(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.eval_ref is None:
+            if self.cfg.reference == "precompute":
+                self.precompute_reference()
+            else:  # frozen reference model (or LoRA base): computed once, kept in memory
+                n = len(self.eval_pairs)
+                c_all = torch.zeros(n, dtype=torch.float64, device=self.device)
+                r_all = torch.zeros(n, dtype=torch.float64, device=self.device)
+                mine = list(range(self.rank, n, self.world))
+                for start in range(0, len(mine), self.cfg.batch_size):
+                    idx = mine[start : start + self.cfg.batch_size]
+                    batch = self.collate([self.eval_pairs[i] for i in idx])
+                    c, r = self._reference_logps({k: v.to(self.device) for k, v in batch.items()})
+                    c_all[idx], r_all[idx] = c.double(), r.double()
+                if self.world > 1:
+                    dist.all_reduce(c_all)
+                    dist.all_reduce(r_all)
+                self.eval_ref = (c_all.float().cpu(), r_all.float().cpu())
+        return self.eval_ref
+
+    # ------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict[str, Any]:
+        """Metrics of the current policy on the eval pairs (eval mode, no grad), TRL's names under ``eval/``.
+
+        With p the eval pairs' normalised weights and l_i the per-pair loss of the method's base
+        objective (DPO; IPO for ``ipo``), all on held-out data:
+
+        * ``eval/loss`` = sum_i p_i l_i (the same quantity for every method, so runs compare);
+        * ``eval/rewards/{chosen,rejected,margins}``, ``eval/logps/{chosen,rejected}``: p-weighted
+          means of the implicit rewards beta (log pi - log pi_ref) and sequence log-probs;
+        * ``eval/rewards/accuracies``: p-mass of pairs with a positive reward margin;
+        * ``eval/kl_worst_loss@RHO`` for each RHO in ``eval_kl_rhos``: the exact worst-case
+          mean loss sup {E_q l : KL(q || p) <= RHO} over the KL ball around the eval pairs
+          (``drdpo_theory.solvers.kl.kl_inner``), the robust objective on held-out data.
+
+        Returns an empty dict when there are no eval pairs. Every rank must call it.
+        """
+        from drdpo_theory.llm.losses import dpo_loss, ipo_loss
+
+        if not self.eval_pairs:
+            return {}
+        ref_c, ref_r = self._eval_reference()
+        n = len(self.eval_pairs)
+        pol = torch.zeros(2, n, dtype=torch.float64, device=self.device)
+        mine = list(range(self.rank, n, self.world))
+        for start in range(0, len(mine), self.cfg.batch_size):
+            idx = mine[start : start + self.cfg.batch_size]
+            batch = self.collate([self.eval_pairs[i] for i in idx])
+            inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("index", "weight")}
+            c, r = self._policy_logps(self.base, inputs)
+            pol[0, idx], pol[1, idx] = c.double(), r.double()
+        if self.world > 1:
+            dist.all_reduce(pol)
+        pc, pr = pol[0].cpu(), pol[1].cpu()
+        rc, rr = ref_c.double(), ref_r.double()
+        beta = self.cfg.beta
+        loss_fn = ipo_loss if self.cfg.method == "ipo" else dpo_loss
+        losses = loss_fn(pc, pr, rc, rr, beta).numpy()  # (n,)
+        w = np.array([p.weight for p in self.eval_pairs], dtype=np.float64)
+        if not w.sum() > 0:
+            w = np.ones(n)
+        p = w / w.sum()
+        r_c, r_r = (beta * (pc - rc)).numpy(), (beta * (pr - rr)).numpy()
+        margin = r_c - r_r
+        out: dict[str, Any] = {
+            "eval/loss": float(p @ losses),
+            "eval/rewards/chosen": float(p @ r_c),
+            "eval/rewards/rejected": float(p @ r_r),
+            "eval/rewards/margins": float(p @ margin),
+            "eval/rewards/accuracies": float(p @ (margin > 0)),
+            "eval/logps/chosen": float(p @ pc.numpy()),
+            "eval/logps/rejected": float(p @ pr.numpy()),
+        }
+        if kl_inner is not None:
+            for rho in self.cfg.eval_kl_rhos:
+                out[f"eval/kl_worst_loss@{rho:g}"] = float(kl_inner(losses, p, rho).value)
+        return out
+
+    def _eval_row(self) -> dict[str, Any]:
+        row = {"step": self.step, "epoch": round(self.consumed / self.batches_per_epoch, 4)}
+        row.update(self.evaluate())
+        self._eval_step = self.step
+        return row
 
     # ------------------------------------------------------------ checkpoint
     def _rng_state(self) -> dict[str, Any]:
@@ -504,6 +792,7 @@ class Trainer:
                 "python_rng": [rng["python"][0], list(rng["python"][1]), rng["python"][2]],
                 "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
                 "config": self.cfg.to_json(),
+                "identity": self._identity(),
             }
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             if final.exists():
@@ -517,17 +806,38 @@ class Trainer:
         self.last_checkpoint = final
         return final
 
+    def _identity(self) -> dict[str, str]:
+        """What makes a checkpoint this run's besides its config: training/eval data and initial weights."""
+        return {
+            "train_data": fingerprint_pairs(self.pairs, weights=True),
+            "eval_data": fingerprint_pairs(self.eval_pairs, weights=True),
+            "initial_weights": self.weights_fp,
+        }
+
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Restore weights, optimizer, scheduler, RNG states and data position from ``path``."""
+        """Restore weights, optimizer, scheduler, RNG states and data position from ``path``.
+
+        Raises
+        ------
+        CheckpointError
+            If a file is missing or corrupt, or the checkpoint belongs to another run (other
+            configuration, data, initial weights, trainable parameters or process count).
+        """
         from safetensors.torch import load_file
 
         path = Path(path)
-        state_file = path / "trainer_state.json"
-        if not state_file.is_file():
-            raise FileNotFoundError(f"{path}: not a checkpoint (no trainer_state.json)")
-        state = json.loads(state_file.read_text())
+        state = read_checkpoint_state(path)
+        identity = state.get("identity")
+        if identity is not None:
+            what = {"train_data": "training data", "eval_data": "eval data", "initial_weights": "initial model weights"}
+            differ = [what[k] for k, v in self._identity().items() if identity.get(k) != v]
+            if differ:
+                raise CheckpointError(
+                    f"{path}: written by a run with other {', '.join(differ)}; refusing to resume "
+                    "(use another --output, or --overwrite to start over)"
+                )
         if state["world_size"] != self.world:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: saved with {state['world_size']} processes, resuming with {self.world}; "
                 "exact resume needs the same number"
             )
@@ -537,28 +847,45 @@ class Trainer:
             if k not in RESUME_MAY_CHANGE and saved.get(k) != v
         )
         if changed:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: cannot resume with a different configuration; changed: "
                 + ", ".join(f"{k} ({saved.get(k)!r} -> {getattr(self.cfg, k)!r})" for k in changed)
             )
         if state["param_names"] != self.param_names:
-            raise ValueError(f"{path}: trainable parameters differ from this model's (another model or LoRA setting?)")
-        weights = load_file(str(path / "trainable.safetensors"))
+            raise CheckpointError(f"{path}: trainable parameters differ from this model's (another model or LoRA setting?)")
+
+        def tensors_of(name: str, keys: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+            try:
+                t = load_file(str(path / name))
+            except Exception as exc:  # missing file, or safetensors' own errors on damaged files
+                raise CheckpointError(f"{path / name}: missing or corrupt checkpoint file ({type(exc).__name__})") from None
+            missing = [k for k in keys if k not in t]
+            if missing:
+                raise CheckpointError(f"{path / name}: corrupt checkpoint file (missing {missing[:3]})")
+            return t
+
+        weights = tensors_of("trainable.safetensors", self.param_names)
+        for n, p in zip(self.param_names, self.params):
+            if tuple(weights[n].shape) != tuple(p.shape):
+                raise CheckpointError(f"{path / 'trainable.safetensors'}: {n} has shape {tuple(weights[n].shape)}, "
+                                      f"expected {tuple(p.shape)}")
         with torch.no_grad():
             for n, p in zip(self.param_names, self.params):
                 p.copy_(weights[n].to(p.device, p.dtype))
-        tensors = load_file(str(path / "optimizer.safetensors"))
+        tensors = tensors_of("optimizer.safetensors")
         opt_state: dict[int, dict[str, Any]] = {}
         for k, v in list(tensors.items()) + list(state["optimizer_scalars"].items()):
             pid, name = k.split(".", 1)
             opt_state.setdefault(int(pid), {})[name] = v
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        try:
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"{path}: corrupt optimizer state ({str(exc).splitlines()[0]})") from None
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None]})
         # Same formula as LambdaLR (identical floats when max_steps is unchanged; follows a new max_steps).
         for group, base, lam in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
             group["lr"] = base * lam(self.scheduler.last_epoch)
-        rank_file = path / f"rng_rank{self.rank}.safetensors"
-        rng = load_file(str(rank_file))
+        rng = tensors_of(f"rng_rank{self.rank}.safetensors", ["torch"])
         torch.set_rng_state(rng["torch"])
         if "cuda" in rng and self.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.device)
@@ -572,39 +899,58 @@ class Trainer:
         self._rng_snapshot = self._rng_state()
 
     # --------------------------------------------------------------- logging
+    def _read_metrics(self) -> tuple[list[str], list[dict[str, str]]]:
+        path = self.out / "metrics.csv"
+        if not path.is_file() or path.stat().st_size == 0:
+            return [], []
+        with path.open(newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            return list(reader.fieldnames or []), list(reader)
+
+    def _rewrite_metrics(self, header: list[str], rows: list[dict[str, Any]]) -> None:
+        path = self.out / "metrics.csv"
+        tmp = path.with_name(".tmp-metrics.csv")
+        with tmp.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _header_for(keys: Sequence[str]) -> list[str]:
+        base = [k for k in BASE_COLUMNS]
+        return base + sorted(k for k in keys if k not in BASE_COLUMNS)
+
     def _write_row(self, row: dict[str, Any]) -> None:
+        """Append one row to metrics.csv (rank 0); a row with new columns rewrites the file atomically."""
         if self.rank != 0:
             return
         path = self.out / "metrics.csv"
-        if path.is_file() and path.stat().st_size > 0:
-            with path.open(newline="") as fh:
-                header = next(csv.reader(fh))
-            new = False
+        header, rows = self._read_metrics()
+        if not header or any(k not in header for k in row):
+            self._rewrite_metrics(self._header_for(set(header) | set(row)), rows + [row])
         else:
-            header = list(BASE_COLUMNS) + sorted(k for k in row if k not in BASE_COLUMNS)
-            new = True
-        with path.open("a", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="")
-            if new:
-                w.writeheader()
-            w.writerow(row)
+            with path.open("a", newline="", encoding="utf-8") as fh:
+                csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="").writerow(row)
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self._tb.add_scalar(k, v, row["step"])
 
     def _truncate_metrics(self) -> None:
-        """Drop metrics rows after the resumed step (they will be recomputed)."""
-        path = self.out / "metrics.csv"
-        if self.rank != 0 or not path.is_file():
-            return
-        with path.open(newline="") as fh:
-            rows = list(csv.reader(fh))
-        if not rows:
-            return
-        keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) <= self.step]
-        with path.open("w", newline="") as fh:
-            csv.writer(fh).writerows(keep)
+        """Drop metrics rows after the resumed step (they will be recomputed); note an eval at that step."""
+        if self.rank == 0:
+            header, rows = self._read_metrics()
+            if header:
+                keep = [r for r in rows if r.get("step", "").isdigit() and int(r["step"]) <= self.step]
+                if len(keep) != len(rows):
+                    self._rewrite_metrics(header, keep)
+                if any(int(r["step"]) == self.step and r.get("eval/loss") for r in keep):
+                    self._eval_step = self.step
+        if self.world > 1:
+            flag = torch.tensor(1.0 if self._eval_step == self.step else 0.0, device=self.device)
+            dist.broadcast(flag, 0)
+            self._eval_step = self.step if flag.item() > 0 else None
 
     # ------------------------------------------------------------------ loop
     def _check_finite(self, value: torch.Tensor, what: str) -> None:
@@ -631,7 +977,8 @@ class Trainer:
             batch = self._batch_at(self.consumed + micro)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             ref_c, ref_r = self._reference_logps(batch)
-            inputs = {k: v for k, v in batch.items() if k != "index"}
+            inputs = {k: v for k, v in batch.items() if k not in ("index", "weight")}
+            inputs["weight"] = batch["weight"] * self.weight_scale  # (B,) p_i * N: mean 1 over the data
             last = micro == cfg.grad_accum - 1
             sync = self.model.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
             with sync:
@@ -660,6 +1007,7 @@ class Trainer:
             "step": self.step,
             "epoch": round(self.consumed / self.batches_per_epoch, 4),
             "loss": float(vals[0]),
+            "learning_rate": lr,
             "lr": lr,
             "grad_norm": float(grad_norm),
             "seconds": round(time.perf_counter() - t0, 6),
@@ -667,13 +1015,55 @@ class Trainer:
         row.update({k: float(v) for k, v in zip(names, vals[1:].tolist())})
         return row
 
+    def _install_sigterm(self) -> Callable[[], None]:
+        """SIGTERM (a scheduler's kill) asks the loop to checkpoint and stop after the current step."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum: int, frame: Any) -> None:
+            self._stop_signal = "SIGTERM"
+
+        old = signal.signal(signal.SIGTERM, handler)
+        return lambda: signal.signal(signal.SIGTERM, old)
+
+    def _stop_requested(self) -> bool:
+        flag = 1.0 if self._stop_signal else 0.0
+        if self.world > 1:  # every rank stops at the same step, even if only one got the signal
+            t = torch.tensor(flag, device=self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            flag = float(t.item())
+            if flag > 0 and not self._stop_signal:
+                self._stop_signal = "SIGTERM"
+        return flag > 0
+
+    def export(self) -> list[Path]:
+        """Write ``output_dir/final`` (model or adapter folder; ``final-merged`` with ``merge_lora``), rank 0."""
+        from drdpo_theory.llm.export import export_policy
+
+        paths: list[Path] = []
+        if self.rank == 0:
+            spec = self.cfg.model_spec
+            if spec and Path(spec).expanduser().exists():
+                spec = str(Path(spec).expanduser().resolve())
+            info = {"base_model": spec, "method": self.cfg.method, "step": self.step}
+            was_training = self.base.training
+            self.base.eval()
+            try:
+                paths = export_policy(self.base, self.tokenizer, self.out / FINAL_DIR, info=info, merge=self.cfg.merge_lora)
+            finally:
+                self.base.train(was_training)
+        _barrier()
+        return paths
+
     def fit(
         self, resume_from: str | os.PathLike | None = None, on_step: Callable[[dict[str, Any]], None] | None = None
     ) -> TrainResult:
-        """Train until ``cfg.max_steps``; see :func:`train`."""
+        """Train until ``cfg.max_steps``, evaluate, export; see :func:`train`."""
         cfg = self.cfg
         if cfg.reference == "precompute":  # before resuming: pi_ref is the initial policy
             self.precompute_reference()
+        elif self.eval_pairs:
+            self._eval_reference()
         if resume_from is not None:
             ckpt = latest_checkpoint(cfg.output_dir) if str(resume_from) == "auto" else Path(resume_from)
             if ckpt is not None:
@@ -686,12 +1076,23 @@ class Trainer:
         start = self.step
         losses: list[float] = []
         rows: list[dict[str, Any]] = []
+        eval_rows: list[dict[str, Any]] = []
+        exported: list[Path] = []
         bar = None
         if cfg.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"align[{cfg.method}]", dynamic_ncols=True)
-        interrupted = False
+        interrupted, sig = False, None
+        restore_sigterm = self._install_sigterm()
+
+        def evaluate_now() -> None:
+            row = self._eval_row()
+            self._write_row(row)
+            eval_rows.append(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{rows[-1]['loss']:.4f}" if rows else "", eval_loss=f"{row['eval/loss']:.4f}")
+
         try:
             while self.step < cfg.max_steps:
                 row = self.train_step()
@@ -703,22 +1104,35 @@ class Trainer:
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
+                if self.eval_pairs and cfg.eval_every and self.step % cfg.eval_every == 0:
+                    evaluate_now()
                 if on_step is not None:
                     on_step(row)
-            if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}":
+                if self._stop_requested():
+                    interrupted, sig = True, self._stop_signal
+                    break
+            if (self.step > start or not interrupted) and (
+                self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}"
+            ):
                 self.save_checkpoint()
+            if not interrupted:
+                if self.eval_pairs and self._eval_step != self.step:
+                    evaluate_now()
+                if cfg.export:
+                    exported = self.export()
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted, sig = True, "SIGINT"
             self.optimizer.zero_grad(set_to_none=True)
             if self.step > start and (self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}"):
                 self.save_checkpoint()
         finally:
+            restore_sigterm()
             if bar is not None:
                 bar.close()
             if self._tb is not None:
                 self._tb.close()
                 self._tb = None
-        return TrainResult(losses, rows, start, self.step, self.last_checkpoint, interrupted)
+        return TrainResult(losses, rows, start, self.step, self.last_checkpoint, interrupted, sig, exported, eval_rows)
 
 
 def train(
@@ -729,6 +1143,7 @@ def train(
     resume_from: str | os.PathLike | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     device: torch.device | None = None,
+    eval_pairs: Sequence[TokenizedPair] | None = None,
 ) -> TrainResult:
     """Train ``model`` on tokenised preference pairs with the objective of ``cfg``.
 
@@ -746,6 +1161,9 @@ def train(
         Called with each metrics row after logging and checkpointing (tests use it to
         interrupt a run).
     device : torch.device, optional
+    eval_pairs : sequence of TokenizedPair, optional
+        Held-out pairs: evaluated every ``cfg.eval_every`` steps and at the end
+        (:meth:`Trainer.evaluate`), rows with ``eval/...`` columns in metrics.csv.
 
     Returns
     -------
@@ -759,12 +1177,15 @@ def train(
 
     Notes
     -----
-    A KeyboardInterrupt saves a checkpoint of the last completed step and returns with
-    ``interrupted=True``. Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE > 1``) call
+    A KeyboardInterrupt (SIGINT) saves a checkpoint of the last completed step and returns
+    with ``interrupted=True``; SIGTERM does the same after the step in progress. A finished
+    run writes ``output_dir/final`` (:mod:`drdpo_theory.llm.export`) unless ``cfg.export`` is
+    False. Under ``torchrun``/``accelerate launch`` (``WORLD_SIZE > 1``) call
     :func:`init_distributed` first; the model is wrapped in DistributedDataParallel, each
     rank reads its :class:`~torch.utils.data.DistributedSampler` shard, rank 0 writes files.
     """
-    return Trainer(cfg, model, tokenizer, pairs, device=device).fit(resume_from=resume_from, on_step=on_step)
+    trainer = Trainer(cfg, model, tokenizer, pairs, device=device, eval_pairs=eval_pairs)
+    return trainer.fit(resume_from=resume_from, on_step=on_step)
 
 
 def init_distributed() -> bool:

@@ -388,7 +388,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"drdpo align: error: {bad}:2: expected keys 'prompt', 'chosen', "
-                                                "'rejected'; got ['prompt', 'chosen'] (missing ['rejected'])"]
+                                                "'rejected'; got ['prompt', 'chosen'] (missing ['rejected']; 'prompt' may be "
+                                                    "left out when 'chosen'/'rejected' hold the whole conversation)"]
 
 
 def test_cli_module_does_not_import_torch():
