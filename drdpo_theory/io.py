@@ -22,14 +22,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, Sequence
 
 import pandas as pd
 
 __all__ = [
     "OutputPathError", "atomic_write", "write_text", "write_json", "write_csv", "write_parquet",
     "save_figure", "write_cell", "read_cell", "read_json", "check_output_dir", "check_output_file",
-    "claim_output_dir",
+    "claim_output_dir", "check_foreign_tables",
 ]
 
 
@@ -215,3 +215,24 @@ def claim_output_dir(path: str | Path, study: str, flag: str = "--out") -> Path:
         return path
     write_text(marker, study + "\n")
     return path
+
+
+def check_foreign_tables(folder: str | Path, tables: dict[str, Sequence[str]], flag: str = "--out") -> None:
+    """Refuse to overwrite a table in ``folder`` that this study did not write.
+
+    ``tables`` maps a file name to the columns its header must hold; an existing file of that
+    name whose first line lacks them (or is not text) raises :class:`OutputPathError`.
+    """
+    for name, columns in tables.items():
+        path = Path(folder) / name
+        if not path.is_file() or path.stat().st_size == 0:
+            continue
+        try:
+            with open(path, encoding="utf-8") as fh:
+                header = fh.readline().strip().split(",")
+        except (UnicodeDecodeError, OSError):
+            header = []
+        missing = [c for c in columns if c not in header]
+        if missing:
+            raise OutputPathError(f"{flag} {folder} holds a {name} that this study did not write "
+                                  f"(no column(s) {missing}); move it away or use another folder")

@@ -208,6 +208,13 @@ def test_foreign_rows_csv_and_other_studys_folder_exit_2(tmp_path, capsys):
     (shift_out / ".drdpo-study").write_text("shift\n")
     assert main(["gradients", "--out", str(shift_out)]) == 2
     _one_line_error(capsys, "holds results of the 'shift' study, not 'gradients'")
+    for study, table in (("shift", "shift.csv"), ("gradients", "kl_tau.csv"), ("sample-complexity", "fits.csv")):
+        other = tmp_path / f"foreign-{study}"
+        other.mkdir()
+        (other / table).write_text("name,score\nalice,3\n")  # a user's file, not this study's table
+        assert main([study, "--out", str(other), "--n-jobs", "1"]) == 2
+        _one_line_error(capsys, f"holds a {table} that this study did not write")
+        assert (other / table).read_text() == "name,score\nalice,3\n"
 
 
 # ----------------------------------------------------------------------------- 5. quick runs

@@ -73,12 +73,14 @@ def output_file(path, flag: str):
         raise CLIError(str(exc)) from None
 
 
-def claim_output_dir(path, study: str, flag: str = "--out"):
-    """Mark ``path`` as ``study``'s folder (:func:`drdpo_theory.io.claim_output_dir`); another study's folder: exit 2."""
+def claim_output_dir(path, study: str, flag: str = "--out", tables: dict | None = None):
+    """Mark ``path`` as ``study``'s folder (:func:`drdpo_theory.io.claim_output_dir`); another
+    study's folder, or a table named in ``tables`` that the study did not write: exit 2."""
     from ..cli import CLIError
-    from ..io import OutputPathError, claim_output_dir as _claim
+    from ..io import OutputPathError, check_foreign_tables, claim_output_dir as _claim
 
     try:
+        check_foreign_tables(path, tables or {}, flag)
         return _claim(path, study, flag)
     except OutputPathError as exc:
         raise CLIError(str(exc)) from None

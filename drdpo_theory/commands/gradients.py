@@ -75,7 +75,7 @@ def _calibrate(args) -> int:
 def run(args) -> int:
     if args.calibrate:
         return _calibrate(args)
-    from ..experiments.gradients import GradientStudyConfig, run_study, summarize
+    from ..experiments.gradients import TABLES, GradientStudyConfig, run_study, summarize
 
     n_jobs = _n_jobs(args.jobs)
     out = args.out if args.out is not None else ("results/gradients_quick" if args.quick else "results/gradients")
@@ -85,7 +85,7 @@ def run(args) -> int:
     if figures:
         _output_dir(figures, "--figures")
     if out:
-        _claim(out, "gradients")
+        _claim(out, "gradients", tables={f"{name}.csv": ("instance",) for name in TABLES})
     cfg = GradientStudyConfig.quick() if args.quick else GradientStudyConfig()
     t0 = time.perf_counter()
     res = run_study(cfg, out_dir=out or None, n_jobs=n_jobs, progress=not args.json)

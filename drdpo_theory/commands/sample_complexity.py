@@ -76,7 +76,9 @@ def run(args) -> int:
     _output_dir(out, "--out")
     if not args.no_figures:
         _output_dir(figdir, "--figures")
-    _claim(out, "sample-complexity")
+    _claim(out, "sample-complexity", tables={"summary.csv": ("method", "radius", "n"),
+                                             "fits.csv": ("method", "radius", "slope"),
+                                             "bounds.csv": ("method", "radius", "n")})
     try:
         result = sc.run_study(grid, out, n_jobs=n_jobs, progress=not args.json)
     except OutputPathError as exc:  # e.g. a rows.csv in --out that this study did not write

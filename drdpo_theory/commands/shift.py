@@ -67,7 +67,7 @@ def run(args) -> int:
     if figures:
         _output_dir(figures, "--figures")
     if out:
-        _claim(out, "shift")
+        _claim(out, "shift", tables={"shift.csv": ("seed", "method", "alpha", "reward")})
     t0 = time.perf_counter()
     res = run_shift(cfg, out_dir=out or None, n_jobs=n_jobs, progress=not args.json)
     summary = summarize_shift(res)
