@@ -72,6 +72,21 @@ def _bad(tmp_path, name, **arrays):
         ("no_rho", "needs --rho"),
         ("no_file", "no such file"),
         ("bad_p", "invalid choice"),
+        ("complex", "'x' is complex"),
+        ("huge_entries", "where float64 overflows; rescale it"),
+        ("huge_margin", "cannot certify a gap of 1e-07; rescale x"),
+        ("huge_beta", "lower beta or B"),
+        ("kappa_for_dpo", "--kappa applies to wdpo only (method is dpo); drop it or use --method wdpo"),
+        ("p_for_kldpo", "--p applies to wdpo only (method is kldpo); drop it or use --method wdpo"),
+        ("eps_for_kldpo", "--eps applies to wdpo only (method is kldpo); drop it"),
+        ("npy", "is a single-array .npy file, not an .npz archive"),
+        ("text", "is a text file, not an .npz archive; write one with numpy.savez"),
+        ("binary", "has no zip header, not an .npz archive"),
+        ("pickled", "holds Python objects (pickled), which are not loaded"),
+        ("truncated", "corrupt or truncated .npz archive"),
+        ("empty_file", "the file is empty"),
+        ("directory", "is a directory"),
+        ("strings", "must be a real numeric array"),
     ],
 )
 def test_bad_input_gives_clear_error(case, expect, tmp_path, data_file, capsys):
@@ -103,12 +118,46 @@ def test_bad_input_gives_clear_error(case, expect, tmp_path, data_file, capsys):
         data = str(tmp_path / "absent.npz")
     elif case == "bad_p":
         method, extra = "wdpo", ["--eps", "0.1", "--p", "3"]
+    elif case == "complex":
+        data = _bad(tmp_path, case, x=x + 1j, y=y)
+    elif case == "huge_entries":
+        data = _bad(tmp_path, case, x=np.full((3, 2), 1e300), y=y)
+    elif case == "huge_margin":  # representable, but beta (B + ||theta_ref||) max ||x|| = 1e9 * sqrt(2)
+        data = _bad(tmp_path, case, x=np.full((3, 2), 1e9), y=y)
+    elif case == "huge_beta":
+        beta = "1e300"
+    elif case == "kappa_for_dpo":
+        extra = ["--kappa", "1"]
+    elif case == "p_for_kldpo":
+        method, extra = "kldpo", ["--rho", "0.1", "--p", "2"]
+    elif case == "eps_for_kldpo":
+        method, extra = "kldpo", ["--rho", "0.1", "--eps", "0.1"]
+    elif case == "npy":
+        data = str(tmp_path / "x.npy")
+        np.save(data, x)
+    elif case in ("text", "binary", "empty_file"):
+        f = tmp_path / f"{case}.npz"
+        f.write_bytes({"text": b"x,y\n0.1,1\n", "binary": bytes(range(256)), "empty_file": b""}[case])
+        data = str(f)
+    elif case == "pickled":
+        data = _bad(tmp_path, case, x=np.array([[1.0], "a"], dtype=object), y=y)
+    elif case == "truncated":
+        f = tmp_path / "truncated.npz"
+        f.write_bytes(data_file.read_bytes()[:300])
+        data = str(f)
+    elif case == "directory":
+        (tmp_path / "dir.npz").mkdir()
+        data = str(tmp_path / "dir.npz")
+    elif case == "strings":
+        data = _bad(tmp_path, case, x=np.array([["a", "b"]] * 3), y=y)
     argv = ["solve", "--method", method, "--data", data, "--beta", beta, "--radius", radius, *extra, "--json"]
-    if case == "bad_p":
+    if case == "bad_p":  # argparse: SystemExit(2) and one line that points to --help
         with pytest.raises(SystemExit) as exc:
             main(argv)
+        err = capsys.readouterr().err
         assert exc.value.code == 2
-        assert expect in capsys.readouterr().err
+        assert expect in err and "see 'drdpo solve --help'" in err
+        assert err.count("\n") == 1
         return
     code, out, err = run_cli(argv, capsys)
     assert code == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 from ._args import number as _float
 from ..cli import EXIT_OK, EXIT_SOLVER, CLIError
@@ -28,9 +29,9 @@ def register(sub) -> None:
     p.add_argument("--radius", required=True, type=_float, metavar="B", help="parameter ball ||theta|| <= B")
     p.add_argument("--rho", type=_float, help="KL radius (kldpo)")
     p.add_argument("--eps", type=_float, help="Wasserstein radius (wdpo)")
-    p.add_argument("--kappa", type=_float, default=math.inf,
+    p.add_argument("--kappa", type=_float, default=None,
                    help="label-flip transport cost (wdpo; 'inf' = labels never flip; default inf)")
-    p.add_argument("--p", type=int, default=1, choices=[1, 2],
+    p.add_argument("--p", type=int, default=None, choices=[1, 2],
                    help="Wasserstein order: 1 = continuous support (default), 2 = finite support "
                         "(the data's distinct tuples, plus label flips when kappa is finite)")
     p.add_argument("--solver", choices=["native", "cvxpy"], default="native",
@@ -48,13 +49,22 @@ def run(args) -> int:
     if args.method == "wdpo" and args.eps is None:
         raise CLIError("--method wdpo needs --eps EPS (the Wasserstein radius, >= 0)")
     if args.method != "kldpo" and args.rho is not None:
-        raise CLIError(f"--rho applies to kldpo only (method is {args.method})")
+        raise CLIError(f"--rho applies to kldpo only (method is {args.method}); drop it or use --method kldpo")
     if args.method != "wdpo" and args.eps is not None:
-        raise CLIError(f"--eps applies to wdpo only (method is {args.method})")
+        raise CLIError(f"--eps applies to wdpo only (method is {args.method}); drop it or use --method wdpo")
+    for flag in ("kappa", "p"):  # silently ignoring them would solve another problem than asked
+        if args.method != "wdpo" and getattr(args, flag) is not None:
+            raise CLIError(f"--{flag} applies to wdpo only (method is {args.method}); drop it or use --method wdpo")
+    kappa = math.inf if args.kappa is None else args.kappa
+    p = 1 if args.p is None else args.p
     try:
-        data = load_npz(args.data)
-        result = solve(args.method, data, args.beta, args.radius, rho=args.rho, eps=args.eps,
-                       kappa=args.kappa, p=args.p, solver=args.solver)
+        # numpy/cvxpy warnings would add lines to stderr: they are kept and reported with the
+        # result instead (the duality gap, not the absence of warnings, certifies the answer)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            data = load_npz(args.data)
+            result = solve(args.method, data, args.beta, args.radius, rho=args.rho, eps=args.eps,
+                           kappa=kappa, p=p, solver=args.solver)
     except (DataError, ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from None
     except SolverError as exc:
@@ -64,8 +74,12 @@ def run(args) -> int:
         else:
             print(f"solver failed: {exc}")
         return EXIT_SOLVER
+    notes = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     if args.json:
-        print(json.dumps(result.to_json_dict()))
+        out = result.to_json_dict()
+        if notes:
+            out["warnings"] = notes
+        print(json.dumps(out))
     else:
         print(f"method      {result.method}")
         print(f"theta       {[round(float(t), 8) for t in result.theta]}")
@@ -75,5 +89,14 @@ def run(args) -> int:
             print(f"lam         {result.lam:.8g}")
         if result.collapsed:
             print("collapsed   yes (radius above the collapse threshold: theta = theta_ref)")
+        wc = result.worst_case
+        if wc is not None:
+            line = f"{wc.size} atom(s) with positive mass"
+            if not wc.attained:
+                line += (f"; supremum not attained: budget {wc.far_budget:.6g} sent to infinity by a vanishing "
+                         f"mass (mass at infinity 0), adding {wc.far_gain:.6g}")
+            print(f"worst case  {line} (--json lists the points)")
+        for note in notes:
+            print(f"warning     {' '.join(note.split())}")
         print(f"status      {result.status}  ({result.solver}, {result.seconds:.3f} s)")
     return EXIT_OK if result.optimal else EXIT_SOLVER

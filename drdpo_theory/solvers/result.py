@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .worst_case import WorstCase
+
 __all__ = ["SolverResult", "SolverError", "OPTIMAL", "INACCURATE", "FAILED", "CERTIFIED_GAP"]
 
 #: Status strings. Only ``OPTIMAL`` means the duality gap was certified <= ``CERTIFIED_GAP``.
@@ -35,9 +37,25 @@ class SolverResult:
     duality_gap : ``objective - lower_bound`` >= 0: a certificate ``L(theta) - L* <= duality_gap``.
     lam : optimal dual variable of the radius constraint (KL: lambda of the exp-tilt;
         Wasserstein: the transport-cost multiplier); ``None`` for DPO.
-    weights : worst-case distribution on the data tuples, (n,) (KL: ``q*``; Wasserstein on a
-        finite support: the mass the plan sends to each support point), or ``None``.
-    plan : worst-case transport plan (finite-support Wasserstein), else ``None``.
+    weights : worst-case probabilities, or ``None``. Shape depends on the problem:
+
+        * DPO: ``(n,)``, the data weights (no adversary);
+        * KL: ``(n,)``, ``q*`` on the data tuples;
+        * finite-support Wasserstein: ``(m,)`` on the support points (``m = info["support_size"]``:
+          the data's distinct tuples, plus their label flips when ``kappa`` is finite), the column
+          sums of ``plan``; ``worst_case.points``/``labels`` name the points that carry mass;
+        * continuous-support W1: ``None`` (the support is R^d; see ``worst_case``).
+    plan : (m, m) ``scipy.sparse.csr_array`` worst-case transport plan on the support
+        (finite-support Wasserstein: row ``j`` carries the data mass of support point ``j``),
+        else ``None``.
+    worst_case : :class:`~drdpo_theory.solvers.worst_case.WorstCase`: the worst-case distribution
+        as arrays, ``points`` (K, d), ``labels`` (K,), ``masses`` (K,) summing to 1, ``index`` (K,)
+        (the data tuple or support point of each atom), and, for continuous W1 when the supremum
+        is not attained (``attained`` False), the budget ``far_budget`` spent at infinity, the
+        value ``far_gain`` it adds and its direction (``mass_at_infinity`` is 0: a vanishing mass
+        carries that budget). ``None`` for a failed solve, and for DPO/KL results of the
+        per-method functions (:func:`~drdpo_theory.solvers.solve` fills it from their per-tuple
+        ``weights``: DPO the data distribution, KL ``q*``).
     status : ``"optimal"`` (gap certified <= 1e-7), ``"inaccurate"`` or ``"failed"``.
     solver : which solver certified (e.g. ``"native-newton"``, ``"cvxpy-CLARABEL"``).
     seconds : wall time.
@@ -59,6 +77,7 @@ class SolverResult:
     collapsed: bool = False
     plan: Any = None
     info: dict = field(default_factory=dict)
+    worst_case: WorstCase | None = None
 
     @property
     def optimal(self) -> bool:
@@ -66,7 +85,8 @@ class SolverResult:
         return self.status == OPTIMAL
 
     def to_json_dict(self) -> dict:
-        """The CLI's JSON object: theta, objective, duality_gap, status, solver, seconds and extras."""
+        """The CLI's JSON object: theta, objective, duality_gap, status, solver, seconds, the worst case
+        (``worst_case``: :meth:`WorstCase.to_json_dict`) and the scalar extras of ``info``."""
         out = {
             "method": self.method,
             "theta": [float(t) for t in self.theta],
@@ -79,6 +99,8 @@ class SolverResult:
             "seconds": float(self.seconds),
             "collapsed": bool(self.collapsed),
         }
+        if self.worst_case is not None:
+            out["worst_case"] = self.worst_case.to_json_dict()
         for k, v in self.info.items():
             if isinstance(v, float):
                 out.setdefault(k, _json_float(v))

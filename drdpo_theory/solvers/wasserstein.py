@@ -62,6 +62,7 @@ from ._common import (
 )
 from ._newton import newton_ball
 from .result import FAILED, SolverError, SolverResult, status_from_gap
+from .worst_case import from_flip_fractions, from_tuple_weights
 
 __all__ = [
     "FiniteSupport",
@@ -788,6 +789,7 @@ def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, i
         method="wdpo", theta=theta, objective=inner.value, lower_bound=inner.value - gap, duality_gap=gap,
         lam=inner.lam, weights=None, status=status_from_gap(gap), solver=solver, seconds=seconds,
         collapsed=collapsed, plan=None, info=info,
+        worst_case=from_flip_fractions(theta, data, beta, inner.flip_fraction, inner.far_budget),
     )
 
 
@@ -1047,6 +1049,7 @@ def solve_wdpo_finite(
         method="wdpo", theta=theta_hat, objective=inner.value, lower_bound=inner.value - gap, duality_gap=gap,
         lam=inner.lam, weights=inner.weights, status=status_from_gap(gap), solver=f"cutting-planes-cvxpy-{name}",
         seconds=tm.seconds, collapsed=collapsed, plan=inner.plan, info=info,
+        worst_case=from_tuple_weights(support.x, support.y, inner.weights),
     )
 
 
@@ -1073,7 +1076,9 @@ def solve_wdpo(
       (default ``FiniteSupport.from_data(data, flips=kappa < inf)``): :func:`solve_wdpo_finite`.
 
     Returns a :class:`SolverResult` with ``method="wdpo"``, ``lam`` the transport multiplier,
-    ``weights``/``plan`` the worst case on a finite support (``info["flip_fraction"]`` on the
+    ``worst_case`` the worst-case distribution as arrays (points, labels, masses; on the continuous
+    support also the budget sent to infinity when the supremum is not attained), ``weights`` (m,)
+    and ``plan`` (m, m) on a finite support of m points (``info["flip_fraction"]`` (n,) on the
     continuous one) and a certified ``duality_gap`` (status optimal iff <= 1e-7).
     """
     eps, kappa, p = _check_all(data, beta, radius, eps, kappa, p)
@@ -1086,8 +1091,9 @@ def solve_wdpo(
         from .dpo import solve_dpo_native
 
         res = solve_dpo_native(data, beta, radius)
-        return replace(res, method="wdpo", info={**res.info, "kappa": kappa, "p": p,
-                                                  "note": "eps = 0 with kappa > 0: the Wasserstein ball is {P}, so WDPO = DPO"})
+        return replace(res, method="wdpo", worst_case=from_tuple_weights(data.x, data.y, data.weights),
+                       info={**res.info, "kappa": kappa, "p": p,
+                             "note": "eps = 0 with kappa > 0: the Wasserstein ball is {P}, so WDPO = DPO"})
     if p == 1 and support is None:
         if solver == "native" and math.isinf(kappa):
             return solve_wdpo_continuous_native(data, beta, radius, eps)
