@@ -94,3 +94,25 @@ def test_one_study_per_folder(tmp_path):
     dio.claim_output_dir(tmp_path / "o", "shift")  # the same study again: fine
     with pytest.raises(dio.OutputPathError, match="holds results of the 'shift' study, not 'gradients'"):
         dio.claim_output_dir(tmp_path / "o", "gradients")
+
+
+def test_sigkill_during_writes_never_leaves_a_torn_file(tmp_path):
+    """A process killed (SIGKILL) while rewriting a 1.4 MB table leaves the last complete version."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "table.csv"
+    code = ("import sys\nfrom drdpo_theory.io import write_text\ni = 0\nwhile True:\n"
+            "    write_text(sys.argv[1], f'{i}\\n' * 200000 + 'END\\n')\n    i += 1\n    print(i, flush=True)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "1"  # one complete write is on disk
+        time.sleep(0.3)  # now it is somewhere inside a later write
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    lines = path.read_text().splitlines()
+    assert lines[-1] == "END" and len(lines) == 200001 and len(set(lines[:-1])) == 1
+
