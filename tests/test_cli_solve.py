@@ -182,3 +182,43 @@ def test_uncertified_answer_exits_3(data_file, capsys, monkeypatch):
     assert obj["status"] == "inaccurate"
     assert obj["duality_gap"] > 1e-7
     assert code == 3
+
+
+def test_solver_warnings_go_to_the_result_not_stderr(data_file, capsys, monkeypatch):
+    """A warning raised while solving is reported in the JSON (``warnings``), stderr stays empty."""
+    import warnings
+
+    import drdpo_theory.solvers as solvers_mod
+
+    real = solvers_mod.solve
+
+    def noisy(*args, **kwargs):
+        warnings.warn("overflow encountered in exp", RuntimeWarning)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(solvers_mod, "solve", noisy)
+    code, out, err = run_cli(["solve", "--method", "dpo", "--data", str(data_file), "--beta", "1.5",
+                              "--radius", "2", "--json"], capsys)
+    assert code == 0 and err == ""
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert obj["warnings"] == ["RuntimeWarning: overflow encountered in exp"]
+    ref = real("dpo", load_npz(data_file), 1.5, 2.0)
+    assert_allclose(obj["objective"], ref.objective, rtol=RTOL)
+
+
+def test_kappa_and_p_defaults_apply_to_wdpo(data_file, capsys):
+    """Without --kappa/--p, wdpo is the continuous W1 problem with kappa = inf (closed form DPO + eps beta ||theta||)."""
+    code, out, err = run_cli(["solve", "--method", "wdpo", "--data", str(data_file), "--beta", "1.5",
+                              "--radius", "2", "--eps", "0.01", "--json"], capsys)
+    assert code == 0, err
+    obj = json.loads(out.strip().splitlines()[-1])
+    assert obj["kappa"] == "inf" and obj["p"] == 1 and obj["support"] == "continuous"
+    data = load_npz(data_file)
+    ref = solve("wdpo", data, 1.5, 2.0, eps=0.01, kappa=np.inf, p=1)
+    assert_allclose(obj["objective"], ref.objective, rtol=RTOL)
+    theta = np.array(obj["theta"])
+    from drdpo_theory.losses import dpo_loss
+
+    closed = data.weights @ dpo_loss(theta, data.x, data.y, 1.5, data.theta_ref) \
+        + 0.01 * 1.5 * np.linalg.norm(theta - data.theta_ref)
+    assert_allclose(obj["objective"], closed, rtol=RTOL)
