@@ -92,10 +92,16 @@ def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def save_figure(fig, path: str | Path, **savefig_kw) -> Path:
-    """``fig.savefig`` to ``path`` atomically (the format is taken from the suffix of ``path``)."""
+    """``fig.savefig`` to ``path`` atomically (the format is taken from the suffix of ``path``).
+
+    PDFs carry no creation date, so rerunning a study that gives the same figure gives the same bytes.
+    """
     path = Path(path)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    if fmt == "pdf":
+        savefig_kw.setdefault("metadata", {"CreationDate": None})
     buf = io.BytesIO()
-    fig.savefig(buf, format=path.suffix.lstrip(".") or "png", **savefig_kw)
+    fig.savefig(buf, format=fmt, **savefig_kw)
     return write_bytes(path, buf.getvalue())
 
 

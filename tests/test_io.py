@@ -44,7 +44,11 @@ def test_csv_parquet_and_figure_round_trip(tmp_path):
     ax.plot([1, 2], [3, 4])
     dio.save_figure(fig, tmp_path / "f.png", dpi=50)
     dio.save_figure(fig, tmp_path / "f.pdf")
+    first_pdf = (tmp_path / "f.pdf").read_bytes()
+    dio.save_figure(fig, tmp_path / "f.pdf")
     plt.close(fig)
+    assert (tmp_path / "f.pdf").read_bytes() == first_pdf  # same figure, same bytes
+    assert b"CreationDate" not in first_pdf  # (matplotlib stamps the time unless told not to)
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "f.pdf").read_bytes()[:4] == b"%PDF"
     assert _no_temp_files(tmp_path)
