@@ -302,3 +302,22 @@ def test_quick_llm_shift_is_labelled_a_smoke_test(monkeypatch, tmp_path):
     text = report({"llm-shift": {"model": "tiny-random", "alphas": [0.0, 1.0], "smoke_test": True,
                                  "methods": {"dpo": {"mean": [0.0, 0.0]}}}})
     assert "PIPELINE SMOKE TEST only" in text
+
+
+def test_quick_output_folders_are_ignored_by_git():
+    """Everything a quick run or a test writes in the working tree (results/, figures/quick/, runs/)
+    is ignored by git, so `git status` stays clean; the committed full-run figures are not ignored."""
+    import shutil
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["results/gradients_quick/kl_tau.csv", "results/sample_complexity_quick/rows.csv",
+             "figures/quick/shift_reward_vs_alpha.png", "runs/llm_shift_quick/results.json",
+             "results/reproduce/quick/shift.json"]
+    r = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=root, capture_output=True, text=True)
+    assert sorted(r.stdout.split()) == sorted(paths)
+    r = subprocess.run(["git", "check-ignore", "--no-index", "figures/shift_reward_vs_alpha.png"], cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode == 1  # not ignored: the full run's figure is committed
