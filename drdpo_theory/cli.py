@@ -33,7 +33,7 @@ class OneLineParser(argparse.ArgumentParser):
     every ``drdpo`` subcommand reports the same way.
     """
 
-    def error(self, message: str):  # noqa: D401 - argparse's hook
+    def error(self, message: str):
         message = " ".join(str(message).split())  # argparse messages may contain newlines
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 

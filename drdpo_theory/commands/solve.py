@@ -3,7 +3,9 @@
 Contract: ``drdpo solve --method {dpo,kldpo,wdpo} --data FILE.npz --beta BETA --radius B
 [--rho RHO] [--eps EPS --kappa KAPPA --p P] [--solver {native,cvxpy}] --json``. With ``--json``
 the last stdout line is one JSON object with ``theta``, ``objective``, ``duality_gap``, ``status``,
-``solver``, ``seconds`` (and extras). Exit 2 on bad input, 3 when the answer is not certified.
+``solver``, ``seconds``, ``worst_case`` (the worst-case distribution as arrays) and extras. Exit 2 on
+bad input (one line on stderr), 3 when the answer is not certified. ``--kappa``/``--p`` (wdpo),
+``--rho`` (kldpo) and ``--eps`` (wdpo) are refused for other methods rather than ignored.
 """
 
 from __future__ import annotations
