@@ -207,7 +207,7 @@ def test_solver_warnings_go_to_the_result_not_stderr(data_file, capsys, monkeypa
 
 
 def test_kappa_and_p_defaults_apply_to_wdpo(data_file, capsys):
-    """Without --kappa/--p, wdpo is the continuous W1 problem with kappa = inf (closed form DPO + eps beta ||theta||)."""
+    """Without --kappa/--p, wdpo is continuous W1 with kappa = inf (closed form DPO + eps beta ||theta||)."""
     code, out, err = run_cli(["solve", "--method", "wdpo", "--data", str(data_file), "--beta", "1.5",
                               "--radius", "2", "--eps", "0.01", "--json"], capsys)
     assert code == 0, err

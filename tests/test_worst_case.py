@@ -85,7 +85,7 @@ def test_w1_finite_kappa_worst_case_flips_and_attains_value(kappa, eps):
 
 
 def test_w1_not_attained_is_the_limit_of_explicit_distributions():
-    """Q_delta (mass delta moved far_budget/delta along the ascent direction) costs exactly eps and tends to the value."""
+    """Q_delta (mass delta moved far_budget/delta along the ascent) costs what the limit costs and tends to the value."""
     data = random_data(13, n=15, d=3, theta_ref_norm=0.3)
     eps, kappa = 0.04, 0.05  # cheap flips: every profitable flip is bought and budget is left over
     theta = np.array([0.9, -0.4, 0.7])
