@@ -40,7 +40,7 @@ solver's dual variables or the exact inner problem) through the convex minorant
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from numpy.typing import NDArray
@@ -61,7 +61,7 @@ from ._common import (
     weighted_loss,
 )
 from ._newton import newton_ball
-from .result import FAILED, SolverError, SolverResult, status_from_gap
+from .result import CERTIFIED_GAP, FAILED, SolverError, SolverResult, status_from_gap
 from .worst_case import from_flip_fractions, from_tuple_weights
 
 __all__ = [
@@ -769,12 +769,19 @@ def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, i
     inner = wdpo_inner_continuous(theta, data, beta, eps, kappa)
     mu = curvature_floor(data, beta, radius)
     lb = -math.inf
-    for alpha in (inner.flip_fraction, *alpha_candidates):
+    for alpha in (*alpha_candidates, inner.flip_fraction):  # the solver's candidates are the tight ones
         lb = max(lb, _lower_bound_continuous(theta, data, beta, radius, eps, kappa, alpha, mu))
+        if inner.value - lb <= 1e-2 * CERTIFIED_GAP:
+            break
     gap = max(0.0, inner.value - lb)
-    near_ref = 0 < np.linalg.norm(theta - data.theta_ref) <= 1e-6 * max(1.0, radius)
-    if snap and near_ref and gap > 0:  # a solver's collapsed solution is theta_ref up to its tolerance
-        snapped = _continuous_result(data.theta_ref, data, beta, radius, eps, kappa, solver, seconds, info,
+    tr = data.theta_ref
+    # kappa = inf: the exact collapse test (section 2) decides whether theta_ref is *the* optimum
+    inf_collapse = math.isinf(kappa) and _kappa_inf_collapses(
+        weighted_grad_hess(tr, data, beta)[0], eps * beta, tr, radius)
+    near_ref = 0 < np.linalg.norm(theta - tr) <= 1e-6 * max(1.0, radius)
+    if snap and near_ref and gap > 0 and (inf_collapse or not math.isinf(kappa) or gap > CERTIFIED_GAP):
+        # a solver's collapsed solution is theta_ref up to its tolerance
+        snapped = _continuous_result(tr, data, beta, radius, eps, kappa, solver, seconds, info,
                                      alpha_candidates, snap=False)
         if snapped.duality_gap <= gap:
             snapped.info["snapped_to_theta_ref"] = True
@@ -784,7 +791,9 @@ def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, i
         "flip_fraction": inner.flip_fraction, "far_budget": inner.far_budget, "attained": inner.attained,
         "worst_case": inner.description, "mu": mu, **info,
     }
-    collapsed = bool(np.linalg.norm(theta - data.theta_ref) <= 1e-12 * max(1.0, radius))
+    # collapsed: theta_ref returned and optimal (kappa = inf: by the exact test, not only within the gap)
+    at_ref = bool(np.linalg.norm(theta - tr) <= 1e-12 * max(1.0, radius))
+    collapsed = at_ref and (inf_collapse if math.isinf(kappa) else gap <= CERTIFIED_GAP)
     return SolverResult(
         method="wdpo", theta=theta, objective=inner.value, lower_bound=inner.value - gap, duality_gap=gap,
         lam=inner.lam, weights=None, status=status_from_gap(gap), solver=solver, seconds=seconds,
@@ -793,55 +802,390 @@ def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, i
     )
 
 
-@single_blas_thread
-def solve_wdpo_continuous_native(
-    data: PreferenceData, beta: float, radius: float, eps: float, max_iter: int = 200
-) -> SolverResult:
-    """W1-WDPO with continuous support and ``kappa = inf`` (labels never flip), by Newton's method.
+# ----------------------------------------------------------------------------------------------
+# continuous support, native for any kappa: trust-region Newton with exact flip terms
+# (docs/theory_wasserstein.md, section 8)
+# ----------------------------------------------------------------------------------------------
+#: Trust-region Newton for continuous W1 with finite kappa (docs/theory_wasserstein.md, section 8).
+#: At most this many flip terms are kept exact (smoothed by the inner barrier path) per outer step.
+TR_MAX_WINDOW = 2048
+#: Outer steps stop when the model decrease falls below this (absolute, on the objective).
+TR_TOL = 1e-12
+#: The inner barrier path ends at this mu (its centre is then within ~ (2 m + 4) mu of the model optimum).
+TR_MU_FINAL = 1e-12
 
-    .. math:: \\min_{\\|\\theta\\| \\le B}\\ f(\\theta) = \\sum_i w_i \\ell_i(\\theta)
-              + \\varepsilon\\beta\\|\\theta - \\theta_{ref}\\|_2 .
 
-    Collapse: ``theta_ref`` is optimal iff ``0`` is in the subdifferential there; with ``theta_ref``
-    inside the ball iff ``eps >= eps_c`` (:func:`w1_collapse_threshold`; on the sphere the ball's
-    normal cone is included). Then ``theta_ref`` is returned with ``collapsed=True``. Otherwise
-    ``f`` is smooth near its minimiser; Newton (``_newton.newton_ball``) starts at the DPO solution
-    and rejects trial points at ``theta_ref``. Certificate: ``ball_fw_gap`` with the curvature floor.
+class _TrustModel:
+    """The outer step's model of the joint objective around ``v = (theta, lam)``, in ``y = v + Delta``.
+
+    .. math:: m(y) = g_L\\cdot\\Delta_\\theta + \\tfrac12 \\Delta_\\theta^T H_L \\Delta_\\theta
+              + \\varepsilon\\Delta_\\lambda + c_A\\cdot\\Delta
+              + \\sum_{i \\in W} w_i (s_i + z_i\\cdot\\Delta)_+
+
+    (``L = sum_i w_i l_i`` by its second-order expansion, the flip terms exact: those of the window
+    ``W`` as hinges, those above it linear through ``c_A = sum_{i in A} w_i z_i``, ``z_i = (beta u_i,
+    -kappa)``), minimised over the cone ``lam' >= beta ||theta' - theta_ref||``, the trust region
+    ``||Delta|| <= r`` and the ball (exactly, by ``newton_ball``) along a barrier path in ``mu``.
+    """
+
+    def __init__(self, v, gL, HL, eps, Zw, sw, ww, cA, beta, theta_ref, r):
+        self.v, self.gL, self.HL, self.eps = v, gL, HL, eps
+        self.Zw, self.sw, self.ww, self.cA = Zw, sw, ww, cA
+        self.beta, self.tr, self.r2 = beta, theta_ref, r * r
+        self.d = len(theta_ref)
+        self.mu = 1.0
+
+    def exact(self, y) -> float:
+        """``m(y)`` without barriers (the model decrease is measured with it)."""
+        D = y - self.v
+        dt = D[: self.d]
+        val = float(self.gL @ dt + 0.5 * dt @ self.HL @ dt + self.eps * D[self.d] + self.cA @ D)
+        return val + float(self.ww @ np.maximum(self.sw + self.Zw @ D, 0.0))
+
+    def fun(self, y) -> float:
+        D = y - self.v
+        a = y[: self.d] - self.tr
+        cone = y[self.d] ** 2 - self.beta**2 * float(a @ a)
+        room = self.r2 - float(D @ D)
+        if not (y[self.d] > 0 and cone > 0 and room > 0):
+            return math.inf
+        dt = D[: self.d]
+        val = float(self.gL @ dt + 0.5 * dt @ self.HL @ dt + self.eps * D[self.d] + self.cA @ D)
+        if len(self.ww):
+            val += float(self.ww @ _hinge_barrier(self.sw + self.Zw @ D, self.mu, value_only=True))
+        return val - self.mu * (math.log(cone) + math.log(room))
+
+    def grad_hess(self, y):
+        d, mu = self.d, self.mu
+        D = y - self.v
+        a = y[:d] - self.tr
+        g = np.empty(d + 1)
+        g[:d] = self.gL + self.HL @ D[:d]
+        g[d] = self.eps
+        g += self.cA
+        H = np.zeros((d + 1, d + 1))
+        H[:d, :d] = self.HL
+        if len(self.ww):
+            _, al, h2 = _hinge_barrier(self.sw + self.Zw @ D, mu)
+            g += (self.ww * al) @ self.Zw
+            H += (self.Zw * (self.ww * h2)[:, None]).T @ self.Zw
+        # cone barrier -mu log(lam^2 - beta^2 ||a||^2) and trust-region barrier -mu log(r^2 - ||Delta||^2)
+        cone = y[d] ** 2 - self.beta**2 * float(a @ a)
+        gc = np.concatenate([-2.0 * self.beta**2 * a, [2.0 * y[d]]])
+        hc = np.full(d + 1, -2.0 * self.beta**2)
+        hc[d] = 2.0
+        room = self.r2 - float(D @ D)
+        gr = -2.0 * D
+        g -= mu * (gc / cone + gr / room)
+        H += mu * (np.outer(gc, gc) / cone**2 - np.diag(hc) / cone + np.outer(gr, gr) / room**2
+                   + 2.0 * np.eye(d + 1) / room)
+        return g, H
+
+
+def _hinge_barrier(s, mu, value_only=False):
+    """The barrier form of ``s_+``: ``h(s) = min_{xi > max(s, 0)} xi - mu log xi - mu log(xi - s)``.
+
+    Closed form (section 8): ``xi = (s + 2 mu + q)/2``, ``q = sqrt(s^2 + 4 mu^2)``; returns ``h`` (up to
+    the constant ``-mu log mu``), ``alpha = h' = mu/(xi - s)`` in (0, 1) and ``h'' = alpha (1 - alpha)/q``,
+    all shaped like ``s``. ``q + s`` and ``q - s`` are formed without cancellation
+    (``(q + s)(q - s) = 4 mu^2``).
+    """
+    q = np.sqrt(s * s + 4.0 * mu * mu)
+    a = np.abs(s)
+    small = 4.0 * mu * mu / (q + a)  # q - |s| without cancellation; q + |s| has none
+    if value_only:
+        # xi = (2 mu + q + s)/2 and h = xi - mu log(2 mu + q)
+        return 0.5 * (2.0 * mu + np.where(s >= 0, q + a, small)) - mu * np.log(2.0 * mu + q)
+    q_minus = np.where(s >= 0, small, q + a)  # q - s
+    h = 0.5 * (2.0 * mu + np.where(s >= 0, q + a, small)) - mu * np.log(2.0 * mu + q)
+    alpha = 2.0 * mu / (2.0 * mu + q_minus)
+    return h, alpha, alpha * (1.0 - alpha) / q
+
+
+def _solve_trust_model(model: _TrustModel, radius: float, mu0: float):
+    """Minimise the model by the barrier path ``mu = mu0, mu0/10, ..., TR_MU_FINAL``; returns ``(y, iterations)``."""
+    d = model.d
+    y = model.v.copy()
+    a = y[:d] - model.tr
+    lam_min = model.beta * float(np.linalg.norm(a))
+    # strictly inside the cone and the trust region
+    y[d] = max(y[d], lam_min + 0.25 * math.sqrt(model.r2))
+    if (y[d] - model.v[d]) ** 2 >= model.r2:
+        y[d] = model.v[d] + 0.5 * math.sqrt(model.r2)
+    its, mu = 0, mu0
+    while True:
+        model.mu = mu
+        last = mu <= TR_MU_FINAL * (1 + 1e-9)
+        res = newton_ball(model.fun, model.grad_hess, y, d, radius, max_iter=50, tol=1e-3 * mu if not last else 1e-16)
+        y, its = res.v, its + res.iterations
+        if last:
+            return y, its
+        mu = max(mu / 10.0, TR_MU_FINAL)
+
+
+def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: float, kappa: float, theta0,
+                     max_outer: int = 50):
+    """Trust-region Newton on ``min_{theta, lam} lam eps + sum_i w_i [l_i + (t_i - lam kappa)_+]``
+    s.t. ``lam >= beta ||theta - theta_ref||``, ``||theta|| <= B`` (section 8).
+
+    Each outer step costs one pass over the data (loss, gradient and Hessian of ``L``); the flip terms
+    that can change sign within the trust region (the window, at most ``TR_MAX_WINDOW``) stay exact
+    in the model, so the step is a Newton step for the nonsmooth objective. Steps are accepted by
+    the ratio of actual to predicted decrease. Returns ``(theta, lam, outer, inner, message)``.
+    """
+    d, w, tr = data.d, data.weights, data.theta_ref
+    U = beta * data.u  # (n, d)
+    flips = math.isfinite(kappa)  # kappa = inf: no flip terms, the model is smooth but for the cone
+    k = kappa if flips else 0.0
+    Z_norm = np.sqrt(np.einsum("ij,ij->i", U, U) + k**2)  # ||z_i||, z_i = (beta u_i, -kappa)
+    theta = np.asarray(theta0, float).copy()
+    nt = float(np.linalg.norm(theta))
+    if nt > radius:
+        theta *= radius / nt
+    inner0 = wdpo_inner_continuous(theta, data, beta, eps, kappa)
+    lam = max(inner0.lam, inner0.lam0) + 1e-3 * (1.0 + inner0.lam0)
+
+    def parts(theta, lam):
+        a = theta - tr
+        t = U @ a
+        e = np.exp(-np.abs(t))
+        loss = np.log1p(e) + np.maximum(-t, 0.0)
+        if not flips:
+            return t, e, lam * eps + float(w @ loss), None
+        s = t - lam * kappa
+        return t, e, lam * eps + float(w @ loss) + float(w @ np.maximum(s, 0.0)), s
+
+    t, e, phi, s = parts(theta, lam)
+    r, inner_its, message = 1.0, 0, "max_outer reached"
+    for outer in range(1, max_outer + 1):
+        sm = np.where(t >= 0, e, 1.0) / (1.0 + e)  # sigma(-t)
+        gL = -(w * sm) @ U
+        HL = (U * (w * sm * (1.0 - sm))[:, None]).T @ U
+        v = np.concatenate([theta, [lam]])
+        if flips:
+            with np.errstate(divide="ignore"):
+                ratio = np.abs(s) / Z_norm  # how far each flip term is from its kink, in step length
+            if np.count_nonzero(ratio <= r) > TR_MAX_WINDOW:  # keep the window small: shrink the region
+                r = float(np.partition(ratio, TR_MAX_WINDOW)[TR_MAX_WINDOW]) * (1 - 1e-12)
+            win = np.flatnonzero(ratio <= r)
+            above = (s > 0) & (ratio > r)
+            cA = np.concatenate([w[above] @ U[above], [-kappa * float(w[above].sum())]])
+            Zw = np.concatenate([U[win], np.full((len(win), 1), -kappa)], axis=1)
+            sw, ww = s[win], w[win]
+        else:
+            cA, Zw, sw, ww = np.zeros(d + 1), np.zeros((0, d + 1)), np.zeros(0), np.zeros(0)
+        model = _TrustModel(v, gL, HL, eps, Zw, sw, ww, cA, beta, tr, r)
+        y, its = _solve_trust_model(model, radius, mu0=max(1e-2 * r, 10 * TR_MU_FINAL))
+        inner_its += its
+        pred = model.exact(v) - model.exact(y)
+        if pred <= TR_TOL:
+            message = f"model decrease {pred:.3g} <= {TR_TOL:g}"
+            break
+        t_new, e_new, phi_new, s_new = parts(y[:d], y[d])
+        rho = (phi - phi_new) / pred
+        step = float(np.linalg.norm(y - v))
+        if rho > 0.1:
+            theta, lam, t, e, phi, s = y[:d].copy(), float(y[d]), t_new, e_new, phi_new, s_new
+        if rho < 0.25:
+            r = step / 4.0
+        elif rho > 0.75 and step > 0.5 * r:
+            r *= 4.0
+        if r < 1e-15:
+            message = "trust region collapsed"
+            break
+    return theta, lam, outer, inner_its, message
+
+
+#: Margins within this distance (relative to ``1 + |tau|``) of the flip threshold ``tau = lam* kappa``
+#: are treated as ties whose flip fractions the polish re-solves (a superset of the true ties is safe:
+#: every alpha in [0, 1]^n within the budget is a valid adversary).
+TIE_TOL = 1e-7
+#: At most this many ties (the nearest to tau) are re-solved.
+MAX_TIES = 200
+
+
+def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: float, eps: float, kappa: float):
+    """Flip fractions making ``theta`` a minimiser of the certificate's model ``F`` (section 8), or None.
+
+    At a saddle point the tuples with ``t_i > tau`` flip (``alpha_i = 1``), those below stay, and the
+    fractions of the ties ``t_i = tau`` (up to ``d + 1`` of them at a kink of the objective) together
+    with the far budget ``nu`` and the ball multiplier ``eta`` solve the linear system
+    ``grad F(theta) + eta theta = 0``, ``kappa sum_i w_i alpha_i + nu = eps`` with bounds
+    ``alpha in [0, 1]``, ``nu, eta >= 0``. Solved in the least-squares sense (bounded-variable least
+    squares, the budget row weighted heavily); the certificate accepts any result since every such
+    ``alpha`` is a feasible adversary.
+    """
+    from scipy.optimize import lsq_linear
+
+    tr, w = data.theta_ref, data.weights
+    a = np.asarray(theta, float) - tr
+    r = float(np.linalg.norm(a))
+    if r == 0 or not math.isfinite(kappa):
+        return None
+    t = beta * (data.u @ a)
+    inner = wdpo_inner_continuous(theta, data, beta, eps, kappa)
+    tau = inner.lam * kappa
+    dist = np.abs(t - tau)
+    ties = np.flatnonzero(dist <= TIE_TOL * (1.0 + abs(tau)))
+    if len(ties) > MAX_TIES:
+        ties = ties[np.argsort(dist[ties])[:MAX_TIES]]
+    above = t > tau
+    above[ties] = False
+    g_base = weighted_grad_hess(theta, data, beta)[0] + beta * (w[above] @ data.u[above])  # (d,)
+    cols = [beta * w[ties, None] * data.u[ties], (beta * a / r)[None, :]]  # alpha_T, nu
+    lower = [np.zeros(len(ties)), [0.0]]
+    upper = [np.ones(len(ties)), [np.inf]]
+    theta = np.asarray(theta, float)
+    if np.linalg.norm(theta) >= radius * (1 - 1e-9):  # ball active: normal cone eta theta
+        cols.append(theta[None, :])
+        lower.append([0.0])
+        upper.append([np.inf])
+    A = np.concatenate(cols).T  # (d, k)
+    budget = np.zeros(A.shape[1])
+    budget[: len(ties)] = kappa * w[ties]
+    budget[len(ties)] = 1.0
+    M = 1e3 * (1.0 + float(np.abs(A).max()))
+    A_aug = np.vstack([A, M * budget])
+    b_aug = np.concatenate([-g_base, [M * (eps - kappa * float(w[above].sum()))]])
+    sol = lsq_linear(A_aug, b_aug, bounds=(np.concatenate(lower), np.concatenate(upper)), method="bvls",
+                     tol=1e-14)
+    alpha = above.astype(float)
+    alpha[ties] = np.clip(sol.x[: len(ties)], 0.0, 1.0)
+    return alpha
+
+
+#: Above ``2 * TR_SUBSAMPLE`` tuples, the trust-region method is first run on a seeded subsample of
+#: this size (a warm start; the answer and its certificate come from the full data).
+TR_SUBSAMPLE = 4096
+
+
+def _trust_region_solve(data: PreferenceData, beta: float, radius: float, eps: float, kappa: float):
+    """Warm start (DPO, then a subsample for large ``n``) and :func:`_trust_region_w1` on the data.
+
+    Returns ``(theta (d,), alpha (n,) or None, info)``: ``alpha`` the polished flip fractions
+    (:func:`_polish_flip_fraction`) for the certificate.
     """
     from .dpo import solve_dpo_native
 
-    eps, _, _ = _check_all(data, beta, radius, eps, math.inf)
+    info = {}
+    start = data
+    if data.n > 2 * TR_SUBSAMPLE:
+        idx = np.sort(np.random.default_rng(0).choice(data.n, TR_SUBSAMPLE, replace=False))
+        ws = data.weights[idx]
+        if ws.sum() > 0:
+            start = PreferenceData(data.x[idx], data.y[idx], ws / ws.sum(), data.theta_ref)
+    # a warm start only: capped, since solve_dpo_native runs to max_iter when the ball is active
+    theta = solve_dpo_native(start, beta, radius, max_iter=12).theta
+    if start is not data:
+        theta, _, outer, inner, _ = _trust_region_w1(start, beta, radius, eps, kappa, theta)
+        info.update(subsample=start.n, subsample_outer=outer, subsample_inner=inner)
+    theta, lam, outer, inner, message = _trust_region_w1(data, beta, radius, eps, kappa, theta)
+    info.update(iterations=outer, inner_iterations=inner, message=message)
+    alpha = _polish_flip_fraction(theta, data, beta, radius, eps, kappa) if math.isfinite(kappa) else None
+    return theta, alpha, info
+@single_blas_thread
+def solve_wdpo_continuous_native(
+    data: PreferenceData, beta: float, radius: float, eps: float, kappa: float = math.inf, max_iter: int = 200,
+    fallback: bool = True,
+) -> SolverResult:
+    """W1-WDPO with continuous support, any ``kappa``, in numpy; certified, with a cvxpy fallback.
+
+    .. math:: \\min_{\\|\\theta\\| \\le B,\\ \\lambda \\ge \\beta\\|\\theta - \\theta_{ref}\\|}\\
+              \\lambda\\varepsilon + \\sum_i w_i\\bigl[\\ell_i(\\theta) + (t_i(\\theta) - \\lambda\\kappa)_+\\bigr]
+
+    (``kappa = inf``: ``f(theta) = sum_i w_i l_i + eps beta ||theta - theta_ref||``; ``kappa >=
+    max_i ||x_i||`` is the same problem, docs/theory_wasserstein.md section 2.)
+
+    * ``kappa = inf``. Collapse: ``theta_ref`` is optimal iff ``0`` is in the subdifferential there
+      (with ``theta_ref`` inside the ball iff ``eps >= eps_c``, :func:`w1_collapse_threshold`; on the
+      sphere the ball's normal cone is included); then ``theta_ref`` is returned with
+      ``collapsed=True``. Otherwise ``f`` is smooth near its minimiser and Newton
+      (``_newton.newton_ball``) starts at the DPO solution, rejecting trial points at ``theta_ref``.
+    * finite ``kappa`` (and ``kappa = inf`` when Newton does not certify, e.g. just below the
+      collapse radius where the minimiser is close to the kink at ``theta_ref``): the trust-region
+      Newton method of section 8 (:func:`_trust_region_w1`), warm-started on a subsample for large
+      ``n``; the certificate uses the flip fractions of the ties re-solved at the returned ``theta``.
+
+    Every answer is certified in numpy (section 5). When no native answer reaches ``CERTIFIED_GAP``
+    and ``fallback`` is true, :func:`solve_wdpo_continuous_cvxpy` solves the problem; the result then
+    says so in ``solver`` (``"fallback-cvxpy-..."``) and ``info["fallback"]``.
+    """
+    eps, kappa, _ = _check_all(data, beta, radius, eps, kappa)
+    kappa_in = kappa
+    if math.isfinite(kappa) and data.n and kappa >= float(np.linalg.norm(data.x, axis=1).max()):
+        kappa = math.inf  # flips never pay (section 2): the kappa = inf problem, solved by Newton
     with Timer() as tm:
-        comp, _ = data.compress()
-        c = eps * beta
-        tr = data.theta_ref
-        fun, _, grad_hess = _norm_model(comp, beta, np.zeros(data.d), c)
-        g0 = weighted_grad_hess(tr, comp, beta)[0]
-        nref = float(np.linalg.norm(tr))
-        eta = 0.0
-        if nref >= radius * (1 - 1e-12) and nref > 0:  # theta_ref on the sphere: ball normal cone eta*theta_ref
-            eta = max(0.0, -float(g0 @ tr) / nref**2)
-        collapsed = float(np.linalg.norm(g0 + eta * tr)) <= c
-        info = {"eps_c": w1_collapse_threshold(data), "collapse_test": "0 in subdifferential at theta_ref"}
-        if collapsed:
-            theta = tr.copy()
-            info.update(iterations=0, message="collapsed: eps >= eps_c")
-        else:
-            # a warm start only: capped, since solve_dpo_native runs to max_iter when the ball is active
-            start = solve_dpo_native(comp, beta, radius, max_iter=12).theta
-            if np.linalg.norm(start - tr) <= 1e-12:
-                start = tr - 1e-3 * radius * g0 / np.linalg.norm(g0)
-            rmin = 1e-14 * max(1.0, radius)
+        tries = []
+        res = None
+        if math.isinf(kappa):
+            theta, info = _newton_kappa_inf(data, beta, radius, eps, max_iter)
+            res = _continuous_result(theta, data, beta, radius, eps, kappa, "native-newton", tm.elapsed, info)
+            tries.append(f"native-newton: gap {res.duality_gap:.3g} ({info.get('message')})")
+        if res is None or not res.optimal:
+            theta, alpha, info = _trust_region_solve(data, beta, radius, eps, kappa)
+            res_tr = _continuous_result(theta, data, beta, radius, eps, kappa, "native-trust-region", tm.elapsed,
+                                        info, (alpha,) if alpha is not None else ())
+            tries.append(f"native-trust-region: gap {res_tr.duality_gap:.3g} ({info.get('message')})")
+            if res is None or res_tr.duality_gap < res.duality_gap:
+                res = res_tr
+        if not res.optimal and fallback:
+            cvx = solve_wdpo_continuous_cvxpy(data, beta, radius, eps, kappa)
+            tries.append(f"{cvx.solver}: gap {cvx.duality_gap:.3g}")
+            if cvx.duality_gap < res.duality_gap:
+                res = replace(cvx, solver=f"fallback-{cvx.solver}",
+                              info={**cvx.info, "fallback": "native solver not certified; solved by cvxpy"})
+    info = {**res.info, "attempts": "; ".join(tries)}
+    if kappa_in != kappa:
+        info["kappa"] = kappa_in
+        info["note"] = f"kappa = {kappa_in:g} >= max ||x_i||: label flips never pay, solved as kappa = inf"
+    return replace(res, seconds=tm.seconds, info=info)
 
-            def guarded(v):  # f is not smooth at theta_ref, which is not optimal here: keep away
-                return math.inf if np.linalg.norm(v - tr) <= rmin else fun(v)
 
-            # tol: a Newton decrement of 1e-15 is f's rounding level (with the default 1e-20 the
-            # iteration can accept null steps on the sphere until max_iter)
-            res = newton_ball(guarded, grad_hess, start, data.d, radius, max_iter=max_iter, tol=1e-15)
-            theta = res.v
-            info.update(iterations=res.iterations, message=res.message)
-    return _continuous_result(theta, data, beta, radius, eps, math.inf, "native-newton", tm.seconds, info)
+def _newton_kappa_inf(data, beta, radius, eps, max_iter):
+    """``kappa = inf``: ``theta_ref`` if the collapse test passes, else Newton from the DPO solution.
+
+    Returns ``(theta, info)``.
+    """
+    from .dpo import solve_dpo_native
+
+    comp, _ = data.compress()
+    c = eps * beta
+    tr = data.theta_ref
+    fun, _, grad_hess = _norm_model(comp, beta, np.zeros(data.d), c)
+    g0 = weighted_grad_hess(tr, comp, beta)[0]
+    info = {"eps_c": w1_collapse_threshold(data), "collapse_test": "0 in subdifferential at theta_ref"}
+    if _kappa_inf_collapses(g0, c, tr, radius):
+        info.update(iterations=0, message="collapsed: 0 is in the subdifferential at theta_ref")
+        return tr.copy(), info
+    # a warm start only: capped, since solve_dpo_native runs to max_iter when the ball is active
+    start = solve_dpo_native(comp, beta, radius, max_iter=12).theta
+    if np.linalg.norm(start - tr) <= 1e-12:
+        start = tr - 1e-3 * radius * g0 / np.linalg.norm(g0)
+    rmin = 1e-14 * max(1.0, radius)
+
+    def guarded(v):  # f is not smooth at theta_ref, which is not optimal here: keep away
+        return math.inf if np.linalg.norm(v - tr) <= rmin else fun(v)
+
+    # tol: a Newton decrement of 1e-15 is f's rounding level (with the default 1e-20 the
+    # iteration can accept null steps on the sphere until max_iter)
+    res = newton_ball(guarded, grad_hess, start, data.d, radius, max_iter=max_iter, tol=1e-15)
+    info.update(iterations=res.iterations, message=res.message)
+    return res.v, info
+
+
+def _kappa_inf_collapses(g0, c, theta_ref, radius) -> bool:
+    """The exact collapse test for ``kappa = inf``: ``0 in g0 + c * unit ball + N(theta_ref)``.
+
+    ``g0`` (d,) is the gradient of the mean loss at ``theta_ref`` and ``c = eps beta``; the ball's
+    normal cone ``N = {eta theta_ref, eta >= 0}`` enters when ``theta_ref`` is on the sphere
+    (docs/theory_wasserstein.md, section 2).
+    """
+    nref = float(np.linalg.norm(theta_ref))
+    eta = 0.0
+    if nref > 0 and nref >= radius * (1 - 1e-9):
+        eta = max(0.0, -float(g0 @ theta_ref) / nref**2)
+    # rounding tolerance: at eps = eps_c exactly both sides agree only up to a few ulps
+    return float(np.linalg.norm(g0 + eta * theta_ref)) <= c * (1 + 1e-12) + 1e-15
 
 
 def solve_wdpo_continuous_cvxpy(
@@ -1068,10 +1412,9 @@ def solve_wdpo(
     never flip). Which problem is solved:
 
     * ``p = 1`` and ``support is None``: continuous support (``x`` may move anywhere in R^d),
-      THEORY.md section 3 / Shafieezadeh-Abadeh et al. (2015). ``kappa = inf`` with
-      ``solver="native"``: :func:`solve_wdpo_continuous_native`; otherwise
-      :func:`solve_wdpo_continuous_cvxpy` (finite ``kappa`` has no native path: ``info["note"]``
-      says so when ``"native"`` was asked for).
+      docs/theory_wasserstein.md section 1 / Shafieezadeh-Abadeh et al. (2015). ``solver="native"``:
+      :func:`solve_wdpo_continuous_native` (any ``kappa``; falls back to cvxpy, and says so in
+      ``solver``, when it cannot certify); ``"cvxpy"``: :func:`solve_wdpo_continuous_cvxpy`.
     * ``p = 2`` or a ``support`` given: the adversary may move mass only to the support points
       (default ``FiniteSupport.from_data(data, flips=kappa < inf)``): :func:`solve_wdpo_finite`.
 
@@ -1095,12 +1438,9 @@ def solve_wdpo(
                        info={**res.info, "kappa": kappa, "p": p,
                              "note": "eps = 0 with kappa > 0: the Wasserstein ball is {P}, so WDPO = DPO"})
     if p == 1 and support is None:
-        if solver == "native" and math.isinf(kappa):
-            return solve_wdpo_continuous_native(data, beta, radius, eps)
-        res = solve_wdpo_continuous_cvxpy(data, beta, radius, eps, kappa)
         if solver == "native":
-            res.info["note"] = "no native solver for finite kappa on the continuous support; used cvxpy"
-        return res
+            return solve_wdpo_continuous_native(data, beta, radius, eps, kappa)
+        return solve_wdpo_continuous_cvxpy(data, beta, radius, eps, kappa)
     res = solve_wdpo_finite(data, beta, radius, eps, p, kappa, support)
     if solver == "native":
         res.info["note"] = "finite support is solved by cutting planes with cvxpy (Clarabel)"
