@@ -294,7 +294,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Stand-alone entry: ``python -m drdpo_theory.llm.cli align ...``."""
-    parser = argparse.ArgumentParser(prog="drdpo")
+    from drdpo_theory.cli import OneLineParser
+
+    parser = OneLineParser(prog="drdpo")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(argv)

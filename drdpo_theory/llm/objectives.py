@@ -395,6 +395,8 @@ def _wdpo(model, batch, ref_c, ref_r, cfg: LossConfig, logps_fn):
         loss = _wmean(l, v) + penalty
     else:
         g = g.detach()
+        if v is not None:  # pairs of weight 0 are not perturbed (as in the two-pass path): same step h
+            g = g * (torch.cat([v, v]) > 0).to(g.dtype)[:, None, None]
         h, c = _fd_coefficients(e, g, batch["attention_mask"], cfg, l.dtype)
         advanced = _RNGState()
         rng.restore()  # the perturbed forward draws the same dropout masks
