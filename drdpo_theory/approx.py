@@ -1,7 +1,7 @@
 """The paper's scalable gradient approximations of KLDPO / WDPO and their exact counterparts.
 
-THEORY.md section 5. On an LLM the minimax gradients are not available, so the paper trains with
-approximations. On the log-linear class (THEORY.md section 2) the exact answer is known, so each
+docs/theory.md section 5. On an LLM the minimax gradients are not available, so the paper trains with
+approximations. On the log-linear class (docs/theory.md section 2) the exact answer is known, so each
 approximation here is a pure function ``(theta, batch, hyper-parameters) -> gradient (d,)`` that
 can be compared with the exact Danskin gradient.
 
@@ -12,7 +12,7 @@ Notation (shapes in brackets): ``batch`` is a :class:`~drdpo_theory.data.Prefere
 
 .. math:: \\nabla_\\theta \\ell_i = -\\beta\\,\\sigma(-t_i)\\,u_i .
 
-KLDPO (the authors' code; THEORY.md section 5)
+KLDPO (the authors' code; docs/theory.md section 5)
     ``w_i = min(exp((l_i - mean_j l_j)/tau), 10)`` (detached, *not* normalised) and gradient
     ``mean_i w_i grad l_i`` (:func:`kldpo_grad_clamped`); the normalised variant uses the tilt
     ``q_i ∝ p_i exp(l_i/tau)`` (:func:`kldpo_grad_softmax`), which is the exact worst case when
@@ -28,7 +28,7 @@ WDPO
 
     and ``||grad_z l||^2 = 2 ||grad_x l||^2``. ``space="z"`` (default, as in the authors' code)
     uses ``grad_z``; ``space="x"`` uses ``grad_x``, the gradient in the space where this
-    project's transport cost ``||x - x'||`` lives (THEORY.md section 3). Since ``l`` depends on
+    project's transport cost ``||x - x'||`` lives (docs/theory.md section 3.2). Since ``l`` depends on
     ``z`` only through ``x`` and the cheapest ``z``-move realising ``Delta x`` costs
     ``||Delta x||/sqrt(2)``, a ``W_p`` ball of radius ``eps_z`` in ``z`` is a ball of radius
     ``sqrt(2) eps_z`` in ``x`` (:func:`eps_x_from_z`).

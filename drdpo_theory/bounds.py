@@ -1,11 +1,11 @@
 """Sample-complexity bounds for DPO, WDPO and KLDPO on the log-linear class, every constant explicit.
 
-THEORY.md section 4; the full derivations are in docs/theory_bounds.md (equation labels B1-B9 are
+docs/theory.md section 4; the full derivations are in docs/theory_bounds.md (equation labels B1-B9 are
 cited below). Everything here is deterministic arithmetic on numbers the caller computed from the
 instance (``model.nominal()``) and from the exact population solutions; this module imports no
 solver (dependencies point ``experiments -> solvers -> bounds -> model``).
 
-The chain of every bound (THEORY.md section 4):
+The chain of every bound (docs/theory.md section 4):
 
 1. *Excess-risk bound* ``E_n(delta)``: with probability ``>= 1 - delta`` over the sample,
    ``L(theta_n; P°) - L(theta_pop; P°) <= E_n`` (one function per objective:
@@ -13,7 +13,7 @@ The chain of every bound (THEORY.md section 4):
    :func:`kldpo_excess_bound`, :func:`wdpo_finite_excess_bound`).
 2. *Quadratic growth* of the population objective around its minimiser,
    ``L(theta; P°) - L(theta_pop; P°) >= gamma/2 ||theta - theta_pop||^2``, so
-   ``||theta_n - theta_pop|| <= sqrt(2 E_n / gamma)`` (:func:`error_from_excess`). THEORY's form
+   ``||theta_n - theta_pop|| <= sqrt(2 E_n / gamma)`` (:func:`error_from_excess`). The paper's form
    ``2 sqrt(D_n/gamma)`` is the case ``E_n = 2 D_n`` (:func:`theorem_error_bound`).
 3. ``gamma`` either global (``beta^2 c_B lambda_cov``, :func:`strong_convexity`) or localised
    around ``theta_pop`` (:func:`local_growth`, :func:`localized_error_bound`): both valid on the
@@ -57,7 +57,7 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------------------------
-# Elementary functions and the constants of THEORY.md section 2
+# Elementary functions and the constants of docs/theory.md section 2
 # ----------------------------------------------------------------------------------------------
 
 
@@ -108,7 +108,7 @@ class BoundConstants:
     x_max : bound on ``||x||`` over the support (paper: 2).
     x_rms : bound on ``sqrt(E_P° ||x||^2)`` (paper: 2); enters the Rademacher complexity.
     theta_ref_norm : bound on ``||theta_ref||`` (paper: B, i.e. ``||theta - theta_ref|| <= 2B``).
-    lambda_cov : smallest eigenvalue of ``E_Q[x x^T]`` for the relevant ``Q`` (THEORY.md section 2).
+    lambda_cov : smallest eigenvalue of ``E_Q[x x^T]`` for the relevant ``Q`` (docs/theory.md section 2).
     label : "paper" or "instance".
 
     Derived: ``tau = beta x_max (B + theta_ref_norm)`` bounds every margin ``|t|``; the loss lies in
@@ -136,7 +136,8 @@ class BoundConstants:
 
     @classmethod
     def paper(cls, beta: float, radius: float, d: int, lambda_cov: float) -> "BoundConstants":
-        """THEORY.md's constants: ``||x|| <= 2``, ``||theta_ref|| <= B``; only ``lambda_cov`` is measured."""
+        """The paper's constants (docs/theory.md section 2): ``||x|| <= 2``, ``||theta_ref|| <= B``; only
+        ``lambda_cov`` is measured."""
         return cls(beta, radius, d, 2.0, 2.0, radius, lambda_cov, "paper")
 
     @classmethod
@@ -228,7 +229,7 @@ def dpo_excess_bound(n: ArrayLike, delta: float, c: BoundConstants, fixed_width:
     (the middle term ``L(theta_n;P_n) - L(theta_pop;P_n) <= 0`` is dropped). ``w`` is the width of
     ``l(.; theta_pop)`` on the support (default ``tau``); ``gap_pop`` the certified suboptimality
     of the computed population solution. With ``w = tau``, ``gap_pop = 0`` this is
-    ``2 D_n - 2 R_n <= 2 D_n`` (THEORY.md section 4).
+    ``2 D_n - 2 R_n <= 2 D_n`` (docs/theory.md section 4).
     """
     w = c.tau if fixed_width is None else float(fixed_width)
     return (2.0 * rademacher_dpo(n, c) + _hoeffding(c.tau, n, delta / 2.0) + _hoeffding(w, n, delta / 2.0)
@@ -236,7 +237,7 @@ def dpo_excess_bound(n: ArrayLike, delta: float, c: BoundConstants, fixed_width:
 
 
 def theorem_error_bound(n: ArrayLike, delta: float, c: BoundConstants) -> NDArray[np.float64]:
-    """THEORY.md section 4 verbatim: ``||theta_n - theta_pop|| <= 2 sqrt(D_n / gamma)`` (B6)."""
+    """The paper's form (docs/theory.md section 4): ``||theta_n - theta_pop|| <= 2 sqrt(D_n / gamma)`` (B6)."""
     if c.gamma <= 0:
         return np.full(np.shape(n), np.inf)
     return 2.0 * np.sqrt(dpo_uniform_deviation(n, delta, c) / c.gamma)

@@ -1,13 +1,13 @@
 """Choosing the approximations' hyper-parameters from the robust radii (and back).
 
-The paper's scalable algorithms (THEORY.md section 5) are parametrised by a temperature ``tau``
+The paper's scalable algorithms (docs/theory.md section 5) are parametrised by a temperature ``tau``
 (KLDPO) and a penalty weight ``rho0`` (WDPO), while the robust problems are parametrised by the
 radii ``rho`` (KL) and ``eps`` (Wasserstein). This module gives the maps between them at a given
 ``theta`` and the collapse radii above which the robust optimum is ``theta_ref``.
 
 KL: ``tau <-> rho``
     The worst case of ``sup {E_Q l : KL(Q||P) <= rho}`` is the tilt ``q ∝ p exp(l/lam*)``
-    (THEORY.md section 3), so ``tau = lam*(rho)`` (:func:`tau_for_rho`, the 1-D dual solved by
+    (docs/theory.md section 3.1), so ``tau = lam*(rho)`` (:func:`tau_for_rho`, the 1-D dual solved by
     :func:`~drdpo_theory.solvers.kl.kl_inner`). Conversely every ``tau > 0`` is the exact
     worst case of the radius ``rho(tau) = KL(q_tau || p)`` (:func:`rho_for_tau`, closed form): a
     tilt with temperature ``tau`` *is* KLDPO with that radius, at this ``theta`` only (``lam*``
@@ -27,7 +27,7 @@ Wasserstein: ``eps -> rho0``
     first-order WDPO step (exactly, at the theta where it is calibrated).
 
 Collapse radii (the robust optimum is ``theta_ref`` at and above them; ``theta_ref`` inside the ball)
-    * W1, continuous support, ``kappa = inf``: ``eps_c = ||mean_i ytil_i x_i|| / 2`` (THEORY.md
+    * W1, continuous support, ``kappa = inf``: ``eps_c = ||mean_i ytil_i x_i|| / 2`` (docs/theory.md
       section 6; the subgradient condition of ``mean l + eps beta ||v||`` at ``v = 0``);
     * W2, continuous support, ``kappa = inf``: ``eps_c = ||mean_i ytil_i x_i||``
       (:func:`~drdpo_theory.approx.w2_collapse_radius`), the same for Gao's first-order form;

@@ -1,6 +1,6 @@
 """Per-sample DPO losses on the log-linear policy class (numpy, pure).
 
-THEORY.md section 2: with features ``x = phi(s, a1) - phi(s, a2)`` and signed label
+docs/theory.md section 2: with features ``x = phi(s, a1) - phi(s, a2)`` and signed label
 ``ytil = 2y - 1``, the implicit reward margin is ``h = (theta - theta_ref) . x`` and the DPO loss is
 
 .. math::
@@ -70,7 +70,7 @@ def dpo_loss_from_margins(h: ArrayLike, y: ArrayLike, beta: float) -> NDArray[np
 def dpo_loss(
     theta: ArrayLike, x: ArrayLike, y: ArrayLike, beta: float, theta_ref: ArrayLike | None = None
 ) -> NDArray[np.float64]:
-    """Per-sample DPO loss on the log-linear class (THEORY.md section 2).
+    """Per-sample DPO loss on the log-linear class (docs/theory.md section 2, T2.1).
 
     Parameters
     ----------

@@ -1,6 +1,6 @@
 """Log-linear policy model, Bradley-Terry preferences and the exact nominal distribution P°.
 
-THEORY.md section 2. Finitely many prompts ``s`` and answers ``a`` with features
+docs/theory.md section 2. Finitely many prompts ``s`` and answers ``a`` with features
 ``phi(s, a)`` in R^d, ``||phi|| <= 1``; the policy is
 
 .. math:: \\pi_\\theta(a|s) = \\frac{\\exp(\\theta\\cdot\\phi(s,a))}{\\sum_{a'}\\exp(\\theta\\cdot\\phi(s,a'))}.

@@ -110,7 +110,7 @@ def test_bound_above_measured_quantile(method, radius):
             q = np.quantile(errs, 1 - DELTA)
             bound = b.loc[n, "bound"]
             assert bound >= q, (method, n, bound, q)
-            # the bound with THEORY's constants is never below the instance-constant one
+            # the bound with the paper's constants is never below the instance-constant one
             if np.isfinite(b.loc[n, "bound_paper"]):
                 assert b.loc[n, "bound_paper"] >= bound * (1 - 1e-9) or bound > 2 * inst.radius
     if method in ("dpo", "wdpo-w1", "wdpo-w2"):

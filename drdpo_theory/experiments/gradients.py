@@ -1,6 +1,6 @@
 """Exact vs approximate robust gradients on the log-linear model (tidy pandas tables).
 
-The paper trains LLMs with approximations of the KLDPO / WDPO minimax gradients (THEORY.md
+The paper trains LLMs with approximations of the KLDPO / WDPO minimax gradients (docs/theory.md
 section 5, :mod:`drdpo_theory.approx`). On the log-linear class the exact gradients are known, so
 this study measures how good the approximations are:
 

@@ -473,7 +473,7 @@ def bound_curve(inst: Instance, method: str, radius: float, ns, delta: float) ->
 
     Columns: ``n``, ``excess`` (instance constants), ``bound`` (localised growth + the population
     solver allowance ``sqrt(2 gap_pop / gamma)``), ``bound_global`` (global instance gamma),
-    ``bound_paper`` (THEORY.md's constants: ``||x|| <= 2``, ``4 beta B``, ``c_B``, ``lambda_cov`` of
+    ``bound_paper`` (the paper's constants, docs/theory.md section 2: ``||x|| <= 2``, ``4 beta B``, ``c_B``, ``lambda_cov`` of
     the growth measure), ``vacuous`` (``bound >= 2B``), ``gamma``, ``lambda_cov``, ``saddle_gap`` and
     method-specific details. Empty bound (NaN) when the argument does not apply (KLDPO with
     ``lam_pop = 0``, i.e. collapsed).

@@ -10,7 +10,7 @@ Modules (import them explicitly; this package ``__init__`` imports nothing heavy
 ``attention``   switching a model to twice-differentiable (eager) attention for WDPO
 ``distributed`` the ``torch.distributed`` helpers the losses need
 
-Nothing here imports :mod:`drdpo_theory.solvers` (THEORY.md section 5; CONVENTIONS.md).
+Nothing here imports :mod:`drdpo_theory.solvers` (README.md, "Layout": dependencies point one way).
 """
 
 __all__ = ["losses", "logprobs", "objectives", "attention", "distributed"]

@@ -2,8 +2,8 @@
 
 .. math:: \\min_{\\|\\theta\\|_2 \\le B} \\sum_i w_i \\log\\bigl(1 + e^{-\\tilde y_i \\beta (\\theta - \\theta_{ref})\\cdot x_i}\\bigr)
 
-(THEORY.md sections 1-2). The certificate ``duality_gap`` is the gap of the strongly convex
-quadratic minorant on the ball (``_common.ball_fw_gap``): an upper bound on ``L(theta) - L*``.
+(docs/theory.md sections 1-2). The certificate ``duality_gap`` is the gap of the strongly convex
+quadratic minorant on the ball (``_common.ball_fw_gap``, docs/theory.md section 7): an upper bound on ``L(theta) - L*``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Per-pair losses, sequence log-probs and KLDPO weights (drdpo_theory.llm.losses/logprobs).
 
 Checks: hand-computed values; gradcheck; the torch loss on a log-linear "LM" equals the
-numpy log-linear DPO loss (THEORY.md section 2); calibrated KLDPO weights equal the exact
+numpy log-linear DPO loss (docs/theory.md section 2); calibrated KLDPO weights equal the exact
 KL worst case computed independently with scipy brentq; Danskin's gradient of the robust
 batch loss; sequence log-probs of a tiny Llama vs a per-row computation.
 """
@@ -83,7 +83,7 @@ def test_losses_gradcheck(loss_fn):
 # log-linear policy as a causal "LM": sequence [s, a], logits at position 0 = theta.phi(s, .)
 # ---------------------------------------------------------------------------------------
 class LogLinearLM(torch.nn.Module):
-    """pi_theta(a|s) = softmax_a(theta.phi(s, a)) (THEORY.md section 2) in the HF calling convention."""
+    """pi_theta(a|s) = softmax_a(theta.phi(s, a)) (docs/theory.md section 2) in the HF calling convention."""
 
     def __init__(self, phi: torch.Tensor, theta: torch.Tensor):
         super().__init__()
@@ -125,7 +125,7 @@ def _numpy_dpo(theta, x, y, beta, theta_ref):
     """Numpy log-linear DPO loss (drdpo_theory.losses) or its closed form if absent."""
     try:
         from drdpo_theory.losses import dpo_loss as np_dpo_loss
-    except ImportError:  # closed form, THEORY.md section 2
+    except ImportError:  # closed form, docs/theory.md section 2
         ytil = 2 * y - 1
         return np.logaddexp(0.0, -ytil * beta * (x @ (theta - theta_ref)))
     return np_dpo_loss(theta, x, y, beta, theta_ref=theta_ref)
