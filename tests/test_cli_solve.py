@@ -78,7 +78,7 @@ def _bad(tmp_path, name, **arrays):
         ("huge_beta", "lower beta or B"),
         ("kappa_for_dpo", "--kappa applies to wdpo only (method is dpo); drop it or use --method wdpo"),
         ("p_for_kldpo", "--p applies to wdpo only (method is kldpo); drop it or use --method wdpo"),
-        ("eps_for_kldpo", "--eps applies to wdpo only (method is kldpo); drop it"),
+        ("eps_for_kldpo", "--eps applies to wdpo/rdpo/cdpo only (method is kldpo); drop it"),
         ("npy", "is a single-array .npy file, not an .npz archive"),
         ("text", "is a text file, not an .npz archive; write one with numpy.savez"),
         ("binary", "has no zip header, not an .npz archive"),

@@ -1,11 +1,15 @@
-"""``drdpo solve``: one exact DPO / KLDPO / WDPO problem from an ``.npz`` file.
+"""``drdpo solve``: one exact DPO / KLDPO / WDPO / robust-family problem from an ``.npz`` file.
 
-Contract: ``drdpo solve --method {dpo,kldpo,wdpo} --data FILE.npz --beta BETA --radius B
-[--rho RHO] [--eps EPS --kappa KAPPA --p P] [--solver {native,cvxpy}] --json``. With ``--json``
+Contract: ``drdpo solve --method {dpo,kldpo,wdpo,chi2dpo,cvardpo,groupdpo,rdpo,cdpo,dr_dpo} --data FILE.npz
+--beta BETA --radius B [--rho RHO] [--eps EPS --kappa KAPPA --p P] [--alpha ALPHA] [--beta-prime BP]
+[--solver {native,cvxpy}] --json``. With ``--json``
 the last stdout line is one JSON object with ``theta``, ``objective``, ``duality_gap``, ``status``,
 ``solver``, ``seconds``, ``worst_case`` (the worst-case distribution as arrays) and extras. Exit 2 on
 bad input (one line on stderr), 3 when the answer is not certified. ``--kappa``/``--p`` (wdpo),
-``--rho`` (kldpo) and ``--eps`` (wdpo) are refused for other methods rather than ignored.
+``--rho`` (kldpo, chi2dpo), ``--eps`` (wdpo, rdpo, cdpo), ``--alpha`` (cvardpo) and ``--beta-prime``
+(dr_dpo) are refused for other methods rather than ignored. groupdpo reads an integer ``groups`` (n,)
+array from the same ``.npz``. dr_dpo is not convex: its answer is a local solution (status ``local``,
+exit 0 when first-order stationary; docs/theory_family.md).
 """
 
 from __future__ import annotations
@@ -25,12 +29,17 @@ def register(sub) -> None:
         description=__doc__.split("\n\n")[0].split(": ", 1)[1] + " The data file holds x (n,d) = "
         "phi(s,a1)-phi(s,a2), y (n,) in {0,1}, optional theta_ref (d,) and weights (n,).",
     )
-    p.add_argument("--method", required=True, choices=["dpo", "kldpo", "wdpo"], help="objective to minimise")
+    p.add_argument("--method", required=True,
+                   choices=["dpo", "kldpo", "wdpo", "chi2dpo", "cvardpo", "groupdpo", "rdpo", "cdpo", "dr_dpo"],
+                   help="objective to minimise (the robust family: docs/theory_family.md)")
     p.add_argument("--data", required=True, metavar="FILE.npz", help="data: x (n,d), y (n,), [theta_ref (d,)], [weights (n,)]")
     p.add_argument("--beta", required=True, type=_float, help="DPO temperature beta > 0")
     p.add_argument("--radius", required=True, type=_float, metavar="B", help="parameter ball ||theta|| <= B")
-    p.add_argument("--rho", type=_float, help="KL radius (kldpo)")
-    p.add_argument("--eps", type=_float, help="Wasserstein radius (wdpo)")
+    p.add_argument("--rho", type=_float, help="KL radius (kldpo) or chi2 radius (chi2dpo), >= 0")
+    p.add_argument("--eps", type=_float, help="Wasserstein radius (wdpo); flip rate in [0, 1/2) (rdpo); "
+                                              "label smoothing in [0, 1/2] (cdpo)")
+    p.add_argument("--alpha", type=_float, help="CVaR level in (0, 1] (cvardpo; 1 = DPO)")
+    p.add_argument("--beta-prime", dest="beta_prime", type=_float, help="Dr.DPO temperature beta' > 0 (dr_dpo)")
     p.add_argument("--kappa", type=_float, default=None,
                    help="label-flip transport cost (wdpo; 'inf' = labels never flip; default inf)")
     p.add_argument("--p", type=int, default=None, choices=[1, 2],
@@ -46,14 +55,7 @@ def run(args) -> int:
     from ..data import DataError, load_npz
     from ..solvers import SolverError, solve
 
-    if args.method == "kldpo" and args.rho is None:
-        raise CLIError("--method kldpo needs --rho RHO (the KL radius, >= 0)")
-    if args.method == "wdpo" and args.eps is None:
-        raise CLIError("--method wdpo needs --eps EPS (the Wasserstein radius, >= 0)")
-    if args.method != "kldpo" and args.rho is not None:
-        raise CLIError(f"--rho applies to kldpo only (method is {args.method}); drop it or use --method kldpo")
-    if args.method != "wdpo" and args.eps is not None:
-        raise CLIError(f"--eps applies to wdpo only (method is {args.method}); drop it or use --method wdpo")
+    _check_method_flags(args)
     for flag in ("kappa", "p"):  # silently ignoring them would solve another problem than asked
         if args.method != "wdpo" and getattr(args, flag) is not None:
             raise CLIError(f"--{flag} applies to wdpo only (method is {args.method}); drop it or use --method wdpo")
@@ -65,8 +67,10 @@ def run(args) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             data = load_npz(args.data)
+            groups = _load_groups(args.data, data.n) if args.method == "groupdpo" else None
             result = solve(args.method, data, args.beta, args.radius, rho=args.rho, eps=args.eps,
-                           kappa=kappa, p=p, solver=args.solver)
+                           kappa=kappa, p=p, alpha=args.alpha, groups=groups, beta_prime=args.beta_prime,
+                           solver=args.solver)
     except (DataError, ValueError, TypeError) as exc:
         raise CLIError(str(exc)) from None
     except SolverError as exc:
@@ -101,4 +105,41 @@ def run(args) -> int:
         for note in notes:
             print(f"warning     {' '.join(note.split())}")
         print(f"status      {result.status}  ({result.solver}, {result.seconds:.3f} s)")
-    return EXIT_OK if result.optimal else EXIT_SOLVER
+    local_ok = result.method == "dr_dpo" and result.status == "local"  # non-convex: a stationary point
+    return EXIT_OK if result.optimal or local_ok else EXIT_SOLVER
+
+
+#: which methods take each radius flag, and what it is for them
+_FLAG_METHODS = {
+    "rho": (("kldpo", "chi2dpo"), "RHO (the KL / chi2 radius, >= 0)"),
+    "eps": (("wdpo", "rdpo", "cdpo"), "EPS (the Wasserstein radius / flip rate / label smoothing)"),
+    "alpha": (("cvardpo",), "ALPHA (the CVaR level, in (0, 1])"),
+    "beta_prime": (("dr_dpo",), "BP (the Dr.DPO temperature, > 0)"),
+}
+
+
+def _check_method_flags(args) -> None:
+    """Each method's radius flag is required, and refused for the methods it does not apply to."""
+    for flag, (methods, what) in _FLAG_METHODS.items():
+        opt = "--" + flag.replace("_", "-")
+        value = getattr(args, flag, None)
+        if args.method in methods and value is None:
+            raise CLIError(f"--method {args.method} needs {opt} {what}")
+        if args.method not in methods and value is not None:
+            raise CLIError(f"{opt} applies to {'/'.join(methods)} only (method is {args.method}); drop it")
+
+
+def _load_groups(path, n: int):
+    """The integer ``groups`` (n,) array of a groupdpo ``.npz`` (one group label per pair)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as f:
+        if "groups" not in f.files:
+            raise CLIError(f"{path}: --method groupdpo needs an integer 'groups' array of shape ({n},) "
+                           f"in the .npz (one group label per pair); found {sorted(f.files)}")
+        g = f["groups"]
+    if g.dtype.kind not in "biu":
+        raise CLIError(f"{path}: 'groups' must be an integer array, got dtype {g.dtype}")
+    if g.shape != (n,):
+        raise CLIError(f"{path}: 'groups' must have shape ({n},) like y, got {g.shape}")
+    return g

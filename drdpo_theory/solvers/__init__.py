@@ -1,8 +1,9 @@
-"""Exact solvers of DPO, KLDPO and WDPO on the log-linear class, behind one ``solve`` entry.
+"""Exact solvers of DPO, KLDPO, WDPO and the robust family (chi2dpo, cvardpo, groupdpo, rdpo, cdpo;
+dr_dpo locally) on the log-linear class, behind one ``solve`` entry.
 
 Every solver returns a frozen :class:`~drdpo_theory.solvers.result.SolverResult` whose
 ``duality_gap`` is a certified upper bound on ``objective - optimum``; ``status == "optimal"``
-only when that gap is <= 1e-7.
+only when that gap is <= 1e-7 (dr_dpo is not convex: its status is ``"local"`` at best).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .worst_case import WorstCase, from_tuple_weights
 __all__ = ["solve", "SolverResult", "SolverError", "OPTIMAL", "INACCURATE", "FAILED", "CERTIFIED_GAP", "METHODS",
            "MAX_MARGIN", "check_margin_scale", "WorstCase"]
 
-METHODS = ("dpo", "kldpo", "wdpo")
+METHODS = ("dpo", "kldpo", "wdpo", "chi2dpo", "cvardpo", "groupdpo", "rdpo", "cdpo", "dr_dpo")
 
 
 #: Largest admissible margin scale ``beta (B + ||theta_ref||) max_i ||x_i||``. Losses grow like the
@@ -85,18 +86,26 @@ def solve(
     kappa: float = math.inf,
     p: int = 1,
     support=None,
+    alpha: float | None = None,
+    groups=None,
+    beta_prime: float | None = None,
     solver: str = "native",
 ) -> SolverResult:
     """Solve one robust DPO problem exactly.
 
     Parameters
     ----------
-    method : "dpo" | "kldpo" | "wdpo".
+    method : "dpo" | "kldpo" | "wdpo" | "chi2dpo" | "cvardpo" | "groupdpo" | "rdpo" | "cdpo" | "dr_dpo"
+        (the family members: ``family.py``, docs/theory_family.md).
     data : weighted preference data (``x`` (n,d), ``y`` (n,), ``weights``, ``theta_ref``).
     beta : DPO temperature, > 0.
     radius : B, the parameter ball ``||theta||_2 <= B``.
-    rho : KL radius (kldpo).
-    eps : Wasserstein radius (wdpo); cost ``||x - x'||_2 + kappa [y != y']`` raised to ``p``.
+    rho : KL radius (kldpo) or chi2 radius (chi2dpo).
+    eps : Wasserstein radius (wdpo); cost ``||x - x'||_2 + kappa [y != y']`` raised to ``p``;
+        flip rate (rdpo, [0, 1/2)) or label smoothing (cdpo, [0, 1/2]).
+    alpha : CVaR level in (0, 1] (cvardpo).
+    groups : (n,) integer group labels (groupdpo).
+    beta_prime : Dr.DPO temperature > 0 (dr_dpo).
     kappa : label-flip cost (``inf``: labels never move).
     p : 1 (continuous support unless ``support`` is given) or 2 (finite support).
     support : a ``wasserstein.FiniteSupport`` (finite-support WDPO), or None.
@@ -127,6 +136,17 @@ def solve(
     if solver not in ("native", "cvxpy"):
         raise ValueError(f"unknown solver {solver!r}; expected 'native' or 'cvxpy'")
     check_margin_scale(data, beta, radius)
+    if method in ("chi2dpo", "cvardpo", "groupdpo", "rdpo", "cdpo", "dr_dpo"):
+        from .family import solve_family
+
+        if method != "chi2dpo" and rho is not None:
+            raise ValueError(f"rho does not apply to {method}")
+        if method not in ("rdpo", "cdpo") and eps is not None:
+            raise ValueError(f"eps does not apply to {method}")
+        return solve_family(method, data, beta, radius, rho=rho, alpha=alpha, eps=eps, groups=groups,
+                            beta_prime=beta_prime, solver=solver)
+    if alpha is not None or groups is not None or beta_prime is not None:
+        raise ValueError(f"alpha, groups and beta_prime do not apply to {method}")
     if method == "dpo":
         from .dpo import solve_dpo
 
