@@ -768,6 +768,8 @@ def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, i
         theta = theta * (radius / nt)
     inner = wdpo_inner_continuous(theta, data, beta, eps, kappa)
     mu = curvature_floor(data, beta, radius)
+    if math.isfinite(kappa) and not np.any(theta - data.theta_ref):  # at theta_ref: every tuple ties
+        alpha_candidates = (*alpha_candidates, _polish_flip_fraction(theta, data, beta, radius, eps, kappa))
     lb = -math.inf
     for alpha in (*alpha_candidates, inner.flip_fraction):  # the solver's candidates are the tight ones
         lb = max(lb, _lower_bound_continuous(theta, data, beta, radius, eps, kappa, alpha, mu))
@@ -813,6 +815,8 @@ TR_MAX_WINDOW = 2048
 TR_TOL = 1e-12
 #: The inner barrier path ends at this mu (its centre is then within ~ (2 m + 4) mu of the model optimum).
 TR_MU_FINAL = 1e-12
+#: The inner barrier parameter is divided by this per stage.
+TR_SHRINK = 10.0
 
 
 class _TrustModel:
@@ -902,25 +906,36 @@ def _hinge_barrier(s, mu, value_only=False):
     return h, alpha, alpha * (1.0 - alpha) / q
 
 
-def _solve_trust_model(model: _TrustModel, radius: float, mu0: float):
-    """Minimise the model by the barrier path ``mu = mu0, mu0/10, ..., TR_MU_FINAL``; returns ``(y, iterations)``."""
+def _solve_trust_model(model: _TrustModel, radius: float, mu0: float, mu_end: float = TR_MU_FINAL):
+    """Minimise the model along the barrier path ``mu = mu0, mu0/TR_SHRINK, ..., mu_end``.
+
+    Each stage is centred by Newton (``_newton.newton_ball``, exact ball) from the centre predicted by
+    linear extrapolation of the last two (the path is ``y(mu) = y* + O(mu)``). Returns ``(y, iterations)``.
+    """
     d = model.d
     y = model.v.copy()
     a = y[:d] - model.tr
     lam_min = model.beta * float(np.linalg.norm(a))
-    # strictly inside the cone and the trust region
-    y[d] = max(y[d], lam_min + 0.25 * math.sqrt(model.r2))
+    # strictly inside the cone (a centre at mu lies about mu/eps inside) and the trust region
+    r = math.sqrt(model.r2)
+    y[d] = max(y[d], lam_min + min(0.25 * r, 10.0 * mu0 / max(model.eps, 1e-12)))
     if (y[d] - model.v[d]) ** 2 >= model.r2:
-        y[d] = model.v[d] + 0.5 * math.sqrt(model.r2)
-    its, mu = 0, mu0
+        y[d] = model.v[d] + 0.5 * r
+    its, mu, prev = 0, mu0, None
     while True:
         model.mu = mu
-        last = mu <= TR_MU_FINAL * (1 + 1e-9)
+        last = mu <= mu_end * (1 + 1e-9)
         res = newton_ball(model.fun, model.grad_hess, y, d, radius, max_iter=50, tol=1e-3 * mu if not last else 1e-16)
-        y, its = res.v, its + res.iterations
+        its += res.iterations
         if last:
-            return y, its
-        mu = max(mu / 10.0, TR_MU_FINAL)
+            return res.v, its
+        new_mu = max(mu / TR_SHRINK, mu_end)
+        y = res.v
+        if prev is not None:  # predictor: linear in mu along the path, if still strictly feasible
+            cand = res.v + (res.v - prev) * (mu - new_mu) / (prev_mu - mu)
+            if np.linalg.norm(cand[:d]) <= radius and math.isfinite(model.fun(cand)):
+                y = cand
+        prev, prev_mu, mu = res.v, mu, new_mu
 
 
 def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: float, kappa: float, theta0,
@@ -956,7 +971,7 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         return t, e, lam * eps + float(w @ loss) + float(w @ np.maximum(s, 0.0)), s
 
     t, e, phi, s = parts(theta, lam)
-    r, inner_its, message = 1.0, 0, "max_outer reached"
+    r, inner_its, message, last_step = 1.0, 0, "max_outer reached", math.inf
     for outer in range(1, max_outer + 1):
         sm = np.where(t >= 0, e, 1.0) / (1.0 + e)  # sigma(-t)
         gL = -(w * sm) @ U
@@ -975,7 +990,12 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         else:
             cA, Zw, sw, ww = np.zeros(d + 1), np.zeros((0, d + 1)), np.zeros(0), np.zeros(0)
         model = _TrustModel(v, gL, HL, eps, Zw, sw, ww, cA, beta, tr, r)
-        y, its = _solve_trust_model(model, radius, mu0=max(1e-2 * r, 10 * TR_MU_FINAL))
+        # the path starts at a mu of the size of the expected step (the last one, near the solution)
+        # and ends at one small against it: far from the solution the step needs no more accuracy
+        # (the ratio test guards it); near it, mu_end reaches TR_MU_FINAL
+        size = min(r, last_step)
+        mu0 = max(1e-2 * size, 10 * TR_MU_FINAL)
+        y, its = _solve_trust_model(model, radius, mu0, mu_end=max(TR_MU_FINAL, 1e-6 * size * size))
         inner_its += its
         pred = model.exact(v) - model.exact(y)
         if pred <= TR_TOL:
@@ -986,6 +1006,7 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         step = float(np.linalg.norm(y - v))
         if rho > 0.1:
             theta, lam, t, e, phi, s = y[:d].copy(), float(y[d]), t_new, e_new, phi_new, s_new
+            last_step = step
         if rho < 0.25:
             r = step / 4.0
         elif rho > 0.75 and step > 0.5 * r:
@@ -1020,8 +1041,14 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
     tr, w = data.theta_ref, data.weights
     a = np.asarray(theta, float) - tr
     r = float(np.linalg.norm(a))
-    if r == 0 or not math.isfinite(kappa):
+    if not math.isfinite(kappa):
         return None
+    if r == 0:
+        # theta = theta_ref: every margin is 0 = tau (lam* = 0), so every tuple ties; alpha = 1/2 for all
+        # cancels the mean-loss gradient -(beta/2) sum_i w_i u_i exactly, if the budget allows
+        # (kappa/2 <= eps; with kappa = 0 always), else scaled into it (section 8)
+        spend = 0.5 * kappa * float(w.sum())
+        return np.full(data.n, 0.5 if spend <= eps else 0.5 * eps / spend)
     t = beta * (data.u @ a)
     inner = wdpo_inner_continuous(theta, data, beta, eps, kappa)
     tau = inner.lam * kappa
