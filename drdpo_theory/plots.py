@@ -77,7 +77,8 @@ def error_vs_n(summary: pd.DataFrame, fits: pd.DataFrame, main_radius: dict, fig
                diameter: float, beta: float, name: str = "sample_complexity_error") -> list[Path]:
     """Parameter error ``||theta_n - theta_pop||`` vs ``n`` (log-log), one panel per method at its main radius:
     median, band (10% to (1-delta) quantile), the (1-delta) bound (instance constants), the bound with
-    THEORY's constants, ``n^{-1/2}`` and ``n^{-1/4}`` guides, ``sqrt(d/n)``, the fitted slope."""
+    the paper's constants (docs/theory.md section 2), ``n^{-1/2}`` and ``n^{-1/4}`` guides, ``sqrt(d/n)``,
+    the fitted slope."""
     plt = _plt()
     methods = [m for m in main_radius if len(_pick(summary, study="main", method=m))]
     ncol = 2
@@ -101,7 +102,7 @@ def error_vs_n(summary: pd.DataFrame, fits: pd.DataFrame, main_radius: dict, fig
         top = diameter * 4
         if np.isfinite(bp).any():
             ax.plot(n[np.isfinite(bp)], np.minimum(bp[np.isfinite(bp)], top * 0.95), "--", color="0.3", lw=1.2,
-                    label=f"bound with THEORY constants (≥ {np.nanmin(bp):.3g}, clipped)")
+                    label=f"bound with the paper's constants (≥ {np.nanmin(bp):.3g}, clipped)")
         if not fin.any():
             ax.text(0.97, 0.72, "bound = ∞ at every n shown:\nno certified dual lower bound lam_lo\n"
                     "(exp-moment factor too large)" if method == "kldpo" else "bound = ∞ at every n shown",
@@ -130,7 +131,7 @@ def error_vs_n(summary: pd.DataFrame, fits: pd.DataFrame, main_radius: dict, fig
         for h, lab in zip(*ax.get_legend_handles_labels()):
             key = lab.split(" (≥")[0]
             if key not in handles:
-                handles[key], labels[key] = h, lab.split(" (≥")[0] + (" (clipped at the top)" if "THEORY" in lab else "")
+                handles[key], labels[key] = h, lab.split(" (≥")[0] + (" (clipped at the top)" if "paper's constants" in lab else "")
     fig.suptitle(f"Empirical vs population robust optimum (β={beta:g}, d={d}, δ={delta:g})", fontsize=11)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.legend(list(handles.values()), list(labels.values()), loc="lower center", ncol=4, fontsize=8, frameon=False)
