@@ -2,8 +2,10 @@
 
 For each instance (a seeded log-linear model sampled at n tuples, with and without theta_ref, an
 active and an inactive parameter ball) and each problem (DPO, KLDPO, WDPO continuous W1 with
-kappa = inf and finite kappa, WDPO finite-support W2), both solvers are run and the table records
-the certified gaps, the objective and theta disagreement, and the wall times.
+kappa = inf and finite kappa, WDPO finite-support W2, and the convex robust-family members chi2dpo,
+cvardpo, groupdpo, rdpo, cdpo, below and above their collapse thresholds where they have one), both
+solvers are run and the table records the certified gaps, the objective and theta disagreement, and
+the wall times. (dr_dpo is not convex: it has no cvxpy path and no certificate, so it is not here.)
 """
 
 from __future__ import annotations
@@ -16,7 +18,12 @@ import pandas as pd
 from ..model import make_model
 from ..solvers import solve
 
-#: (name, solve kwargs)
+def sign_groups(data):
+    """groupdpo's groups on the embedded instances: the quadrant of ``(x_0, x_1)`` (up to 4 groups)."""
+    return (data.x[:, 0] > 0).astype(int) + 2 * (data.x[:, 1] > 0).astype(int)
+
+
+#: (name, solve kwargs); a callable value is called with the sampled data (groupdpo's groups)
 PROBLEMS = [
     ("dpo", dict(method="dpo")),
     ("kldpo rho=0.05", dict(method="kldpo", rho=0.05)),
@@ -24,6 +31,13 @@ PROBLEMS = [
     ("wdpo W1 eps=0.05 kappa=inf", dict(method="wdpo", eps=0.05, kappa=math.inf, p=1)),
     ("wdpo W1 eps=0.05 kappa=1", dict(method="wdpo", eps=0.05, kappa=1.0, p=1)),
     ("wdpo W2 eps=0.1 finite", dict(method="wdpo", eps=0.1, kappa=math.inf, p=2)),
+    ("chi2dpo rho=0.01", dict(method="chi2dpo", rho=0.01)),
+    ("chi2dpo rho=0.3 (collapsed)", dict(method="chi2dpo", rho=0.3)),
+    ("cvardpo alpha=0.97", dict(method="cvardpo", alpha=0.97)),
+    ("cvardpo alpha=0.5 (collapsed)", dict(method="cvardpo", alpha=0.5)),
+    ("groupdpo quadrants of (x0, x1)", dict(method="groupdpo", groups=sign_groups)),
+    ("rdpo eps=0.1", dict(method="rdpo", eps=0.1)),
+    ("cdpo eps=0.1", dict(method="cdpo", eps=0.1)),
 ]
 
 #: (name, model kwargs, n, ball radius B used by the solvers)
@@ -43,7 +57,7 @@ def run_solver_check(beta: float = 1.0, progress: bool = True) -> pd.DataFrame:
     for (iname, mkw, n, B), (pname, kw) in tqdm(cells, desc="solver-check", disable=not progress):
         model = make_model(beta=beta, radius=max(B, 2.0), **mkw)
         data = model.nominal().sample(n, seed=0)
-        kw = dict(kw)
+        kw = {k: (v(data) if callable(v) else v) for k, v in kw.items()}
         method = kw.pop("method")
         nat = solve(method, data, beta, B, solver="native", **kw)
         cvx = solve(method, data, beta, B, solver="cvxpy", **kw)
