@@ -1,6 +1,6 @@
 """A lean trainer for DPO / IPO / KLDPO / WDPO on Hugging Face causal LMs.
 
-One optimizer step (nanoGPT-style loop, THEORY.md section 5 for the objectives):
+One optimizer step (nanoGPT-style loop, docs/theory.md section 5 for the objectives):
 
 1. for each of ``grad_accum`` micro-batches of ``batch_size`` pairs:
    :func:`drdpo_theory.llm.objectives.preference_backward` with ``loss_scale = 1/grad_accum``
@@ -131,7 +131,7 @@ class TrainConfig:
     """
 
     output_dir: str = _help("Directory for metrics.csv, checkpoints/, ref_logps.safetensors, tensorboard/.", default="runs/align")
-    method: str = _help("Objective: 'dpo', 'ipo', 'kldpo' or 'wdpo' (THEORY.md sections 1 and 5).", default="dpo")
+    method: str = _help("Objective: 'dpo', 'ipo', 'kldpo' or 'wdpo' (docs/theory.md sections 1 and 5).", default="dpo")
     beta: float = _help("DPO temperature beta (> 0) multiplying the reward margin h.", default=0.1)
     kldpo_variant: str = _help("KLDPO pair weights: 'clamped' (authors' code), 'normalized' or 'calibrated'.", default="clamped")
     tau: float = _help("KLDPO temperature tau (> 0) in w_i = exp((l_i - mean_j l_j)/tau), a stand-in for lam*.", default=1.0)
