@@ -781,8 +781,9 @@ def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, i
     inf_collapse = math.isinf(kappa) and _kappa_inf_collapses(
         weighted_grad_hess(tr, data, beta)[0], eps * beta, tr, radius)
     near_ref = 0 < np.linalg.norm(theta - tr) <= 1e-6 * max(1.0, radius)
-    if snap and near_ref and gap > 0 and (inf_collapse or not math.isinf(kappa) or gap > CERTIFIED_GAP):
-        # a solver's collapsed solution is theta_ref up to its tolerance
+    if snap and gap > 0 and (inf_collapse or (near_ref and (not math.isinf(kappa) or gap > CERTIFIED_GAP))):
+        # a solver's collapsed solution is theta_ref up to its tolerance (kappa = inf: theta_ref passed
+        # the exact test, so it is the optimum however far the solver stopped from it)
         snapped = _continuous_result(tr, data, beta, radius, eps, kappa, solver, seconds, info,
                                      alpha_candidates, snap=False)
         if snapped.duality_gap <= gap:
@@ -978,7 +979,7 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         HL = (U * (w * sm * (1.0 - sm))[:, None]).T @ U
         v = np.concatenate([theta, [lam]])
         if flips:
-            with np.errstate(divide="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"):  # z_i = 0 (x_i = 0, kappa = 0): constant
                 ratio = np.abs(s) / Z_norm  # how far each flip term is from its kink, in step length
             if np.count_nonzero(ratio <= r) > TR_MAX_WINDOW:  # keep the window small: shrink the region
                 r = float(np.partition(ratio, TR_MAX_WINDOW)[TR_MAX_WINDOW]) * (1 - 1e-12)
