@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: venv reproduce test test-slow test-all bench clean-venv
+.PHONY: venv reproduce test test-slow test-dist test-all bench clean-venv
 
 venv: $(STAMP)
 
@@ -27,6 +27,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) -m slow
+
+# multi-process tests (2 gloo processes on CPU): raw FSDP2, TRL adapter under DeepSpeed ZeRO-2/3; no -n (each spawns 2)
+test-dist: $(STAMP)
+	$(PIP) install --quiet -e ".[distributed]" "torch==2.13.0"
+	$(PY) -m pytest -q -m distributed
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -n $(JOBS) -m "slow or not slow"

@@ -26,8 +26,10 @@ checkpointing) stays TRL's. What is overridden:
 * ``prediction_step`` (evaluation): the loss value of the method (see below), under
   ``torch.no_grad`` except, for WDPO, the embedding gradient;
 * metrics: every value of ``preference_loss``'s metrics is averaged over ranks (one
-  all-reduce) before it enters TRL's logs, and ``loss`` is left to the Trainer, which
-  averages it over ranks itself.
+  all-reduce; ``wdpo/grad_emb_norm``, a root mean square, as its square) before it enters
+  TRL's logs, so with equal per-rank batches the means are those of the global batch;
+  ``kldpo/ess`` and ``kldpo/weight_{min,max}`` stay per-rank statistics (averaged).
+  ``loss`` is left to the Trainer, which averages it over ranks itself.
 
 ``eval_loss`` is the objective of the method on the evaluation batch: the DPO loss for
 DPO; :math:`\frac1B\sum_i w_i\ell_i` for KLDPO (weights from the gathered evaluation
@@ -75,6 +77,9 @@ def fused_lm_head_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor]) 
     n = batch["input_ids"].shape[1] - 1
     logps = out.log_probs[:, -n:].sum(dim=1)  # (2B,): prompt-learning PEFT prepends virtual tokens
     return logps.chunk(2, dim=0)
+
+
+_RMS_METRICS = frozenset({"wdpo/grad_emb_norm"})
 
 
 class _RobustDPOTrainer(DPOTrainer):
@@ -131,11 +136,13 @@ class _RobustDPOTrainer(DPOTrainer):
     def _log_metrics(self, metrics: dict[str, float], mode: str) -> None:
         """Append the rank-averaged metrics (one all-reduce; ``loss`` is the Trainer's) to TRL's logs."""
         keys = sorted(k for k in metrics if k != "loss")
-        local = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        # root-mean-square metrics are averaged as squares, so that equal per-rank batches give the global value
+        vals = [metrics[k] ** 2 if k in _RMS_METRICS else metrics[k] for k in keys]
+        local = torch.tensor(vals, dtype=torch.float64, device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             local = self.accelerator.reduce(local, reduction="mean")
         for k, v in zip(keys, local.tolist()):
-            self._metrics[mode][k].append(v)
+            self._metrics[mode][k].append(v**0.5 if k in _RMS_METRICS else v)
 
     def _two_pass(self) -> bool:
         c = self.loss_config
@@ -226,7 +233,7 @@ class _RobustDPOTrainer(DPOTrainer):
 
 
 class KLDPOTrainer(_RobustDPOTrainer):
-    """``trl.DPOTrainer`` with the KLDPO loss (THEORY.md section 5).
+    """``trl.DPOTrainer`` with the KLDPO loss (docs/theory.md section 5).
 
     Extra keyword arguments (all optional): ``tau``, ``kldpo_variant``, ``rho``, ``clamp``;
     see :class:`~drdpo_theory.llm.objectives.LossConfig`. All other arguments are
@@ -238,7 +245,7 @@ class KLDPOTrainer(_RobustDPOTrainer):
 
 
 class WDPOTrainer(_RobustDPOTrainer):
-    """``trl.DPOTrainer`` with the WDPO loss (THEORY.md section 5).
+    """``trl.DPOTrainer`` with the WDPO loss (docs/theory.md section 5).
 
     Extra keyword arguments (all optional): ``rho0``, ``wdpo_impl``
     (``"double-backward"`` switches the model to eager attention; ``"finite-diff"`` keeps
