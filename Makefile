@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 JOBS ?= 2
 
-.PHONY: venv reproduce test test-slow test-dist test-all bench clean-venv
+.PHONY: venv reproduce test test-slow test-dist test-all bench bench-trl clean-venv
 
 venv: $(STAMP)
 
@@ -40,6 +40,12 @@ bench: $(STAMP)
 	$(PIP) install --quiet -e ".[bench]" "torch==2.13.0"
 	$(PIP) install --quiet --no-deps "dro==0.4.3"
 	$(PY) benchmarks/solvers.py
+
+# Train-step cost against TRL (issue 15): SmolLM2-135M on CPU, 12 configurations one after the other
+# (about half an hour on a quiet machine); e.g. BENCH_TRL_ARGS="--model tiny-random" for a quick check.
+BENCH_TRL_ARGS ?=
+bench-trl: $(STAMP)
+	$(PY) benchmarks/vs_trl.py $(BENCH_TRL_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

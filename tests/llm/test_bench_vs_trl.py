@@ -1,0 +1,63 @@
+"""benchmarks/vs_trl.py runs (tiny-random, 2 steps, TRL DPO and drdpo align DPO) and writes the documented JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("trl")
+pytest.importorskip("datasets")
+
+pytestmark = pytest.mark.llm
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "vs_trl.py"
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("vs_trl", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_vs_trl_tiny_random_json(tmp_path):
+    out = tmp_path / "table.json"
+    cmd = [sys.executable, str(SCRIPT), "--model", "tiny-random", "--steps", "2", "--warmup", "1",
+           "--configs", "trl-dpo,align-dpo", "--json", str(out), "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "| TRL DPOTrainer, DPO |" in proc.stdout and "| drdpo align DPO |" in proc.stdout
+
+    doc = json.loads(out.read_text())
+    columns = _module().COLUMNS
+    assert doc["columns"] == list(columns)
+    assert (doc["model"], doc["threads"], doc["batch_size"], doc["max_length"]) == ("tiny-random", 1, 4, 128)
+    assert [r["config"] for r in doc["rows"]] == ["trl-dpo", "align-dpo"]
+    for r in doc["rows"]:
+        assert "error" not in r, r
+        assert set(columns) <= set(r), set(columns) - set(r)
+        assert r["mode"] == "full" and r["timed_steps"] == 1 and r["threads"] == 1
+        for k in columns[4:]:
+            assert isinstance(r[k], (int, float)) and r[k] > 0, (k, r[k])
+        assert len(r["step_seconds"]) == 2
+    trl, align = doc["rows"]
+    assert trl["vs_trl_dpo"] == 1.0 and align["vs_path_dpo"] == 1.0
+    assert align["padded_tokens_per_step"] == trl["padded_tokens_per_step"]  # same data, same order, same padding
+
+
+def test_vs_trl_config_filter():
+    mod = _module()
+    assert mod.parse_args(["--configs", "align-*", "--steps", "3"]).configs == [
+        "align-dpo", "align-kldpo", "align-wdpo", "align-dpo-lora", "align-kldpo-lora", "align-wdpo-lora"]
+    assert mod.parse_args(["--configs", "trl-wdpo,*-dpo-lora"]).configs == ["trl-wdpo", "trl-dpo-lora", "align-dpo-lora"]
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--configs", "nope"])
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--steps", "2", "--warmup", "2"])
