@@ -537,6 +537,35 @@ def cvar_collapse_threshold(data: PreferenceData, return_q: bool = False):
     return (alpha_c, q) if return_q else alpha_c
 
 
+def _chi2_collapse_lower(data: PreferenceData) -> float:
+    """``mu^T Sigma^+ mu <= rho_c`` (the threshold without ``q >= 0``): a free screen before the LP."""
+    w, u = data.weights, data.u
+    mu = w @ u
+    C = (u - mu).T @ ((u - mu) * w[:, None])
+    return float(mu @ np.linalg.pinv(C, rcond=1e-12) @ mu) * (1.0 - 1e-9)
+
+
+def _cvar_collapse_upper(data: PreferenceData) -> float:
+    """An upper bound on ``alpha_c = min_b E_w (1 + b.u)_+``: the exact minimum over the ray
+    ``b = -s Sigma^+ mu``, ``s >= 0`` (convex piecewise linear in ``s``, minimised at a breakpoint)."""
+    w, u = data.weights, data.u
+    mu = w @ u
+    C = (u - mu).T @ ((u - mu) * w[:, None])
+    v = u @ (np.linalg.pinv(C, rcond=1e-12) @ mu)  # E_w (1 - s v)_+
+    pos = v > 0
+    if not np.any(pos):
+        return 1.0
+    # breakpoints s_k = 1/v_k in increasing order (v decreasing); at s_k the pairs with s v_i < 1 are
+    # those with v_i <= 0 and the positive v_j after k in that order: suffix sums, O(n log n)
+    order = np.argsort(-v[pos])
+    vp, wp = v[pos][order], w[pos][order]
+    W0, V0 = float(w[~pos].sum()), float(w[~pos] @ v[~pos])
+    Wsuf = np.r_[np.cumsum(wp[::-1])[::-1][1:], 0.0]
+    Vsuf = np.r_[np.cumsum((wp * vp)[::-1])[::-1][1:], 0.0]
+    vals = W0 + Wsuf - (1.0 / vp) * (V0 + Vsuf)
+    return float(min(1.0, vals.min())) * (1.0 + 1e-9) + 1e-12
+
+
 def group_collapse(data: PreferenceData, groups, return_weights: bool = False):
     """Whether ``theta_ref`` (inside the ball) is a groupdpo optimum: iff 0 is in the convex hull of
     the group means ``mu_g = E_{w|g} u`` (an LP over group weights ``pi``); no radius is involved.
@@ -851,7 +880,7 @@ def solve_chi2dpo(data: PreferenceData, beta: float, radius: float, rho: float, 
     M = _Model(data, beta)
     with Timer() as tm:
         info = {}
-        if _ref_interior(data, radius):
+        if _ref_interior(data, radius) and rho >= _chi2_collapse_lower(data):
             rho_c, q_c = chi2_collapse_threshold(data, return_q=True)
             info["rho_c"] = rho_c
             if rho >= rho_c:
@@ -934,22 +963,48 @@ class _CVaRSmooth:
         return self.M.w * expit((self.M.losses(theta) - eta) / self.tau) / self.alpha
 
     def reset(self, theta):
-        """``eta*_tau(theta)``: the root of ``sum_i w_i sigma((l_i - eta)/tau) = alpha`` (decreasing in eta)."""
+        """``eta*_tau(theta)``: the root of ``f(eta) = sum_i w_i sigma((l_i - eta)/tau) - alpha`` (decreasing).
+
+        A bracket of width ``~100 tau`` around the previous root (widened 4x until ``f`` changes
+        sign), then Brent's method on the pairs within ``40 tau`` of the bracket only: outside it
+        ``sigma`` is 0 or 1 to 4e-18, so those pairs enter as a constant (one pass over the data per
+        reset instead of one per evaluation).
+        """
         from scipy.optimize import brentq
         from scipy.special import expit
 
         l, w, a, tau = self.M.losses(theta), self.M.w, self.alpha, self.tau
 
-        def f(eta):
+        def f_full(eta):
             return float(w @ expit((l - eta) / tau)) - a
 
-        lo = float(l.min()) - tau * 45.0
-        hi = float(l.max()) + tau * (math.log(1.0 / a) + 45.0)
-        if f(lo) <= 0:
-            return np.array([lo])
-        if f(hi) >= 0:
-            return np.array([hi])
-        return np.array([brentq(f, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=500)])
+        g_lo = float(l.min()) - tau * 45.0  # f > 0 there for every alpha < 1 (sigma(45) > 1 - 1e-19)
+        g_hi = float(l.max()) + tau * (math.log(1.0 / a) + 45.0)  # f < 0 there
+        eta0 = getattr(self, "_eta", None)
+        if eta0 is None or not g_lo < eta0 < g_hi:
+            eta0 = float(cvar_inner(l, w, a).eta)
+        width = 50.0 * tau
+        while True:
+            lo, hi = max(g_lo, eta0 - width), min(g_hi, eta0 + width)
+            if (lo == g_lo or f_full(lo) > 0) and (hi == g_hi or f_full(hi) < 0):
+                break
+            width *= 4.0
+        win = (l > lo - 40.0 * tau) & (l < hi + 40.0 * tau)
+        lw, ww = l[win], w[win]
+        const = float(w[l >= hi + 40.0 * tau].sum()) - a
+
+        def f(eta):
+            return float(ww @ expit((lw - eta) / tau)) + const
+
+        flo, fhi = f(lo), f(hi)
+        if flo <= 0:
+            eta = lo
+        elif fhi >= 0:
+            eta = hi
+        else:
+            eta = brentq(f, lo, hi, xtol=1e-300, rtol=1e-15, maxiter=500)
+        self._eta = eta
+        return np.array([eta])
 
     def grad_hess(self, v):
         from scipy.special import expit
@@ -1026,7 +1081,7 @@ def solve_cvardpo(data: PreferenceData, beta: float, radius: float, alpha: float
     M = _Model(data, beta)
     with Timer() as tm:
         info = {}
-        if _ref_interior(data, radius):
+        if _ref_interior(data, radius) and alpha <= _cvar_collapse_upper(data):
             alpha_c, q_c = cvar_collapse_threshold(data, return_q=True)
             info["alpha_c"] = alpha_c
             if alpha <= alpha_c and q_c is not None:
