@@ -97,5 +97,9 @@ def run(args) -> int:
     summary["seconds"] = time.perf_counter() - t0
     summary["quick"] = bool(args.quick)
     summary["config_key"] = cfg.key()
+    if out:
+        from ..io import write_json
+
+        write_json(f"{out}/summary.json", summary)  # atomic; what `drdpo reproduce --collect` commits
     emit_summary(summary, args.json)
     return EXIT_OK

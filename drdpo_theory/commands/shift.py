@@ -78,6 +78,10 @@ def run(args) -> int:
         summary["figures"] = [str(p) for p in plot_shift_reward(res, figures, name=name)]
     summary["seconds"] = time.perf_counter() - t0
     summary["quick"] = bool(args.quick)
+    if out:
+        from ..io import write_json
+
+        write_json(f"{out}/summary.json", summary)  # atomic; what `drdpo reproduce --collect` commits
     if args.json:
         print(json.dumps(summary))
     else:

@@ -566,42 +566,106 @@ def markdown_table(summary: dict[str, Any], table_alphas: Sequence[float] | None
     return "\n".join(lines) + "\n"
 
 
+_FAMILY_STYLES = {
+    "kldpo": (["#d95f02", "#8c2d04", "#fd8d3c"], ["-", "--", "-."]),
+    "wdpo": (["#1b9e77", "#00441b", "#66c2a4"], ["-", "--", "-."]),
+    "ipo": (["#7570b3"], ["-"]),
+}
+
+
+def _policy_style(name: str, index_in_family: int) -> tuple[str, Any]:
+    """Colour and line style of a policy: one hue family per method (KLDPO orange, WDPO green), so
+    no two methods share a colour whatever the number of radii; the initial policy is grey dotted."""
+    if name == "reference":
+        return "0.45", ":"
+    if name == "dpo":
+        return "#1f4e99", "-"
+    fam = "kldpo" if name.startswith("kldpo") else "wdpo" if name.startswith("wdpo") else name
+    colors, styles = _FAMILY_STYLES.get(fam, (["#e7298a"], ["-"]))
+    return colors[index_in_family % len(colors)], styles[(index_in_family // len(colors) + index_in_family) % len(styles)]
+
+
+def _run_title(summary: dict[str, Any]) -> str:
+    """Model, seeds and test set: what tells one run's figure from another's (seed 0 vs seeds 0, 1, a sweep)."""
+    model = {"smollm2": "SmolLM2-135M-Instruct", "tiny-random": "tiny random Llama"}.get(summary["model"], summary["model"])
+    seeds = summary.get("seeds") or []
+    seed_txt = (f"seed {seeds[0]}" if len(seeds) == 1 else
+                f"seeds {', '.join(map(str, seeds))} (per-prompt mean over seeds)" if seeds else "")
+    n_test = summary.get("n_test_prompts")
+    robust = [n for n in summary["policies"] if n not in ("reference", "dpo")]
+    sweep = "radius sweep, " if len(robust) > 2 else ""
+    parts = [model, sweep + seed_txt if seed_txt else sweep.rstrip(", "),
+             f"{n_test} test prompts" if n_test else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def _takeaway(summary: dict[str, Any]) -> str:
+    """One line from the paired differences to DPO: is any robust policy significantly above DPO?"""
+    a = summary["alphas"]
+    above, below = [], []
+    for name, e in summary["policies"].items():
+        d = e.get("diff")
+        if name == "reference" or not d:
+            continue
+        up = [x for x, lo in zip(a, d["lo"]) if lo > 0]
+        down = [x for x, hi in zip(a, d["hi"]) if hi < 0]
+        if up:
+            above.append(f"{_label(name)} at alpha {min(up):g}-{max(up):g}")
+        if down:
+            below.append(_label(name))
+    if above:
+        return "Significantly above DPO (95% paired interval): " + "; ".join(above)
+    text = "No robust policy is significantly above DPO at any alpha (95% paired intervals)"
+    if below:
+        text += "; significantly below it at some alpha: " + ", ".join(below)
+    return text
+
+
 def plot_shift(summary: dict[str, Any], path: Path) -> list[Path]:
-    """Mean r_alpha vs alpha per policy (95% bands) and the difference to DPO; PNG + PDF."""
+    """Mean r_alpha vs alpha per policy (95% bands) and the paired difference to DPO; PNG + PDF.
+
+    The title names the model, the seeds and the test set (so the seed-0, two-seed and sweep figures
+    differ), the suptitle states the takeaway (or the smoke-test warning), every policy has its own
+    colour (one hue family per method) and the legend sits below the panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     a = np.asarray(summary["alphas"])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    counts: dict[str, int] = {}
     for name, e in summary["policies"].items():
-        ls = ":" if name == "reference" else "-"
-        (line,) = axes[0].plot(a, e["mean"], ls, marker="o", ms=3, label=_label(name))
-        axes[0].fill_between(a, e["lo"], e["hi"], color=line.get_color(), alpha=0.08)
+        fam = "kldpo" if name.startswith("kldpo") else "wdpo" if name.startswith("wdpo") else name
+        color, ls = _policy_style(name, counts.get(fam, 0))
+        counts[fam] = counts.get(fam, 0) + 1
+        axes[0].plot(a, e["mean"], ls=ls, color=color, marker="o", ms=3, lw=1.8, label=_label(name))
+        axes[0].fill_between(a, e["lo"], e["hi"], color=color, alpha=0.08, lw=0)
         if e["diff"] is not None and name != "reference":
             d = e["diff"]
-            axes[1].plot(a, d["mean"], marker="o", ms=3, color=line.get_color(), label=f"{_label(name)} - DPO")
-            axes[1].fill_between(a, d["lo"], d["hi"], color=line.get_color(), alpha=0.15)
+            axes[1].plot(a, d["mean"], ls=ls, color=color, marker="o", ms=3, lw=1.8)
+            axes[1].fill_between(a, d["lo"], d["hi"], color=color, alpha=0.12, lw=0)
     o1, o2 = summary["objectives"]
     for ax in axes:
-        ax.axvline(summary["alpha0"], color="k", ls="--", lw=0.8, label=f"training alpha0={summary['alpha0']:g}")
+        ax.axvline(summary["alpha0"], color="k", ls="--", lw=0.8, label=f"training alpha0 = {summary['alpha0']:g}")
         ax.set_xlabel(f"test mixture weight alpha (1 = all {o1}, 0 = all {o2})")
         ax.grid(alpha=0.3)
     axes[1].axhline(0.0, color="gray", lw=0.8)
-    axes[0].set_ylabel("mean r_alpha on test prompts (std units)")
-    axes[1].set_ylabel("paired difference to DPO (std units)")
-    model = {"smollm2": "SmolLM2-135M-Instruct", "tiny-random": "tiny random Llama"}.get(summary["model"], summary["model"])
-    axes[0].set_title(f"{model}: r_alpha = alpha z_{o1} + (1-alpha) z_{o2}", fontsize=10)
-    axes[1].set_title("difference to DPO (paired over test prompts), 95% bootstrap", fontsize=10)
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+    axes[0].set_ylabel(f"mean r_alpha on test prompts\n(std units of the train pool)")
+    axes[1].set_ylabel("policy − DPO, paired over test prompts\n(std units)")
+    axes[0].set_title(f"reward r_alpha = alpha z_{o1} + (1 − alpha) z_{o2}; bands: 95% bootstrap", fontsize=9)
+    axes[1].set_title("difference to DPO; bands: 95% paired bootstrap", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(labels), 4),
+               fontsize=8, frameon=False)
     if summary.get("smoke_test"):
         fig.suptitle(SMOKE_NOTE, color="firebrick", fontsize=10, fontweight="bold")
+    else:
+        fig.suptitle(f"{_run_title(summary)}\n{_takeaway(summary)}", fontsize=10)
     fig.tight_layout()
     png, pdf = path.with_suffix(".png"), path.with_suffix(".pdf")
-    save_figure(fig, png, dpi=150)  # atomic: temporary file + os.replace
-    save_figure(fig, pdf)
+    save_figure(fig, png, dpi=150, bbox_inches="tight")  # atomic: temporary file + os.replace
+    save_figure(fig, pdf, bbox_inches="tight")
     plt.close(fig)
     return [png, pdf]
 
