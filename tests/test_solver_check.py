@@ -3,7 +3,7 @@
 import json
 
 from drdpo_theory.cli import main
-from drdpo_theory.experiments.solver_check import PROBLEMS, run_solver_check, summarise
+from drdpo_theory.experiments.solver_check import INSTANCES, PROBLEMS, run_solver_check, summarise
 
 OBJ_RTOL = 1e-7
 THETA_ATOL = 1e-5
@@ -20,6 +20,11 @@ def test_every_solver_certified_and_native_matches_cvxpy():
     assert df[(df.instance == "d3 active ball") & (df.problem == "dpo")].ball_active.all()
     s = summarise(df)
     assert s["certified"] == s["runs"] == 2 * len(df)
+    # continuous W1 with finite kappa is solved natively (trust region), never by the cvxpy fallback
+    finite_kappa = df[df.problem.str.startswith("wdpo W1") & ~df.problem.str.contains("kappa=inf")]
+    assert len(finite_kappa) == 2 * len(INSTANCES)
+    assert (finite_kappa.native_solver == "native-trust-region").all(), finite_kappa.native_solver
+    assert s["native_fallbacks"] == 0
 
 
 def test_solver_check_cli_json(tmp_path, capsys):

@@ -673,14 +673,18 @@ def _lower_bound_norm_model(theta, data, beta, radius, b, c, mu, refine_above: f
     tr = data.theta_ref
     theta = np.asarray(theta, float)
     best = -math.inf
+    f_theta = fun(theta)
     if np.linalg.norm(theta) <= radius * (1 + 1e-12):
-        best = fun(theta) - ball_fw_gap(grad(theta), theta, radius, mu)
-    if np.linalg.norm(tr) <= radius * (1 + 1e-12):
+        g = grad(theta)
+        best = f_theta - ball_fw_gap(g, theta, radius, mu)
+        if f_theta - best > refine_above and np.linalg.norm(theta - tr) > 0:
+            best = max(best, _local_curvature_bound(theta, data, beta, f_theta, g))
+    if f_theta - best > refine_above and np.linalg.norm(tr) <= radius * (1 + 1e-12):
         g0 = weighted_grad_hess(tr, data, beta)[0] + b
         f_ref = fun(tr)
         for g in _subgradients_at_ref(g0, c, tr, radius):
             best = max(best, f_ref - ball_fw_gap(g, tr, radius, mu))
-    if fun(theta) - best > refine_above and np.linalg.norm(theta - tr) > 0:
+    if f_theta - best > refine_above and np.linalg.norm(theta - tr) > 0:
         # loose (theta not yet the minimiser of this model, or mu ~ 0): minimise the model itself by
         # Newton from theta, keeping away from theta_ref where it is not smooth, and bound there
         rmin = 1e-14 * max(1.0, radius)
@@ -692,6 +696,41 @@ def _lower_bound_norm_model(theta, data, beta, radius, b, c, mu, refine_above: f
         if np.isfinite(res.f):
             best = max(best, res.f - ball_fw_gap(grad(res.v), res.v, radius, mu))
     return best
+
+
+def _local_curvature_bound(theta, data, beta, f_theta, g, max_tries: int = 6) -> float:
+    """``F(theta) - ||g||^2 / (2 mu_R)``: a lower bound on ``inf_{R^d} F`` from the curvature near ``theta``.
+
+    ``F`` = (smooth part with Hessian ``beta^2 sum_i w_i s(t_i) x_i x_i^T``, ``s = sigma sigma(-.)``) +
+    (a linear term) + ``c ||t - theta_ref||``, ``g`` a subgradient at ``theta``. On the ball
+    ``B_R(theta)`` every ``|t_i| <= |t_i(theta)| + beta ||x_i|| R``, so ``mu_R = beta^2 lambda_min(sum_i
+    w_i s(|t_i(theta)| + beta ||x_i|| R) x_i x_i^T)`` bounds the curvature there and ``F >= q :=
+    F(theta) + g.(t - theta) + (mu_R/2)||t - theta||^2`` on it. If ``R >= 2 ||g|| / mu_R``, a point
+    outside ``B_R`` has ``F >= F(theta)`` by convexity (on the sphere of ``B_R``, ``q >= F(theta)``),
+    so ``inf F >= min q = F(theta) - ||g||^2/(2 mu_R)`` (docs/theory_wasserstein.md, section 5). The
+    global curvature floor of ``curvature_floor`` uses ``R`` = the whole parameter ball and is tiny for
+    large ``beta B``; this one is of the size of the Hessian at the solution. ``-inf`` if no ``R`` of
+    the ``max_tries`` tried (``4x`` apart) is consistent.
+    """
+    from ..losses import sigmoid
+
+    gn = float(np.linalg.norm(g))
+    if gn == 0:
+        return f_theta
+    t = np.abs(beta * (data.u @ (np.asarray(theta, float) - data.theta_ref)))  # (n,)
+    xn = beta * np.linalg.norm(data.x, axis=1)  # (n,)
+    R = 0.0
+    for _ in range(max_tries):
+        tmax = t + xn * R
+        cw = data.weights * sigmoid(tmax) * sigmoid(-tmax)
+        mu_R = beta**2 * float(np.linalg.eigvalsh((data.x * cw[:, None]).T @ data.x)[0]) * (1 - 1e-9)
+        if mu_R <= 0:
+            return -math.inf
+        need = 2.0 * gn / mu_R
+        if R >= need:
+            return f_theta - gn * gn / (2.0 * mu_R)
+        R = 4.0 * need
+    return -math.inf
 
 
 def _subgradients_at_ref(g0, c, theta_ref, radius):
@@ -1060,18 +1099,28 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
     above = t > tau
     above[ties] = False
     g_base = weighted_grad_hess(theta, data, beta)[0] + beta * (w[above] @ data.u[above])  # (d,)
-    cols = [beta * w[ties, None] * data.u[ties], (beta * a / r)[None, :]]  # alpha_T, nu
-    lower = [np.zeros(len(ties)), [0.0]]
-    upper = [np.ones(len(ties)), [np.inf]]
+    # complementary slackness: the far budget nu may be positive only when lam* = lam0 (otherwise a
+    # nu > 0 with the ball's eta can also zero the gradient, at a smaller value F(theta) < L_W(theta))
+    # (lam* - lam0 of the order of theta's error counts as equal: the cone is active there)
+    nu_free = inner.lam - inner.lam0 <= 1e-6 * (1.0 + inner.lam0)
+    cols = [beta * w[ties, None] * data.u[ties]]  # alpha_T
+    lower, upper = [np.zeros(len(ties))], [np.ones(len(ties))]
+    budget = [kappa * w[ties]]
+    if nu_free:  # nu: the norm term's direction a/r
+        cols.append((beta * a / r)[None, :])
+        lower.append([0.0])
+        upper.append([np.inf])
+        budget.append([1.0])
     theta = np.asarray(theta, float)
     if np.linalg.norm(theta) >= radius * (1 - 1e-9):  # ball active: normal cone eta theta
         cols.append(theta[None, :])
         lower.append([0.0])
         upper.append([np.inf])
+        budget.append([0.0])
     A = np.concatenate(cols).T  # (d, k)
-    budget = np.zeros(A.shape[1])
-    budget[: len(ties)] = kappa * w[ties]
-    budget[len(ties)] = 1.0
+    if A.shape[1] == 0:
+        return above.astype(float)
+    budget = np.concatenate(budget)
     M = 1e3 * (1.0 + float(np.abs(A).max()))
     A_aug = np.vstack([A, M * budget])
     b_aug = np.concatenate([-g_base, [M * (eps - kappa * float(w[above].sum()))]])
