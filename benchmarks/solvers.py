@@ -11,6 +11,11 @@ Problems (THEORY.md section 6 mapping): DPO on the log-linear class is logistic 
   a cost ||x - x'|| in x-space is beta*||x - x'|| in z-space).
 - WDPO, W1, kappa = 1 (label flips at cost kappa; row "wdpo-k1"): native trust-region path vs our
   cvxpy exponential-cone program only (dro's label-flip cost acts on its own labels, not on our pairs).
+- chi2dpo(rho)                == dro.Chi2DRO(logistic, eps=rho): both are
+  ``min eta + sqrt(1 + rho) sqrt(mean (l - eta)_+^2)`` (docs/theory_family.md, section 1).
+- groupdpo                    == dro.GroupDRO(logistic, group_idx=0): dro takes the groups from a
+  feature column, so this row's data has ``x_0 = +-1/2`` and the groups are the values of
+  ``z_0 = beta ytil x_0`` (two groups: the sign of ``ytil x_0``).
 The `dro` models have no parameter ball, so the ball radius B is set large enough to be inactive
 (checked: ||theta|| < B at the solution). Every row reports the objective difference to native.
 """
@@ -28,6 +33,7 @@ import numpy as np
 
 from drdpo_theory.data import PreferenceData
 from drdpo_theory.solvers import solve
+from drdpo_theory.solvers.family import chi2dpo_objective, groupdpo_objective
 from drdpo_theory.solvers.kl import kldpo_objective
 from drdpo_theory.solvers.wasserstein import wdpo_objective
 
@@ -35,7 +41,8 @@ BETA, RHO, EPS, B = 1.0, 0.1, 0.05, 50.0
 KAPPA = 1.0  # label-flip cost of the finite-kappa W1 row
 #: (row label, solve method, solve kwargs)
 PROBLEMS = [("kldpo", "kldpo", dict(rho=RHO)), ("wdpo", "wdpo", dict(eps=EPS)),
-            ("wdpo-k1", "wdpo", dict(eps=EPS, kappa=KAPPA))]
+            ("wdpo-k1", "wdpo", dict(eps=EPS, kappa=KAPPA)), ("chi2dpo", "chi2dpo", dict(rho=RHO)),
+            ("groupdpo", "groupdpo", dict())]
 
 
 def load_dro():
@@ -51,6 +58,26 @@ def load_dro():
     from dro.linear_model.wasserstein_dro import WassersteinDRO
 
     return KLDRO, WassersteinDRO
+
+
+def load_dro_family():
+    """dro's chi2 and group DRO linear models, or None (older dro versions lack GroupDRO); call after
+    :func:`load_dro` has registered the ``dro`` package."""
+    try:
+        from dro.linear_model.chi2_dro import Chi2DRO
+        from dro.linear_model.group_dro import GroupDRO
+    except ImportError:
+        return None
+    return Chi2DRO, GroupDRO
+
+
+def group_data(data: PreferenceData) -> tuple[PreferenceData, np.ndarray]:
+    """The groupdpo row's data (``x_0 = +-1/2``) and its groups: the sign of ``ytil x_0``, i.e. the
+    values of dro's group column ``z_0 = beta ytil x_0``."""
+    x = data.x.copy()
+    x[:, 0] = np.where(x[:, 0] >= 0, 0.5, -0.5)
+    gdata = PreferenceData(x, data.y)
+    return gdata, (gdata.u[:, 0] > 0).astype(int)
 
 
 def make_data(n: int, d: int, seed: int = 0) -> PreferenceData:
@@ -75,15 +102,24 @@ def timed(fn):
 
 def run(sizes, d, skip_cvxpy_above, skip_dro_above, problems=None):
     dro_models = load_dro()
+    dro_family = load_dro_family() if dro_models is not None else None
     chosen = [p for p in PROBLEMS if problems is None or p[0] in problems]
     rows = []
     for n in sizes:
-        data = make_data(n, d)
-        z = BETA * data.u
+        base = make_data(n, d)
         ones = np.ones(n)
         for label, method, kw in chosen:
-            objective = (lambda th: kldpo_objective(th, data, BETA, RHO)) if method == "kldpo" else \
-                (lambda th: wdpo_objective(th, data, BETA, EPS))
+            data = base
+            if method == "groupdpo":
+                data, groups = group_data(base)
+                kw = dict(groups=groups)
+            z = BETA * data.u
+            objective = {
+                "kldpo": lambda th: kldpo_objective(th, data, BETA, RHO),
+                "wdpo": lambda th: wdpo_objective(th, data, BETA, EPS),
+                "chi2dpo": lambda th: chi2dpo_objective(th, data, BETA, RHO),
+                "groupdpo": lambda th: groupdpo_objective(th, data, BETA, kw.get("groups")),
+            }[method]
             # native: best of 3 (the first call also pays one-off imports); cvxpy and dro: one run
             runs = []
             for _ in range(3):
@@ -100,7 +136,21 @@ def run(sizes, d, skip_cvxpy_above, skip_dro_above, problems=None):
                 cv, t_cv = timed(lambda: solve(method, data, BETA, B, solver="cvxpy", **kw))
                 row.update(cvxpy_s=t_cv, cvxpy_cpu_s=timed.cpu, cvxpy_dobj=abs(cv.objective - nat.objective) / abs(nat.objective),
                            cvxpy_status=cv.status, cvxpy_gap=cv.duality_gap)
-            if dro_models is not None and n <= skip_dro_above and label != "wdpo-k1":
+            if dro_family is not None and n <= skip_dro_above and method in ("chi2dpo", "groupdpo"):
+                Chi2DRO, GroupDRO = dro_family
+                if method == "chi2dpo":
+                    model = Chi2DRO(input_dim=d, model_type="logistic", fit_intercept=False)
+                    model.update({"eps": RHO})
+                else:
+                    model = GroupDRO(input_dim=d, group_idx=0, model_type="logistic", fit_intercept=False)
+                try:
+                    sol, t_dro = timed(lambda: model.fit(z, ones))
+                except Exception as exc:  # dro raises its own error types when Clarabel fails
+                    row.update(dro_error=f"{type(exc).__name__}: {exc}")
+                else:
+                    th = np.asarray(sol["theta"], float)
+                    row.update(dro_s=t_dro, dro_dobj=abs(objective(th) - nat.objective) / abs(nat.objective))
+            if dro_models is not None and n <= skip_dro_above and method in ("kldpo", "wdpo") and label != "wdpo-k1":
                 KLDRO, WassersteinDRO = dro_models
                 if method == "kldpo":
                     model = KLDRO(input_dim=d, model_type="logistic", fit_intercept=False, eps=RHO)
@@ -129,7 +179,7 @@ def _fmt(r):
     def e(v):
         return "      -" if v is None else f"{v:7.1e}"
 
-    return (f"{r['method']:7s} n={r['n']:>7d}  native {r['native_s']:7.3f}s ({r['native_status']})  "
+    return (f"{r['method']:8s} n={r['n']:>7d}  native {r['native_s']:7.3f}s ({r['native_status']})  "
             f"cvxpy {s(r['cvxpy_s'])}s {ratio(r['cvxpy_s'], r['native_s'])} d_obj {e(r['cvxpy_dobj'])}  "
             f"dro {s(r['dro_s'])}s {ratio(r['dro_s'], r['native_s'])} d_obj {e(r['dro_dobj'])}"
             + (f"  [dro failed: {r['dro_error']}]" if r.get("dro_error") else "")
@@ -148,7 +198,7 @@ def main(argv=None):
                     help="rows to run (default: all)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    print(f"beta={BETA} rho={RHO} eps={EPS} kappa(wdpo-k1)={KAPPA} B={B} (inactive); "
+    print(f"beta={BETA} rho={RHO} (kldpo, chi2dpo) eps={EPS} kappa(wdpo-k1)={KAPPA} B={B} (inactive); "
           "ratios are time / native time, d_obj relative")
     rows = run(args.sizes, args.d, args.skip_cvxpy_above, args.skip_dro_above, args.problems)
     if args.json:
