@@ -361,3 +361,36 @@ def test_finite_diff_passes_share_dropout_masks(kind, llama_factory, batch_facto
     monkeypatch.setattr(objectives._RNGState, "restore", lambda self: None)  # control: fresh masks in pass 2
     g_bad, _ = _seeded_grad(model, batch, refs, fd, True)
     assert _cos(g_bad - g_dpo, g_db - g_dpo) < 0.5
+
+
+# --------------------------------------------------------------------------- gradient checkpointing
+
+
+@pytest.mark.parametrize("frozen_table", [False, True], ids=["table-trained", "table-frozen"])
+@pytest.mark.parametrize(
+    "impl, two_pass, reentrant",
+    [
+        ("finite-diff", True, True),  # the two passes use only backward(): reentrant checkpointing works
+        ("finite-diff", True, False),
+        ("finite-diff", False, False),  # autograd.grad to the embeddings: non-reentrant checkpointing only
+        ("double-backward", False, False),
+    ],
+    ids=["fd-two-pass-reentrant", "fd-two-pass", "fd-surrogate", "double-backward"],
+)
+def test_gradient_checkpointing_gives_the_same_gradient(llama_factory, batch_factory, impl, two_pass, reentrant, frozen_table):
+    """HF gradient checkpointing recomputes the decoder layers in backward; the embedding hook is unaffected."""
+    batch, refs = batch_factory(n_pairs=3), _refs(3)
+    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl=impl)
+    grads = []
+    for checkpointing in (False, True):
+        model = llama_factory().train()
+        if frozen_table:
+            model.get_input_embeddings().weight.requires_grad_(False)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if two_pass:
+            preference_backward(model, batch, refs[0], refs[1], cfg)
+        else:
+            preference_loss(model, batch, refs[0], refs[1], cfg)[0].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert_close(grads[1], grads[0], rtol=RTOL_EXACT, atol=ATOL)
