@@ -1,4 +1,4 @@
-r"""Preference objectives for causal LMs: DPO, IPO, KLDPO and WDPO (THEORY.md section 5).
+r"""Preference objectives for causal LMs: DPO, IPO, KLDPO and WDPO (docs/theory.md section 5).
 
 :func:`preference_loss` returns a differentiable scalar whose ``.backward()`` gives the
 method's gradient estimator, so a trainer (or a TRL ``compute_loss`` override) only calls
@@ -38,8 +38,8 @@ This is the authors' form of the first-order Wasserstein DRO expansion
               - \nabla_\theta \ell_i(e_i)\big],
 
     so, with :math:`c = 2\rho_0/h`, backward of
-    :math:`\frac1B\sum_i (1 - c)\,\ell_i(e) + c\,\ell_i(e + h g)` (e = e(theta) still
-    attached to the embedding table in both terms) estimates the penalised gradient with
+    :math:`\frac1B\sum_i (1 - c)\,\ell_i(e) + c\,\ell_i(e + h g)` (e = e(theta) the
+    embedding lookup, attached to the table in both terms) estimates the penalised gradient with
     O(h) error, at the cost of one extra forward-backward at the perturbed embeddings (all
     pairs in one batch). The step is one number for the whole batch,
     :math:`h = s\,\|e\|/\|g\|` with both norms over every pair of every rank (real tokens;
@@ -58,6 +58,17 @@ This is the authors' form of the first-order Wasserstein DRO expansion
     alive at a time. A per-pair step :math:`h_i` makes the weights :math:`1 - c_i`
     per pair, which needs per-pair parameter gradients or a second backward through the
     first graph.
+
+Engines
+-------
+The embeddings are never passed as ``inputs_embeds``: the model's forward runs with
+``input_ids`` and a forward hook on the input-embedding module reads the lookup output e,
+returns :math:`e + hg` in the perturbed forward and records :math:`\nabla_e` through a
+tensor hook (:class:`_EmbeddingProbe`), so DDP, FSDP2 and DeepSpeed ZeRO-2/3 run their own
+forward and gradient hooks unchanged. Parameter gradients come only from ``backward()``.
+Double backward is refused outside a plain module and DDP (:data:`DOUBLE_BACKWARD_ENGINES`).
+With dropout active, the two forwards of finite-diff draw the same masks (the RNG state of
+the first forward is restored for the second, then advanced as after one forward).
 
 Because pairs do not interact in a causal LM (each row attends only to itself),
 :math:`\nabla_e\sum_j\ell_j` restricted to the rows of pair i is :math:`\nabla_e\ell_i`,
@@ -554,6 +565,14 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
     engine = _engine(model)
     if engine == "fsdp2":
         _check_fsdp2_sync(model)
+        # a preceding no-grad forward (reference, eval) leaves the root's parameters gathered; a backward
+        # started from that state did not reduce-scatter the root's gradients before pass 2 (measured:
+        # embedding/norm/head gradients of pass 1 missing), so reshard first
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
     store = _grad_store(model)
     rng = _RNGState()
     store.begin()
@@ -708,9 +727,14 @@ def preference_backward(
     and one backward.
 
     Call it with forward-pass settings in force (autocast, DDP ``no_sync`` for
-    accumulation micro-steps); the backward passes run with autocast disabled. Under DDP
-    (model wrapped in ``DistributedDataParallel``) the two-pass WDPO all-reduces gradients
-    once, in its second backward (its first runs in ``no_sync``).
+    accumulation micro-steps); the backward passes run with autocast disabled. The model
+    may be a plain module, DDP, FSDP2 (``fully_shard``) or a DeepSpeed ZeRO-2/3 engine:
+    the two-pass WDPO only calls the model's forward with ``input_ids`` and ordinary
+    backward passes, and weights pass 1's gradient where the engine keeps it (DDP: one
+    all-reduce, in the second backward, the first runs in ``no_sync``; FSDP2: on the
+    reduce-scattered shards; DeepSpeed: through parameter hooks, see
+    :class:`_GradByHooks`). With dropout active both passes draw the same masks.
+    Gradient checkpointing (reentrant or not) is supported.
 
     Parameters
     ----------
