@@ -158,6 +158,19 @@ def test_finite_kappa_native_matches_cvxpy(seed):
         assert_allclose(nat.objective, cvx.objective, rtol=0, atol=ATOL_OBJ)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_finite_kappa_cheap_flips_collapse_certified_natively(seed):
+    """Cheap flips (kappa = 0.1) often make theta_ref optimal: the trust region then ends at the apex
+    of the cone lam >= beta ||theta - theta_ref||, where the inner barrier path is biased; the method
+    must still converge there and certify it natively (a regression: it used to stop early)."""
+    rng = np.random.default_rng(900 + seed)
+    data, beta, radius = random_instance(rng, on_sphere=False)
+    nat = solve_wdpo_continuous_native(data, beta, radius, 0.05, 0.1)
+    assert nat.status == "optimal" and nat.solver == "native-trust-region", (seed, nat.duality_gap, nat.solver)
+    if nat.collapsed:
+        assert_allclose(nat.objective, math.log(2), rtol=0, atol=ATOL_EXACT)
+
+
 def test_finite_kappa_large_is_kappa_inf():
     """kappa >= max ||x_i||: flips never pay, the native solver says so and solves kappa = inf."""
     rng = np.random.default_rng(9)

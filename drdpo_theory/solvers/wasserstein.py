@@ -819,7 +819,9 @@ def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, i
     # kappa = inf: the exact collapse test (section 2) decides whether theta_ref is *the* optimum
     inf_collapse = math.isinf(kappa) and _kappa_inf_collapses(
         weighted_grad_hess(tr, data, beta)[0], eps * beta, tr, radius)
-    near_ref = 0 < np.linalg.norm(theta - tr) <= 1e-6 * max(1.0, radius)
+    dist_ref = float(np.linalg.norm(theta - tr))
+    # a solver stopping near theta_ref: 1e-6 B is its tolerance; up to 1e-3 B is tried when uncertified
+    near_ref = 0 < dist_ref <= (1e-6 if gap <= CERTIFIED_GAP else 1e-3) * max(1.0, radius)
     if snap and gap > 0 and (inf_collapse or (near_ref and (not math.isinf(kappa) or gap > CERTIFIED_GAP))):
         # a solver's collapsed solution is theta_ref up to its tolerance (kappa = inf: theta_ref passed
         # the exact test, so it is the optimum however far the solver stopped from it)
@@ -1035,9 +1037,20 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         # (the ratio test guards it); near it, mu_end reaches TR_MU_FINAL
         size = min(r, last_step)
         mu0 = max(1e-2 * size, 10 * TR_MU_FINAL)
-        y, its = _solve_trust_model(model, radius, mu0, mu_end=max(TR_MU_FINAL, 1e-6 * size * size))
+        mu_end = max(TR_MU_FINAL, 1e-6 * size * size)
+        y, its = _solve_trust_model(model, radius, mu0, mu_end)
         inner_its += its
         pred = model.exact(v) - model.exact(y)
+        if pred <= TR_TOL and mu_end > TR_MU_FINAL:  # the barrier's bias may hide a small decrease
+            y, its = _solve_trust_model(model, radius, mu0, TR_MU_FINAL)
+            inner_its += its
+            pred = model.exact(v) - model.exact(y)
+        if pred < -TR_TOL:  # the inner path did not find the model's minimiser: a smaller region
+            r /= 4.0
+            if r < 1e-15:
+                message = "trust region collapsed"
+                break
+            continue
         if pred <= TR_TOL:
             message = f"model decrease {pred:.3g} <= {TR_TOL:g}"
             break
