@@ -631,7 +631,10 @@ def _feasible_cvar(q, w, alpha):
     return np.minimum(q, cap) if np.all(q <= cap * (1 + 1e-15)) else w.copy()
 
 
-def _lower_from(data, beta, radius, theta, cands, feasible):
+def _lower_from(data, beta, radius, theta, cands, feasible, upper=math.inf):
+    """The best lower bound ``min_Theta E_q l >= ...`` over the candidates ``q`` (made feasible first),
+    in order; stops once the gap to ``upper`` is below ``CERTIFIED_GAP`` (each bound may cost a
+    Newton solve, and the first candidate is the one expected to be tight)."""
     best_lb, best_q = -math.inf, None
     for cand in cands:
         if cand is None:
@@ -640,13 +643,15 @@ def _lower_from(data, beta, radius, theta, cands, feasible):
         lb = weighted_min_lower_bound(data, beta, radius, q, theta)
         if lb > best_lb:
             best_lb, best_q = lb, q
+        if upper - best_lb <= CERTIFIED_GAP:
+            break
     return best_lb, best_q
 
 
 def _chi2_cert(theta, M: _Model, radius, rho, extra_q=()) -> _Cert:
     inner = chi2_inner(M.losses(theta), M.w, rho)
     lb, _ = _lower_from(M.data, M.beta, radius, theta, (inner.q, *extra_q),
-                        lambda q: _feasible_chi2(q, M.w, rho))
+                        lambda q: _feasible_chi2(q, M.w, rho), inner.value)
     lower = min(lb, inner.value)
     return _Cert(inner.value, lower, inner.value - lower, inner.lam, inner.q, {"eta": inner.eta})
 
@@ -654,7 +659,7 @@ def _chi2_cert(theta, M: _Model, radius, rho, extra_q=()) -> _Cert:
 def _cvar_cert(theta, M: _Model, radius, alpha, extra_q=()) -> _Cert:
     inner = cvar_inner(M.losses(theta), M.w, alpha)
     lb, _ = _lower_from(M.data, M.beta, radius, theta, (*extra_q, inner.q),
-                        lambda q: _feasible_cvar(q, M.w, alpha))
+                        lambda q: _feasible_cvar(q, M.w, alpha), inner.value)
     lower = min(lb, inner.value)
     return _Cert(inner.value, lower, inner.value - lower, None, inner.q, {"eta": inner.eta})
 
@@ -672,6 +677,8 @@ def _group_cert(theta, M: _Model, radius, Gs: _Groups, extra_pi=()) -> _Cert:
         lb = weighted_min_lower_bound(M.data, M.beta, radius, Gs.per_pair(pi), theta)
         if lb > best_lb:
             best_lb, best_pi = lb, pi
+        if inner.value - best_lb <= CERTIFIED_GAP:
+            break
     lower = min(best_lb, inner.value)
     info = {"n_groups": Gs.G, "worst_group": int(Gs.labels[inner.worst]),
             "group_weights": [float(p) for p in best_pi], "group_losses": [float(v) for v in inner.group_losses]}
@@ -1057,6 +1064,18 @@ class _GroupSmooth:
 # ----------------------------------------------------------------------------------------------
 
 
+def _best_stage(best, certify, stage):
+    """Certify one continuation stage ``(cheap_gap, theta, tau, q)`` and keep the better of it and ``best``
+    (``(cert, theta, tau)``). The cheap gap ``U - E_q l(theta)`` is a lower bound on the stage's
+    certified gap (``min_Theta E_q l <= E_q l(theta)``), so stages are certified only when it is small."""
+    _, theta, tau, q = stage
+    cert = certify(theta, q)
+    if best is None or cert.gap < best[0].gap:
+        return cert, theta, tau
+    return best
+
+
+
 @single_blas_thread
 def solve_cvardpo(data: PreferenceData, beta: float, radius: float, alpha: float, solver: str = "native",
                   max_iter: int = 60) -> SolverResult:
@@ -1065,9 +1084,11 @@ def solve_cvardpo(data: PreferenceData, beta: float, radius: float, alpha: float
     Native: (1) ``alpha = 1``: DPO. (2) ``theta_ref`` inside the ball and ``alpha <= alpha_c``
     (:func:`cvar_collapse_threshold`): ``theta_ref``, certified by the LP's ``q_c``. (3) Newton on the
     smoothed dual ``G_tau(theta, eta)`` (``eta`` reset to its exact minimiser) for ``tau`` = 1e-1,
-    1e-2, ... from the DPO solution, each stage warm-started at the last; from ``tau = 1e-5`` on, the
-    certificate with the smoothed worst case ``q_i = w_i sigma((l_i - eta)/tau)/alpha`` (made exactly
-    feasible) is checked and the first certified stage is returned; the cone program otherwise.
+    1e-2, ... from the DPO solution, each stage warm-started at the last; from ``tau = 1e-5`` on, a
+    stage whose cheap gap ``CVaR(theta) - E_q l(theta)`` (a lower bound on its certified gap) is below
+    ``SMOOTHING_TARGET_GAP`` is certified with the smoothed worst case
+    ``q_i = w_i sigma((l_i - eta)/tau)/alpha`` (made exactly feasible) and returned; else the stage with
+    the smallest cheap gap is certified; the cone program if that is not <= 1e-7.
     ``weights``: the exact worst case at ``theta``; ``info['eta']``: the value at risk.
     """
     check_common(data, beta, radius)
@@ -1092,7 +1113,7 @@ def solve_cvardpo(data: PreferenceData, beta: float, radius: float, alpha: float
                                 message=f"alpha = {alpha:.6g} <= alpha_c = {alpha_c:.6g}: theta_ref is optimal")
                     return _result("cvardpo", theta, cert, "native-collapse", tm.elapsed, info, collapsed=True)
         theta = _dpo_start(M, radius)
-        best, iters_total, message = None, 0, ""
+        best, iters_total, message, stages = None, 0, "", []
         for tau in TAU_SCHEDULE:
             S = _CVaRSmooth(M, alpha, tau)
             v0 = np.append(theta, S.reset(theta))
@@ -1101,11 +1122,16 @@ def solve_cvardpo(data: PreferenceData, beta: float, radius: float, alpha: float
             theta = _project_ball(v[: data.d], radius)
             if tau > 1e-5:
                 continue
-            cert = _cvar_cert(theta, M, radius, alpha, extra_q=(S.q(theta, v[-1]),))
-            if best is None or cert.gap < best[0].gap:
-                best = (cert, theta, tau)
-            if cert.gap <= SMOOTHING_TARGET_GAP:
-                break
+            q_tau = _feasible_cvar(S.q(theta, v[-1]), M.w, alpha)
+            l = M.losses(theta)
+            stages.append((cvar_inner(l, M.w, alpha).value - float(q_tau @ l), theta, tau, q_tau))
+            if stages[-1][0] <= SMOOTHING_TARGET_GAP:  # gap >= U - E_q l(theta): certify only then
+                best = _best_stage(best, lambda th, q: _cvar_cert(th, M, radius, alpha, extra_q=(q,)), stages[-1])
+                if best[0].gap <= SMOOTHING_TARGET_GAP:
+                    break
+        if best is None or best[0].gap > CERTIFIED_GAP:
+            best = _best_stage(best, lambda th, q: _cvar_cert(th, M, radius, alpha, extra_q=(q,)),
+                               min(stages, key=lambda st: st[0]))
         cert, theta, tau = best
         info.update(iterations=iters_total, path="smoothing", tau=tau, message=message)
         if cert.gap <= CERTIFIED_GAP:
@@ -1149,7 +1175,8 @@ def solve_groupdpo(data: PreferenceData, beta: float, radius: float, groups, sol
     Native: (1) one group: weighted DPO. (2) ``theta_ref`` inside the ball and 0 in the hull of the
     group means of ``u`` (:func:`group_collapse`): ``theta_ref``. (3) Newton on the log-sum-exp
     smoothing ``tau log mean_g exp(L_g / tau)`` for ``tau`` = 1e-1, 1e-2, ...; from ``tau = 1e-5`` on
-    the certificate with the softmax group weights is checked; the cone program otherwise.
+    stages are certified with the softmax group weights ``pi`` as for :func:`solve_cvardpo` (cheap gap
+    ``max_g L_g - pi.L``); the cone program if no stage certifies.
     ``weights``: the per-pair worst case ``pi_{g(i)} w_i / w(g(i))``; ``info``: ``group_weights``
     (``pi``, (G,)), ``group_losses``, ``worst_group``, ``n_groups``.
     """
@@ -1177,7 +1204,7 @@ def solve_groupdpo(data: PreferenceData, beta: float, radius: float, groups, sol
                                 message="0 is in the hull of the group means of u: theta_ref is optimal")
                     return _result("groupdpo", theta, cert, "native-collapse", tm.elapsed, info, collapsed=True)
         theta = _dpo_start(M, radius)
-        best, iters_total, message = None, 0, ""
+        best, iters_total, message, stages = None, 0, "", []
         for tau in TAU_SCHEDULE:
             S = _GroupSmooth(M, Gs, tau)
             res = newton_ball(S.fun, S.grad_hess, theta, data.d, radius, max_iter=max_iter)
@@ -1185,11 +1212,15 @@ def solve_groupdpo(data: PreferenceData, beta: float, radius: float, groups, sol
             theta, message = _project_ball(res.v, radius), res.message
             if tau > 1e-5:
                 continue
-            cert = _group_cert(theta, M, radius, Gs, extra_pi=(S.pi(theta)[0],))
-            if best is None or cert.gap < best[0].gap:
-                best = (cert, theta, tau)
-            if cert.gap <= SMOOTHING_TARGET_GAP:
-                break
+            pi, L = S.pi(theta)
+            stages.append((float(L.max() - pi @ L), theta, tau, pi))
+            if stages[-1][0] <= SMOOTHING_TARGET_GAP:  # gap >= max L - pi.L: certify only then
+                best = _best_stage(best, lambda th, p: _group_cert(th, M, radius, Gs, extra_pi=(p,)), stages[-1])
+                if best[0].gap <= SMOOTHING_TARGET_GAP:
+                    break
+        if best is None or best[0].gap > CERTIFIED_GAP:
+            best = _best_stage(best, lambda th, p: _group_cert(th, M, radius, Gs, extra_pi=(p,)),
+                               min(stages, key=lambda st: st[0]))
         cert, theta, tau = best
         info.update(iterations=iters_total, path="smoothing", tau=tau, message=message)
         if cert.gap <= CERTIFIED_GAP:
