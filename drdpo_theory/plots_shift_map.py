@@ -74,7 +74,7 @@ def plot_regret_map(summ: pd.DataFrame, figdir, name: str = "shift_map", metric:
     vmax = float(np.nanmax(np.abs(best.to_numpy()))) if len(best) else 1.0
     vmax = vmax if vmax > 0 else 1.0
     fig, axes = plt.subplots(len(shifts), len(ns), figsize=(2.6 * len(ns) + 1.6, 0.24 * len(rows_y) * len(shifts) + 1.6),
-                             squeeze=False, sharex=True, sharey=True)
+                             squeeze=False, sharex=True, sharey=True, layout="constrained")
     im = None
     for i, sh in enumerate(shifts):
         for j, n in enumerate(ns):
@@ -105,7 +105,7 @@ def plot_regret_map(summ: pd.DataFrame, figdir, name: str = "shift_map", metric:
                 ax.set_xlabel("angle(θ₁*, θ₂*) [degrees]", fontsize=8)
     n_win = int(win.sum())
     fig.suptitle(f"Robust minus DPO, {_METRIC_TEXT.get(metric, metric)} (best robust setting per cell; "
-                 f"blue = robust better). Framed: robust beats DPO with its 95% interval ({n_win} of {len(win)} cells)",
+                 f"blue = robust better)\nFramed: robust beats DPO with its 95% interval ({n_win} of {len(win)} cells)",
                  fontsize=9)
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6,
                  label=("+" if sign > 0 else "-") + f"(robust - DPO) {metric}")

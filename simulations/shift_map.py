@@ -3,7 +3,7 @@
 Usage: python simulations/shift_map.py [--quick] [--jobs N]
 Writes results/shift_map/ (cells cached in results/shift_map/cells/, so a rerun resumes):
 shift_map_summary.csv, shift_map_best.csv, shift_map_mechanism.csv, shift_map.json; figures
-figures/shift_map{,_loss,_mechanism}.{png,pdf} (``--quick``: results/shift_map_quick/ and
+figures/shift_map{,_reg_reward,_loss,_mechanism}.{png,pdf} (``--quick``: results/shift_map_quick/ and
 figures/quick/, never the committed full-run figures). Same as ``drdpo shift-map``.
 """
 
@@ -35,6 +35,7 @@ if __name__ == "__main__":
     write_csv(best_settings(summ), f"{out}/shift_map_best.csv")
     write_csv(mech, f"{out}/shift_map_mechanism.csv")
     plot_regret_map(summ, figs, name="shift_map", metric="reward")
+    plot_regret_map(summ, figs, name="shift_map_reg_reward", metric="reg_reward")
     plot_regret_map(summ, figs, name="shift_map_loss", metric="dpo_loss")
     plot_mechanism(mech, figs, name="shift_map_mechanism")
     summary = summarize_shift_map(cfg, summ, mech)

@@ -7,8 +7,8 @@ from the cells in ``OUT/cells/``. Tables to ``results/shift_map/`` (``--quick``:
 ``results/shift_map_quick/``): ``shift_map_summary.csv`` (regret robust minus DPO with bootstrap
 intervals per setting), ``shift_map_best.csv`` (best robust setting per cell),
 ``shift_map_mechanism.csv`` (first-order predictions vs the population regret) and
-``shift_map.json``. Figures ``shift_map.png`` (regret heat maps, winning cells framed) and
-``shift_map_mechanism.png`` in ``figures/`` (``--quick``: ``OUT/figures/`` with ``--out``, else
+``shift_map.json``. Figures ``shift_map.png`` (reward regret heat maps, winning cells framed),
+``shift_map_reg_reward.png``, ``shift_map_loss.png`` and ``shift_map_mechanism.png`` in ``figures/`` (``--quick``: ``OUT/figures/`` with ``--out``, else
 ``figures/quick/``, never over the committed figures). With ``--json`` the last stdout line is one
 JSON object whose ``regions`` holds, per shift type and metric, the cells where robust > DPO with
 its interval (possibly empty). The derivation is in docs/shift_map.md.
@@ -79,6 +79,7 @@ def run(args) -> int:
         from ..plots_shift_map import plot_mechanism, plot_regret_map
 
         paths = plot_regret_map(summ, figures, name="shift_map", metric="reward")
+        paths += plot_regret_map(summ, figures, name="shift_map_reg_reward", metric="reg_reward")
         paths += plot_regret_map(summ, figures, name="shift_map_loss", metric="dpo_loss")
         paths += plot_mechanism(mech, figures, name="shift_map_mechanism")
         summary["figures"] = [str(p) for p in paths]

@@ -93,11 +93,11 @@ class ShiftMapConfig:
     """B, the parameter ball ``||theta|| <= B`` of every method."""
     reward_norm: float = 2.0
     """``||theta_1*||``; ``||theta_2*|| = ratio * reward_norm`` (both must be <= radius)."""
-    angles: tuple = (0.0, 45.0, 90.0, 135.0, 180.0)
+    angles: tuple = (0.0, 30.0, 60.0, 90.0, 120.0, 150.0, 180.0)
     """angles between ``theta_1*`` and ``theta_2*`` in degrees."""
     ratios: tuple = (0.5, 1.0, 2.0)
     """``||theta_2*|| / ||theta_1*||``."""
-    ns: tuple = (20.0, 200.0, math.inf)
+    ns: tuple = (20.0, 50.0, 200.0, 1000.0, math.inf)
     """training-set sizes; ``inf``: the exact training population (one deterministic draw)."""
     shifts: tuple = tuple(SHIFTS)
     alpha0: float = 0.5
@@ -807,10 +807,20 @@ def mechanism_check(cfg: ShiftMapConfig, summ: pd.DataFrame) -> pd.DataFrame:
 
 
 def summarize_shift_map(cfg: ShiftMapConfig, summ: pd.DataFrame, mech: pd.DataFrame | None = None) -> dict:
-    """JSON-able summary: ``regions`` per shift type (first), win counts, grid and mechanism checks."""
+    """JSON-able summary: ``regions`` per shift type (first), win counts (``wins``; ``wins_by_n``: per
+    training-set size), ``cells_per_shift`` (cells ``(angle, ratio, n, alpha)`` of one shift type),
+    the mechanism checks and the grid."""
     reg = regions(summ)
     wins = {s: {m: len(v) for m, v in d.items()} for s, d in reg.items()}
-    out = {"regions": reg, "wins": wins}
+    by_n: dict = {}
+    for s, d in reg.items():
+        by_n[s] = {}
+        for m, cells in d.items():
+            cnt = {str(_n_json(n)): 0 for n in sorted(summ["n"].astype(float).unique())}
+            for c in cells:
+                cnt[str(c["n"])] += 1
+            by_n[s][m] = cnt
+    out = {"regions": reg, "wins": wins, "wins_by_n": by_n}
     cells = summ.groupby(["shift", "angle", "ratio", "n", "alpha"]).ngroups
     out["cells_per_shift"] = int(cells // max(1, summ["shift"].nunique()))
     if mech is not None:
