@@ -981,7 +981,7 @@ def _solve_trust_model(model: _TrustModel, radius: float, mu0: float, mu_end: fl
 
 
 def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: float, kappa: float, theta0,
-                     max_outer: int = 50):
+                     max_outer: int = 50, tol: float = TR_TOL):
     """Trust-region Newton on ``min_{theta, lam} lam eps + sum_i w_i [l_i + (t_i - lam kappa)_+]``
     s.t. ``lam >= beta ||theta - theta_ref||``, ``||theta|| <= B`` (section 8).
 
@@ -1041,18 +1041,18 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         y, its = _solve_trust_model(model, radius, mu0, mu_end)
         inner_its += its
         pred = model.exact(v) - model.exact(y)
-        if pred <= TR_TOL and mu_end > TR_MU_FINAL:  # the barrier's bias may hide a small decrease
+        if pred <= tol and mu_end > TR_MU_FINAL:  # the barrier's bias may hide a small decrease
             y, its = _solve_trust_model(model, radius, mu0, TR_MU_FINAL)
             inner_its += its
             pred = model.exact(v) - model.exact(y)
-        if pred < -TR_TOL:  # the inner path did not find the model's minimiser: a smaller region
+        if pred < -tol:  # the inner path did not find the model's minimiser: a smaller region
             r /= 4.0
             if r < 1e-15:
                 message = "trust region collapsed"
                 break
             continue
-        if pred <= TR_TOL:
-            message = f"model decrease {pred:.3g} <= {TR_TOL:g}"
+        if pred <= tol:
+            message = f"model decrease {pred:.3g} <= {tol:g}"
             break
         t_new, e_new, phi_new, s_new = parts(y[:d], y[d])
         rho = (phi - phi_new) / pred
@@ -1147,6 +1147,8 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
 #: Above ``2 * TR_SUBSAMPLE`` tuples, the trust-region method is first run on a seeded subsample of
 #: this size (a warm start; the answer and its certificate come from the full data).
 TR_SUBSAMPLE = 4096
+#: The subsample's trust-region iteration stops when the model promises less than this.
+TR_SUBSAMPLE_TOL = 1e-6
 
 
 def _trust_region_solve(data: PreferenceData, beta: float, radius: float, eps: float, kappa: float):
@@ -1167,7 +1169,8 @@ def _trust_region_solve(data: PreferenceData, beta: float, radius: float, eps: f
     # a warm start only: capped, since solve_dpo_native runs to max_iter when the ball is active
     theta = solve_dpo_native(start, beta, radius, max_iter=12).theta
     if start is not data:
-        theta, _, outer, inner, _ = _trust_region_w1(start, beta, radius, eps, kappa, theta)
+        # a warm start: its statistical distance to the full-data optimum dwarfs TR_SUBSAMPLE_TOL
+        theta, _, outer, inner, _ = _trust_region_w1(start, beta, radius, eps, kappa, theta, tol=TR_SUBSAMPLE_TOL)
         info.update(subsample=start.n, subsample_outer=outer, subsample_inner=inner)
     theta, lam, outer, inner, message = _trust_region_w1(data, beta, radius, eps, kappa, theta)
     info.update(iterations=outer, inner_iterations=inner, message=message)
