@@ -6,7 +6,8 @@ A TRL user's script (tests/llm/trl_dist_worker.py: DPOConfig with ``deepspeed={"
 (two-pass ``training_step``), and once in a single process without DeepSpeed. The logged
 ``loss`` (averaged over ranks by the Trainer), ``grad_norm`` (DeepSpeed's global norm vs
 the single process's) and the adapter's metrics (averaged over ranks) must agree at every
-step.
+step, and so must ``evaluate()`` of the trained policy (``eval_loss``: for WDPO the
+penalised objective, whose embedding gradient is taken inside TRL's no_grad evaluation).
 
 Tolerance: 1e-4 relative (issue 11), except WDPO finite-diff after its first step. Its
 gradient is (1 - c) P1 + c P2 with c = 2 rho0 / h, and the default float32 step makes
@@ -60,8 +61,15 @@ def one_process(tmp_path_factory):
 
 
 def _compare(two, one):
-    assert two.keys() == one.keys() == {"dpo", "kldpo", "wdpo-finite-diff"}
-    for name in one:
+    names = ("dpo", "kldpo", "wdpo-finite-diff")
+    assert two.keys() == one.keys() == set(names) | {n + "/eval" for n in names}
+    for name in names:
+        e2, e1 = two[name + "/eval"], one[name + "/eval"]  # evaluation of the trained policy, every method
+        rtol = RTOL_FD_LATER if name.startswith("wdpo") else RTOL
+        for m in ("eval_loss", "eval_dpo_loss", "eval_rewards/margins", "eval_wdpo/penalty"):
+            if m in e1:
+                assert abs(e2[m] - e1[m]) <= rtol * abs(e1[m]), (name, m, e2[m], e1[m])
+    for name in names:
         assert len(two[name]) == len(one[name]) == 3, name
         for h2, h1 in zip(two[name], one[name]):
             assert h2["step"] == h1["step"]

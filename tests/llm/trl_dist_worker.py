@@ -3,8 +3,9 @@
 Run as ``torchrun --nproc_per_node N tests/llm/trl_dist_worker.py OUT.json [--zero STAGE]``:
 for DPO, KLDPO and WDPO finite-diff, trains the tiny model for ``STEPS`` SGD steps on the
 ``GLOBAL_PAIRS`` toy pairs (one global batch per step: ``GLOBAL_PAIRS / N`` pairs per
-process), with DeepSpeed ZeRO-``STAGE`` when given, and rank 0 writes the log history of
-each run to OUT.json.
+process), with DeepSpeed ZeRO-``STAGE`` when given, evaluates the trained policy on the
+same pairs, and rank 0 writes the log history and the evaluation metrics of each run to
+OUT.json.
 """
 
 from __future__ import annotations
@@ -63,14 +64,16 @@ def main(out: str, zero: int | None) -> None:
             lr_scheduler_type="constant", max_grad_norm=1e6, beta=0.5, max_length=128,
             precompute_ref_log_probs=False, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
             disable_tqdm=True, seed=0, deepspeed=ds_config, disable_dropout=True, bf16=False, fp16=False,
+            per_device_eval_batch_size=GLOBAL_PAIRS // world,
         )
         data = datasets.load_dataset("json", data_files=data_file, split="train",
                                      cache_dir=os.path.join(work, f"cache-{name}"))
         ref_model, _ = load_model("tiny-random")  # the same initial weights: a frozen reference
-        trainer = cls(model=model, ref_model=ref_model, args=args, train_dataset=data,
+        trainer = cls(model=model, ref_model=ref_model, args=args, train_dataset=data, eval_dataset=data,
                       processing_class=tok, **kw)
         trainer.train()
         results[name] = [h for h in trainer.state.log_history if "loss" in h]
+        results[name + "/eval"] = trainer.evaluate()  # after training: the trained policy's objective
     if int(os.environ.get("RANK", "0")) == 0:
         with open(out, "w") as f:
             json.dump(results, f)
