@@ -311,7 +311,6 @@ def chi2_inner(losses: ArrayLike, weights: ArrayLike, rho: float) -> Chi2Inner:
         A = supp[lsort[0] == ls]
         q[A] = w[A] / w[A].sum()
         return Chi2Inner(M, q, M, 0.0, chi2_divergence(q, w), False)
-    qs = np.zeros_like(wsort)
     qs = wsort * e / se
     q[supp[order]] = qs
     return Chi2Inner(float(value), q, M + eta_s, N / (2.0 * c), chi2_divergence(q, w), True)
@@ -454,7 +453,7 @@ def dr_dpo_objective(theta, data: PreferenceData, beta: float, beta_prime: float
 def _dr_value(l, w, bp):
     supp = w > 0
     m = float(l[supp].min())
-    e = w * np.exp(-(l - m) / bp)  # exponents <= 0 on the support: no overflow
+    e = w * np.exp(-np.maximum(l - m, 0.0) / bp)  # exponents <= 0 (zero-weight pairs below m: clipped)
     Z = float(e.sum())
     return m - bp * math.log(Z), e / Z
 
@@ -804,7 +803,7 @@ def _cvxpy_certified(method, data, radius, build, certify, tm, info):
     return _result(method, state["theta"], cert, f"cvxpy-{state['solver']}", tm.elapsed, info, status=status)
 
 
-def _conic_losses(cp, data, beta, supp=None):
+def _conic_losses(cp, data, beta):
     """Variables ``theta`` (d,), ``s`` (n,) and the constraint ``s_i >= l_i(theta)`` (exp cone)."""
     theta = cp.Variable(data.d)
     s = cp.Variable(data.n)
