@@ -534,8 +534,9 @@ def _check_fsdp2_sync(model) -> None:
         return
     for m in model.modules():
         if isinstance(m, FSDPModule):
-            group = m._get_fsdp_state()._fsdp_param_group
-            if group is not None and not group.reduce_grads:
+            state = getattr(m, "_get_fsdp_state", lambda: None)()  # private in torch 2.13; skip if renamed
+            group = getattr(state, "_fsdp_param_group", None)
+            if group is not None and not getattr(group, "reduce_grads", True):
                 raise RuntimeError(
                     "WDPO finite-diff under FSDP2 needs gradient sync in every backward "
                     "(set_requires_gradient_sync(True)): pass 1's gradient is rescaled in its reduced shard"

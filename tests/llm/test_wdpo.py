@@ -394,3 +394,33 @@ def test_gradient_checkpointing_gives_the_same_gradient(llama_factory, batch_fac
             preference_loss(model, batch, refs[0], refs[1], cfg)[0].backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
     assert_close(grads[1], grads[0], rtol=RTOL_EXACT, atol=ATOL)
+
+
+def test_double_backward_refused_under_deepspeed_names_finite_diff(llama_factory, batch_factory):
+    """Engines detected by their class (DeepSpeedEngine lives in the ``deepspeed`` package): a clear error, no crash."""
+    from drdpo_theory.llm.objectives import _engine
+
+    class FakeDeepSpeedEngine(torch.nn.Module):  # stands for deepspeed.runtime.engine.DeepSpeedEngine
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    FakeDeepSpeedEngine.__module__ = "deepspeed.runtime.engine"
+    model, batch, refs = FakeDeepSpeedEngine(llama_factory()), batch_factory(n_pairs=2), _refs(2)
+    assert _engine(model) == "deepspeed" and _engine(model.module) == "plain"
+    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="double-backward")
+    with pytest.raises(ValueError, match=r"not supported under deepspeed.*use wdpo_impl='finite-diff'"):
+        preference_loss(model, batch, refs[0], refs[1], cfg)
+    # finite-diff runs there, through the parameter-hook weighting of pass 1, and equals the plain two passes
+    fd = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff", fd_step=1e-4)
+    got = []
+    for net in (model, model.module):
+        net.zero_grad(set_to_none=True)
+        for p in net.parameters():  # an earlier micro-batch's gradient, as in accumulation
+            p.grad = torch.full_like(p, 0.01)
+        preference_backward(net, batch, refs[0], refs[1], fd, loss_scale=0.5)
+        got.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert_close(got[0], got[1], rtol=1e-9, atol=1e-12)
