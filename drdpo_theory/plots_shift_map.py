@@ -126,7 +126,12 @@ def plot_mechanism(mech: pd.DataFrame, figdir, name: str = "shift_map_mechanism"
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xlabel("first-order slope ∇R_α(θ_DPO)·u_m (reward units per unit radius)")
     ax.set_ylabel("measured robust - DPO reward (n = ∞)")
-    agree = float((np.sign(m.slope_reward) == np.sign(m.delta_reward)).mean()) if len(m) else float("nan")
-    ax.set_title(f"Sign of the first-order prediction = sign of the regret in {agree:.0%} of cells", fontsize=9)
+    from .experiments.shift_map import mechanism_agreement
+
+    a = mechanism_agreement(mech)
+    agree = a["population_sign_agreement"]
+    txt = "n/a" if agree is None else f"{agree:.0%}"
+    ax.set_title(f"Population, smallest radius: sign of the first-order slope = sign of the\n"
+                 f"measured regret in {txt} of {a['population_cells']} cells (zero slopes/regrets excluded)", fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     return _save(fig, figdir, name)

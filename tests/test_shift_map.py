@@ -191,7 +191,8 @@ def test_config_validation():
         M.ShiftMapConfig(n_prompts=3)
 
 
-def test_cli_quick_json_regions_and_figures(tmp_path, capsys):
+def test_cli_quick_json_regions_and_figures(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "sm"
     assert main(["shift-map", "--quick", "--json", "--out", str(out)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -202,10 +203,13 @@ def test_cli_quick_json_regions_and_figures(tmp_path, capsys):
     for name in ("shift_map_summary.csv", "shift_map_best.csv", "shift_map_mechanism.csv", "shift_map.json"):
         assert (out / name).is_file()
     assert summary["mechanism"]["population_sign_agreement"] == 1.0
-    # rerun resumes (every cell from disk) and gives the same regions
-    assert main(["shift-map", "--quick", "--json", "--out", str(out)]) == 0
+    # without --out: tables in results/shift_map_quick, figures in figures/quick (never the committed ones)
+    assert main(["shift-map", "--quick", "--json"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["regions"] == summary["regions"]
+    assert (tmp_path / "results" / "shift_map_quick" / "shift_map_summary.csv").is_file()
+    assert (tmp_path / "figures" / "quick" / "shift_map.png").is_file()
+    assert not (tmp_path / "figures" / "shift_map.png").exists()
 
 
 def test_cli_refuses_bad_n_jobs_and_foreign_tables(tmp_path, capsys):
