@@ -1,7 +1,7 @@
 """Twice-differentiable attention for the WDPO double-backward penalty.
 
 The WDPO penalty :math:`\\rho_0\\|\\nabla_e \\ell\\|^2` is differentiated with
-``create_graph=True`` (THEORY.md section 5), i.e. through the backward of attention.
+``create_graph=True`` (docs/theory.md section 5), i.e. through the backward of attention.
 Fused kernels have no such derivative: on CPU, torch raises
 ``derivative for aten::_scaled_dot_product_flash_attention_for_cpu_backward is not
 implemented``, and flash-attention-2 / memory-efficient SDPA kernels on GPU likewise.

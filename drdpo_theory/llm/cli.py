@@ -102,6 +102,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Reference log-probs: computed once and cached, or from a frozen copy (default: %(default)s).")
     g.add_argument("--keep-dropout", action="store_true",
                    help="Keep the model's dropout in training (default: disabled in policy and reference, as TRL).")
+    g.add_argument("--strategy", choices=["ddp", "fsdp"], default="ddp",
+                   help="Under torchrun: 'ddp' replicates the weights; 'fsdp' shards them with FSDP2 (fully_shard per "
+                   "decoder layer + root); checkpoints and final/ hold full weights either way (default: %(default)s).")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="Recompute activations in the backward: less memory, more time; works with every method.")
 
@@ -226,6 +229,7 @@ def run(args: argparse.Namespace) -> int:
 
     distributed = False
     result = None
+    my_rank = 0
     try:
         cfg = TrainConfig(
             output_dir=args.output, method=args.method, beta=args.beta, kldpo_variant=args.kldpo_variant,
@@ -240,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
             tensorboard=args.tensorboard, progress=not args.no_progress, model_spec=args.model,
             keep_dropout=args.keep_dropout, gradient_checkpointing=args.gradient_checkpointing,
             eval_every=args.eval_every, eval_kl_rhos=tuple(args.eval_kl_rho), export=not args.no_export,
-            merge_lora=args.merge_lora,
+            merge_lora=args.merge_lora, strategy=args.strategy,
         )
         records = load_preferences(args.data)
         eval_records: list = []
@@ -258,6 +262,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.overwrite and _rank() == 0:
             clear_own_outputs(args.output)
+        my_rank = _rank()
         result = train(cfg, model, tokenizer, pairs, resume_from=args.resume, eval_pairs=eval_pairs)
     except (PreferenceDataError, ModelLoadError, ExportError, FileNotFoundError, ValueError) as exc:
         return _fail(str(exc))
@@ -273,15 +278,13 @@ def run(args: argparse.Namespace) -> int:
 
             if dist.is_initialized():
                 dist.destroy_process_group()
-    from drdpo_theory.llm.distributed import rank as _rank
-
     if result.interrupted:
         code = 143 if result.signal == "SIGTERM" else 130
-        if _rank() == 0:
+        if my_rank == 0:
             print(f"{PROG}: interrupted by {result.signal or 'SIGINT'} at step {result.final_step}; checkpoint: "
                   f"{result.checkpoint}; continue with --resume", file=sys.stderr)
         return code
-    if _rank() == 0:
+    if my_rank == 0:
         last = f"{result.losses[-1]:.6g}" if result.losses else "n/a"
         ev = f", eval loss {result.eval_rows[-1]['eval/loss']:.6g}" if result.eval_rows else ""
         final = f"; model: {', '.join(str(p) for p in result.exported)}" if result.exported else ""

@@ -2,19 +2,19 @@ r"""Per-pair preference losses on sequence log-probabilities, and the KLDPO weig
 
 Every loss is a pure function of four per-sequence log-probabilities of shape ``(B,)``
 (policy chosen, policy rejected, reference chosen, reference rejected) and returns one
-value per pair, shape ``(B,)``; the caller reduces (THEORY.md section 1; CONVENTIONS.md).
+value per pair, shape ``(B,)``; the caller reduces (docs/theory.md section 1; docs/llm_losses.md, "Notation").
 
 With :math:`\pi_c = \log\pi_\theta(a_w|s)`, :math:`\pi_r = \log\pi_\theta(a_l|s)` and
 :math:`\rho_c, \rho_r` the same under :math:`\pi_{ref}`, the implicit reward margin is
 
 .. math:: h = (\pi_c - \rho_c) - (\pi_r - \rho_r),
 
-the quantity :math:`h_\theta(s, a_1, a_2)` of THEORY.md section 1 with :math:`y = 1`
-(the chosen answer is :math:`a_1`). For the log-linear policy of THEORY.md section 2,
+the quantity :math:`h_\theta(s, a_1, a_2)` of docs/theory.md section 1 with :math:`y = 1`
+(the chosen answer is :math:`a_1`). For the log-linear policy of docs/theory.md section 2,
 :math:`h = (\theta - \theta_{ref})\cdot x`.
 
 :func:`kldpo_weights` gives the mini-batch weights of the paper's scalable KLDPO
-(THEORY.md sections 3 and 5): the authors' clamped exponential weights, their normalised
+(docs/theory.md sections 3.1 and 5): the authors' clamped exponential weights, their normalised
 (softmax) form, and the exact worst-case weights of the KL ball on the batch.
 """
 
@@ -87,7 +87,7 @@ def reward_margins(
               = r_c - r_r.
 
     Parameters are as in :func:`implicit_rewards`. For the log-linear policy of
-    THEORY.md section 2 this is :math:`\beta(\theta - \theta_{ref})\cdot x`.
+    docs/theory.md section 2 this is :math:`\beta(\theta - \theta_{ref})\cdot x`.
     """
     r_c, r_r = implicit_rewards(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta
@@ -102,7 +102,7 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor,
     beta: float,
 ) -> torch.Tensor:
-    r"""Per-pair DPO loss (THEORY.md section 1 with :math:`y = 1`).
+    r"""Per-pair DPO loss (docs/theory.md section 1 with :math:`y = 1`).
 
     .. math:: \ell = -\log\sigma(\beta h) = \log\big(1 + e^{-\beta h}\big),
 
@@ -172,7 +172,7 @@ def _kl_to_uniform(t: float, z: np.ndarray) -> float:
 def kl_dual_temperature(losses: torch.Tensor | np.ndarray, rho: float) -> float:
     r"""Optimal dual temperature :math:`\lambda^*` of the KL-DRO problem on a batch.
 
-    Solves the one-dimensional convex dual of THEORY.md section 3 (KLDPO) for the
+    Solves the one-dimensional convex dual of docs/theory.md section 3.1 (KLDPO) for the
     empirical distribution of the N losses,
 
     .. math:: \lambda^* = \arg\min_{\lambda > 0}\;
@@ -267,7 +267,7 @@ def kldpo_weights(
 
     With :math:`\ell_1..\ell_N` the losses of the (global) batch:
 
-    ``"clamped"`` (the authors' code, THEORY.md section 5)
+    ``"clamped"`` (the authors' code, docs/theory.md section 5)
         :math:`w_i = \min\{\exp((\ell_i - \bar\ell)/\tau),\ c\}`, :math:`\bar\ell`
         the batch mean, c = ``clamp``. Not normalised: the mean weight is >= 1 by
         Jensen (before clamping), which inflates the gradient norm.
@@ -279,7 +279,7 @@ def kldpo_weights(
         :math:`w_i = N\,\mathrm{softmax}(\ell/\lambda^*)_i` with :math:`\lambda^*` from
         :func:`kl_dual_temperature` for radius ``rho``: the exact worst case
         :math:`q^* = \arg\max_{\mathrm{KL}(q\|u)\le\rho} \sum_i q_i\ell_i` on the batch
-        (THEORY.md section 3), so that by Danskin the weighted-mean gradient is the
+        (docs/theory.md section 3.1), so that by Danskin the weighted-mean gradient is the
         gradient of the robust batch loss. Limits: :math:`\lambda^* = \infty` gives
         ones; :math:`\lambda^* = 0` gives N/k on the k maximal losses.
 

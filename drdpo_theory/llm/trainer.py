@@ -88,6 +88,7 @@ KLDPO_VARIANTS = ("clamped", "normalized", "calibrated")
 WDPO_IMPLS = ("double-backward", "finite-diff")
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 REFERENCES = ("precompute", "model")
+STRATEGIES = ("ddp", "fsdp")
 RESUME_MAY_CHANGE = frozenset(
     {"output_dir", "max_steps", "checkpoint_every", "keep_checkpoints", "tensorboard", "progress",
      "eval_every", "eval_kl_rhos", "merge_lora", "export"}
@@ -180,6 +181,11 @@ class TrainConfig:
         default=False,
     )
     gradient_checkpointing: bool = _help("Recompute activations in the backward (less memory, ~30% more time).", default=False)
+    strategy: str = _help(
+        "Several processes (torchrun): 'ddp' (replicated weights, DistributedDataParallel) or 'fsdp' (FSDP2: "
+        "fully_shard per decoder layer + root; checkpoints and export gather the full weights). One process: ignored.",
+        default="ddp",
+    )
     eval_every: int = _help("Evaluate on the eval pairs every K optimizer steps (0: at the end only).", default=0)
     eval_kl_rhos: tuple[float, ...] = _help(
         "KL radii rho of the eval/kl_worst_loss@rho metrics (exact worst case over the KL ball around the eval pairs).",
@@ -208,6 +214,7 @@ class TrainConfig:
         choice("schedule", ("cosine", "constant"))
         choice("precision", PRECISIONS)
         choice("reference", REFERENCES)
+        choice("strategy", STRATEGIES)
         for name in ("rho", "fd_step"):
             v = getattr(self, name)
             check(name, v is None or (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0), "None or a finite number >= 0")
@@ -426,13 +433,65 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
-def make_adamw(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def fully_shard_policy(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: ``fully_shard`` every decoder layer (the model's ``_no_split_modules`` classes), then the root.
+
+    Works on a transformers model or a peft ``PeftModel`` around one, in place; the root's
+    forward gathers the embeddings and head, each layer's forward its own parameters.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layer_names = set(getattr(hf, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in layer_names]
+    if not layers:
+        raise ValueError(f"--strategy fsdp: {type(hf).__name__} names no decoder-layer class (_no_split_modules)")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _reshard(model: torch.nn.Module) -> None:
+    """Free FSDP2's unsharded parameters after a no-grad forward.
+
+    FSDP2 keeps the root's parameters gathered after a forward (``reshard_after_forward`` is off
+    for the root); a training forward that starts from that state did not reduce-scatter the
+    root's gradients at the end of the next backward (measured: WDPO's two-pass estimator then
+    lost pass 1's embedding/head gradients on the step after a reference or eval pass).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a DTensor (a collective: every rank calls it in the same order); else ``t``."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``ref``: this rank's shard when ``ref`` is a DTensor."""
+    full = full.to(ref.device, ref.dtype)
+    if hasattr(ref, "device_mesh") and hasattr(ref, "placements"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, ref.device_mesh, ref.placements)
+    return full
+
+
+def make_adamw(params: Sequence[torch.nn.Parameter], lr: float, weight_decay: float, fused: bool = True
+               ) -> torch.optim.Optimizer:
     """``torch.optim.AdamW``, fused where the device and dtype support it, else the foreach kernel.
 
     The three implementations compute the same update up to floating-point rounding (tested);
     the fused one is ~3.5x faster on CPU at 135M parameters.
     """
     try:
+        if not fused:
+            raise ValueError("foreach requested")
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError, ValueError):  # device or dtype without a fused kernel
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
@@ -508,13 +567,17 @@ class Trainer:
         model = build_policy(model, cfg)
         model.train()
         self.base = model  # unwrapped policy (a PeftModel with LoRA)
-        if self.world > 1:
+        self.sharded = self.world > 1 and cfg.strategy == "fsdp"
+        if self.sharded:
+            model = fully_shard_policy(model)
+            self.base = model
+        elif self.world > 1:
             ddp_kw = {"device_ids": [device.index]} if device.type == "cuda" else {}
             model = torch.nn.parallel.DistributedDataParallel(model, **ddp_kw)
         self.model = model
         self.params = [p for p in self.base.parameters() if p.requires_grad]
         self.param_names = [n for n, p in self.base.named_parameters() if p.requires_grad]
-        self.optimizer = make_adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_adamw(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=not self.sharded)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: cosine_with_warmup(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio, cfg.schedule == "cosine"),
@@ -550,6 +613,21 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, enabled=False)
 
     # ------------------------------------------------------------- reference
+    def _rank_batches(self, n: int) -> list[tuple[list[int], bool]]:
+        """This rank's share of ``range(n)`` in batches, the same number of batches on every rank.
+
+        Sharded engines run collectives in every forward, so a rank with fewer items runs dummy
+        batches (``[0]``, flagged False: results discarded) until all ranks are done.
+        """
+        mine = list(range(self.rank, n, self.world))
+        per_rank = -(-n // self.world)
+        count = -(-per_rank // self.cfg.batch_size)
+        out = []
+        for j in range(count):
+            idx = mine[j * self.cfg.batch_size : (j + 1) * self.cfg.batch_size]
+            out.append((idx, True) if idx else ([0], False))
+        return out
+
     def _policy_logps(self, module: torch.nn.Module, inputs: dict[str, torch.Tensor], adapters: bool = True):
         """Sequence log-probs (chosen, rejected) in eval mode (no dropout), no grad."""
         from drdpo_theory.llm.logprobs import concatenated_logps
@@ -563,6 +641,8 @@ class Trainer:
                     return concatenated_logps(module, inputs)
         finally:
             module.train(was_training)
+            if self.sharded:
+                _reshard(module)
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ref_cache is not None:
@@ -618,14 +698,13 @@ class Trainer:
         n = len(pairs)
         chosen = torch.zeros(n, dtype=torch.float64, device=self.device)
         rejected = torch.zeros(n, dtype=torch.float64, device=self.device)
-        mine = list(range(self.rank, n, self.world))
-        for start in range(0, len(mine), self.cfg.batch_size):
-            idx = mine[start : start + self.cfg.batch_size]
+        for idx, real in self._rank_batches(n):
             batch = self.collate([pairs[i] for i in idx])
             inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("index", "weight")}
             c, r = self._policy_logps(self.base, inputs, adapters=False)
-            chosen[idx] = c.double()
-            rejected[idx] = r.double()
+            if real:
+                chosen[idx] = c.double()
+                rejected[idx] = r.double()
         if self.world > 1:  # each entry is non-zero on exactly one rank
             dist.all_reduce(chosen)
             dist.all_reduce(rejected)
@@ -660,12 +739,11 @@ class Trainer:
                 n = len(self.eval_pairs)
                 c_all = torch.zeros(n, dtype=torch.float64, device=self.device)
                 r_all = torch.zeros(n, dtype=torch.float64, device=self.device)
-                mine = list(range(self.rank, n, self.world))
-                for start in range(0, len(mine), self.cfg.batch_size):
-                    idx = mine[start : start + self.cfg.batch_size]
+                for idx, real in self._rank_batches(n):
                     batch = self.collate([self.eval_pairs[i] for i in idx])
                     c, r = self._reference_logps({k: v.to(self.device) for k, v in batch.items()})
-                    c_all[idx], r_all[idx] = c.double(), r.double()
+                    if real:
+                        c_all[idx], r_all[idx] = c.double(), r.double()
                 if self.world > 1:
                     dist.all_reduce(c_all)
                     dist.all_reduce(r_all)
@@ -696,13 +774,12 @@ class Trainer:
         ref_c, ref_r = self._eval_reference()
         n = len(self.eval_pairs)
         pol = torch.zeros(2, n, dtype=torch.float64, device=self.device)
-        mine = list(range(self.rank, n, self.world))
-        for start in range(0, len(mine), self.cfg.batch_size):
-            idx = mine[start : start + self.cfg.batch_size]
+        for idx, real in self._rank_batches(n):
             batch = self.collate([self.eval_pairs[i] for i in idx])
             inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("index", "weight")}
             c, r = self._policy_logps(self.base, inputs)
-            pol[0, idx], pol[1, idx] = c.double(), r.double()
+            if real:
+                pol[0, idx], pol[1, idx] = c.double(), r.double()
         if self.world > 1:
             dist.all_reduce(pol)
         pc, pr = pol[0].cpu(), pol[1].cpu()
@@ -765,19 +842,18 @@ class Trainer:
             rng_t["cuda"] = rng["cuda"]
         save_file(rng_t, str(tmp / f"rng_rank{self.rank}.safetensors"))
         _barrier()  # every rank's RNG file is written before rank 0 renames the directory
+        # full tensors (FSDP2: gathered from the shards on every rank, in the same order)
+        weights = {n: _full(p.detach()).cpu().contiguous() for n, p in zip(self.param_names, self.params)}
+        opt = self.optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for pid, st in opt["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{pid}.{k}"] = _full(v.detach()).cpu().contiguous()
+                else:
+                    scalars[f"{pid}.{k}"] = v
         if self.rank == 0:
-            save_file(
-                {n: p.detach().cpu().contiguous() for n, p in zip(self.param_names, self.params)},
-                str(tmp / "trainable.safetensors"),
-            )
-            opt = self.optimizer.state_dict()
-            tensors, scalars = {}, {}
-            for pid, st in opt["state"].items():
-                for k, v in st.items():
-                    if torch.is_tensor(v):
-                        tensors[f"{pid}.{k}"] = v.detach().cpu().contiguous()
-                    else:
-                        scalars[f"{pid}.{k}"] = v
+            save_file(weights, str(tmp / "trainable.safetensors"))
             save_file(tensors, str(tmp / "optimizer.safetensors"))
             sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
             np_state = rng["numpy"]
@@ -871,11 +947,14 @@ class Trainer:
                                       f"expected {tuple(p.shape)}")
         with torch.no_grad():
             for n, p in zip(self.param_names, self.params):
-                p.copy_(weights[n].to(p.device, p.dtype))
+                p.copy_(_like(weights[n], p))
         tensors = tensors_of("optimizer.safetensors")
         opt_state: dict[int, dict[str, Any]] = {}
         for k, v in list(tensors.items()) + list(state["optimizer_scalars"].items()):
             pid, name = k.split(".", 1)
+            if torch.is_tensor(v) and int(pid) < len(self.params) and tuple(v.shape) == tuple(self.params[int(pid)].shape) \
+                    and v.ndim > 0:
+                v = _like(v, self.params[int(pid)])  # AdamW moments: sharded like their parameter
             opt_state.setdefault(int(pid), {})[name] = v
         try:
             self.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
@@ -980,7 +1059,9 @@ class Trainer:
             inputs = {k: v for k, v in batch.items() if k not in ("index", "weight")}
             inputs["weight"] = batch["weight"] * self.weight_scale  # (B,) p_i * N: mean 1 over the data
             last = micro == cfg.grad_accum - 1
-            sync = self.model.no_sync() if (self.world > 1 and not last) else contextlib.nullcontext()
+            # DDP syncs on the last micro-batch only; FSDP2 reduce-scatters every backward (WDPO's
+            # two-pass estimator rescales pass 1 in the reduced shard)
+            sync = self.model.no_sync() if (self.world > 1 and not self.sharded and not last) else contextlib.nullcontext()
             with sync:
                 # forward(s) under autocast; preference_backward runs its backward(s) outside it
                 with self._autocast():
@@ -992,7 +1073,7 @@ class Trainer:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = _full(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         self._check_finite(grad_norm.detach(), "gradient norm")
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -1041,6 +1122,15 @@ class Trainer:
         from drdpo_theory.llm.export import export_policy
 
         paths: list[Path] = []
+        if self.sharded:  # the final checkpoint holds the gathered weights: rebuild unsharded on rank 0
+            from drdpo_theory.llm.export import export_checkpoint
+
+            if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step:08d}":
+                self.save_checkpoint()
+            if self.rank == 0:
+                paths = export_checkpoint(self.last_checkpoint, self.out / FINAL_DIR, merge=self.cfg.merge_lora)
+            _barrier()
+            return paths
         if self.rank == 0:
             spec = self.cfg.model_spec
             if spec and Path(spec).expanduser().exists():
