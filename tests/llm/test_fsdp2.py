@@ -1,7 +1,8 @@
 """DPO, KLDPO and WDPO finite-diff under raw FSDP2: 2 gloo processes on CPU vs 1 process, same global batch.
 
 Each rank shards the tiny float32 Llama with ``fully_shard`` per decoder layer and on the
-root (the embedding table and LM head live in the root's group), holds half of the pairs,
+root (the embedding table and LM head live in the root's group; a second variant gives the
+embedding table its own group), holds half of the pairs,
 and calls :func:`~drdpo_theory.llm.objectives.preference_backward`. The loss (averaged
 over ranks) and the full gradient (``DTensor.full_tensor()`` of FSDP2's reduce-scattered
 shards) must equal those of one process on the whole batch. WDPO double backward must
@@ -97,14 +98,17 @@ def _worker(rank, world, init_file, out_dir):
         pairs = list(range(rank * N_PAIRS // world, (rank + 1) * N_PAIRS // world))
         local, local_refs = _rows(batch, refs, pairs)
 
-        def sharded():
+        def sharded(embedding_apart=False):
             model = _model(c)
+            if embedding_apart:  # the embedding table in its own FSDP group (issue 11: silently wrong before)
+                fully_shard(model.get_input_embeddings())
             for layer in model.model.layers:  # one FSDP group per decoder layer, then the root
                 fully_shard(layer)
             fully_shard(model)
             return model
 
         res = _run(sharded, local, local_refs)
+        res.update({f"apart/{k}": v for k, v in _run(lambda: sharded(True), local, local_refs).items()})
         for k in list(res):
             if k.endswith("/loss") or k.endswith("/penalty"):  # per-rank means -> global mean
                 dist.all_reduce(res[k])
@@ -125,10 +129,12 @@ def test_fsdp2_two_ranks_match_one_process(tmp_path):
     two = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for name in CONFIGS:
         for r in two:
-            assert_close(r[name + "/loss"], one[name + "/loss"], rtol=RTOL, atol=0, msg=lambda m: f"{name} loss: {m}")
-            g1, g2 = one[name + "/grad"], r[name + "/grad"]
-            err = float((g2 - g1).norm() / g1.norm())
-            assert err < RTOL, (name, err)
+            for prefix in ("", "apart/"):
+                got = r[prefix + name + "/loss"]
+                assert_close(got, one[name + "/loss"], rtol=RTOL, atol=0, msg=lambda m: f"{prefix}{name} loss: {m}")
+                g1, g2 = one[name + "/grad"], r[prefix + name + "/grad"]
+                err = float((g2 - g1).norm() / g1.norm())
+                assert err < RTOL, (prefix + name, err)
     assert_close(two[0]["wdpo-finite-diff/penalty"], one["wdpo-finite-diff/penalty"], rtol=RTOL, atol=0)
     # the penalty is a sizeable part of the objective, so the WDPO comparison is not DPO's again
     assert float(one["wdpo-finite-diff/penalty"]) > 0.05 * float(one["wdpo-finite-diff/loss"])
