@@ -520,8 +520,10 @@ def cvar_collapse_threshold(data: PreferenceData, return_q: bool = False):
     (inside the ball) is a cvardpo optimum iff ``alpha <= alpha_c`` (``0`` when 0 is outside the hull
     of the ``u_i``; ``1`` iff ``E_w u = 0``).
 
-    With ``z = alpha q`` this is one LP with box bounds and ``d`` equality rows (HiGHS):
-    ``alpha_c = max {sum_i z_i : 0 <= z_i <= w_i, sum_i z_i u_i = 0}``, ``q_c = z / sum z``.
+    With ``z = alpha q`` this is one LP with box bounds and ``d`` equality rows (HiGHS; ~1.7 s at
+    n = 2e4 on a loaded machine): ``alpha_c = max {sum_i z_i : 0 <= z_i <= w_i, sum_i z_i u_i = 0}``,
+    ``q_c = z / sum z``. Its dual is ``min_b E_w (1 + b.u)_+``; the solver first screens with the
+    minimum over one ray of ``b`` (``_cvar_collapse_upper``) and solves the LP only when needed.
     """
     from scipy.optimize import linprog
 
