@@ -579,3 +579,12 @@ def test_random_odd_instances_are_certified(seed):
     # dr_dpo (zero-weight pairs with small losses must not overflow the softmin): a local solution
     res = solve("dr_dpo", data, beta, B, beta_prime=float(rng.choice([0.1, 1.0, 10.0])))
     assert res.status == "local" and np.isfinite(res.objective), res.info
+
+
+def test_cli_dr_dpo_text_output_says_local(family_file, capsys):
+    f, _ = family_file
+    code = main(["solve", "--method", "dr_dpo", "--data", str(f), "--beta", "1", "--radius", "2",
+                 "--beta-prime", "0.5"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "duality gap none (not convex" in out and "status      local" in out

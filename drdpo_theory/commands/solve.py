@@ -90,7 +90,11 @@ def run(args) -> int:
         print(f"method      {result.method}")
         print(f"theta       {[round(float(t), 8) for t in result.theta]}")
         print(f"objective   {result.objective:.12g}")
-        print(f"duality gap {result.duality_gap:.3g}")
+        if result.status == "local":  # dr_dpo: not convex, no certificate
+            print(f"duality gap none (not convex: a local solution, stationarity "
+                  f"{result.info.get('stationarity', float('nan')):.3g})")
+        else:
+            print(f"duality gap {result.duality_gap:.3g}")
         if result.lam is not None:
             print(f"lam         {result.lam:.8g}")
         if result.collapsed:
