@@ -859,6 +859,8 @@ TR_TOL = 1e-12
 TR_MU_FINAL = 1e-12
 #: The inner barrier parameter is divided by this per stage.
 TR_SHRINK = 10.0
+#: Each inner stage but the last is centred to a Newton decrement of TR_CENTRING * mu.
+TR_CENTRING = 1e-3
 
 
 class _TrustModel:
@@ -967,7 +969,7 @@ def _solve_trust_model(model: _TrustModel, radius: float, mu0: float, mu_end: fl
     while True:
         model.mu = mu
         last = mu <= mu_end * (1 + 1e-9)
-        res = newton_ball(model.fun, model.grad_hess, y, d, radius, max_iter=50, tol=1e-3 * mu if not last else 1e-16)
+        res = newton_ball(model.fun, model.grad_hess, y, d, radius, max_iter=50, tol=TR_CENTRING * mu if not last else 1e-16)
         its += res.iterations
         if last:
             return res.v, its
