@@ -588,3 +588,40 @@ def test_cli_dr_dpo_text_output_says_local(family_file, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "duality gap none (not convex" in out and "status      local" in out
+
+
+def test_smoothing_bounds():
+    """CVaR: at eta*_tau, G_tau - E_{q_tau} l = (tau/alpha) E_w H(sigma) (binary entropy) and
+    G_tau >= CVaR; group: max_g L_g - tau log G <= G_tau <= max_g L_g (docs/theory_family.md, 3-4)."""
+    from drdpo_theory.solvers.family import _CVaRSmooth, _Groups, _GroupSmooth
+
+    data = _instance(70, 3, 18, ref_norm=0.2)
+    M = _Model(data, 1.0)
+    theta = np.array([0.4, -0.3, 0.2])
+    l = M.losses(theta)
+    for alpha, tau in [(0.3, 0.1), (0.3, 1e-3), (0.7, 1e-2)]:
+        S = _CVaRSmooth(M, alpha, tau)
+        eta = S.reset(theta)[0]
+        q = S.q(theta, eta)
+        assert_allclose(q.sum(), 1.0, atol=1e-12)
+        s = q * alpha / data.weights
+        H = -(s * np.log(np.where(s > 0, s, 1)) + (1 - s) * np.log(np.where(s < 1, 1 - s, 1)))
+        G = S.fun(np.append(theta, eta))
+        assert_allclose(G - q @ l, tau / alpha * (data.weights @ H), rtol=1e-8, atol=1e-15)
+        assert G >= cvar_inner(l, data.weights, alpha).value - 1e-15
+    g = _groups(data)
+    Gs = _Groups(g, data.weights)
+    L = Gs.A @ l
+    for tau in (1.0, 0.1, 1e-3):
+        val = _GroupSmooth(M, Gs, tau).fun(theta)
+        assert L.max() - tau * math.log(Gs.G) - 1e-15 <= val <= L.max() + 1e-15
+
+
+def test_chi2_top_regime_goes_to_the_cone_program():
+    """rho >= 1/max w - 1: the worst case may sit on the largest losses alone (G not smooth): cone program."""
+    data = _instance(6, 2, 19, ref_norm=0.1)
+    rho = 1.0 / data.weights.max() - 1.0 + 0.5
+    res = solve_chi2dpo(data, 1.0, 2.0, rho)
+    _assert_certified(res, 2.0)
+    assert res.solver.startswith("cvxpy") and res.info["path"] == "cvxpy fallback"  # rho_c = inf here
+    assert_allclose(res.objective, chi2dpo_objective(res.theta, data, 1.0, rho), rtol=1e-9)
