@@ -13,6 +13,8 @@ Problems (THEORY.md section 6 mapping): DPO on the log-linear class is logistic 
   cvxpy exponential-cone program only (dro's label-flip cost acts on its own labels, not on our pairs).
 - chi2dpo(rho)                == dro.Chi2DRO(logistic, eps=rho): both are
   ``min eta + sqrt(1 + rho) sqrt(mean (l - eta)_+^2)`` (docs/theory_family.md, section 1).
+- cvardpo(alpha)              == dro.CVaRDRO(logistic, alpha=alpha): both are
+  ``min eta + mean (l - eta)_+ / alpha`` (docs/theory_family.md, section 3).
 - groupdpo                    == dro.GroupDRO(logistic, group_idx=0): dro takes the groups from a
   feature column, so this row's data has ``x_0 = +-1/2`` and the groups are the values of
   ``z_0 = beta ytil x_0`` (two groups: the sign of ``ytil x_0``).
@@ -33,16 +35,17 @@ import numpy as np
 
 from drdpo_theory.data import PreferenceData
 from drdpo_theory.solvers import solve
-from drdpo_theory.solvers.family import chi2dpo_objective, groupdpo_objective
+from drdpo_theory.solvers.family import chi2dpo_objective, cvardpo_objective, groupdpo_objective
 from drdpo_theory.solvers.kl import kldpo_objective
 from drdpo_theory.solvers.wasserstein import wdpo_objective
 
 BETA, RHO, EPS, B = 1.0, 0.1, 0.05, 50.0
 KAPPA = 1.0  # label-flip cost of the finite-kappa W1 row
+ALPHA = 0.5  # CVaR level of the cvardpo row
 #: (row label, solve method, solve kwargs)
 PROBLEMS = [("kldpo", "kldpo", dict(rho=RHO)), ("wdpo", "wdpo", dict(eps=EPS)),
             ("wdpo-k1", "wdpo", dict(eps=EPS, kappa=KAPPA)), ("chi2dpo", "chi2dpo", dict(rho=RHO)),
-            ("groupdpo", "groupdpo", dict())]
+            ("cvardpo", "cvardpo", dict(alpha=ALPHA)), ("groupdpo", "groupdpo", dict())]
 
 
 def load_dro():
@@ -65,10 +68,11 @@ def load_dro_family():
     :func:`load_dro` has registered the ``dro`` package."""
     try:
         from dro.linear_model.chi2_dro import Chi2DRO
+        from dro.linear_model.cvar_dro import CVaRDRO
         from dro.linear_model.group_dro import GroupDRO
     except ImportError:
         return None
-    return Chi2DRO, GroupDRO
+    return Chi2DRO, CVaRDRO, GroupDRO
 
 
 def group_data(data: PreferenceData) -> tuple[PreferenceData, np.ndarray]:
@@ -118,6 +122,7 @@ def run(sizes, d, skip_cvxpy_above, skip_dro_above, problems=None):
                 "kldpo": lambda th: kldpo_objective(th, data, BETA, RHO),
                 "wdpo": lambda th: wdpo_objective(th, data, BETA, EPS),
                 "chi2dpo": lambda th: chi2dpo_objective(th, data, BETA, RHO),
+                "cvardpo": lambda th: cvardpo_objective(th, data, BETA, ALPHA),
                 "groupdpo": lambda th: groupdpo_objective(th, data, BETA, kw.get("groups")),
             }[method]
             # native: best of 3 (the first call also pays one-off imports); cvxpy and dro: one run
@@ -136,11 +141,13 @@ def run(sizes, d, skip_cvxpy_above, skip_dro_above, problems=None):
                 cv, t_cv = timed(lambda: solve(method, data, BETA, B, solver="cvxpy", **kw))
                 row.update(cvxpy_s=t_cv, cvxpy_cpu_s=timed.cpu, cvxpy_dobj=abs(cv.objective - nat.objective) / abs(nat.objective),
                            cvxpy_status=cv.status, cvxpy_gap=cv.duality_gap)
-            if dro_family is not None and n <= skip_dro_above and method in ("chi2dpo", "groupdpo"):
-                Chi2DRO, GroupDRO = dro_family
+            if dro_family is not None and n <= skip_dro_above and method in ("chi2dpo", "cvardpo", "groupdpo"):
+                Chi2DRO, CVaRDRO, GroupDRO = dro_family
                 if method == "chi2dpo":
                     model = Chi2DRO(input_dim=d, model_type="logistic", fit_intercept=False)
                     model.update({"eps": RHO})
+                elif method == "cvardpo":
+                    model = CVaRDRO(input_dim=d, model_type="logistic", fit_intercept=False, alpha=ALPHA)
                 else:
                     model = GroupDRO(input_dim=d, group_idx=0, model_type="logistic", fit_intercept=False)
                 try:
@@ -198,7 +205,7 @@ def main(argv=None):
                     help="rows to run (default: all)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
-    print(f"beta={BETA} rho={RHO} (kldpo, chi2dpo) eps={EPS} kappa(wdpo-k1)={KAPPA} B={B} (inactive); "
+    print(f"beta={BETA} rho={RHO} (kldpo, chi2dpo) alpha={ALPHA} eps={EPS} kappa(wdpo-k1)={KAPPA} B={B} (inactive); "
           "ratios are time / native time, d_obj relative")
     rows = run(args.sizes, args.d, args.skip_cvxpy_above, args.skip_dro_above, args.problems)
     if args.json:
