@@ -91,7 +91,12 @@ def sequence_logps(
     logits = _model_logits(model, input_ids, attention_mask, inputs_embeds)  # (N, T, V)
     logp = token_logps(logits[:, :-1, :], input_ids[:, 1:])  # (N, T-1): token j+1 given <= j
     mask = loss_mask[:, 1:].to(logp.dtype)  # (N, T-1), aligned with the predicted tokens
-    return (logp * mask).sum(-1)
+    out = (logp * mask).sum(-1)
+    with torch.no_grad():  # TRL's logits/chosen|rejected: mean logit over answer tokens and vocabulary
+        mean_v = logits[:, :-1, :].detach().float().mean(-1)  # (N, T-1)
+        m = mask.detach().float()
+        out.logit_stats = torch.stack([(mean_v * m).sum(-1), m.sum(-1)], dim=-1)  # (N, 2): sum, count
+    return out
 
 
 def concatenated_logps(
@@ -124,4 +129,8 @@ def concatenated_logps(
     logps = sequence_logps(
         model, input_ids, batch["attention_mask"], batch["loss_mask"], inputs_embeds
     )
-    return logps[: n // 2], logps[n // 2 :]
+    chosen, rejected = logps[: n // 2], logps[n // 2 :]
+    stats = getattr(logps, "logit_stats", None)
+    if stats is not None:  # (2B, 2) per-row (sum of mean logits, answer tokens), for metrics only
+        chosen.logit_stats, rejected.logit_stats = stats[: n // 2], stats[n // 2 :]
+    return chosen, rejected

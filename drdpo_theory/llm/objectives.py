@@ -199,7 +199,22 @@ def _reward_metrics(pc, pr, rc, rr, beta) -> dict[str, float]:
         "rewards/accuracies": float((m > 0).double().mean()),
         "logps/chosen": float(pc.detach().mean()),
         "logps/rejected": float(pr.detach().mean()),
+        **_logit_metrics(pc, pr),
     }
+
+
+def _logit_metrics(pc, pr) -> dict[str, float]:
+    """TRL's ``logits/chosen`` / ``logits/rejected``: the mean logit over answer tokens and vocabulary.
+
+    Present when the log-probs came from :func:`~drdpo_theory.llm.logprobs.concatenated_logps`
+    (it attaches per-row sums and token counts); absent for other ``logps_fn`` (e.g. a fused head).
+    """
+    out = {}
+    for name, t in (("logits/chosen", pc), ("logits/rejected", pr)):
+        stats = getattr(t, "logit_stats", None)
+        if stats is not None and float(stats[:, 1].sum()) > 0:
+            out[name] = float(stats[:, 0].sum() / stats[:, 1].sum())
+    return out
 
 
 def _nominal(batch: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | None:

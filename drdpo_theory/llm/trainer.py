@@ -918,9 +918,11 @@ class Trainer:
                 "exact resume needs the same number"
             )
         saved = state["config"]
+        defaults = TrainConfig(model_spec=self.cfg.model_spec, lora=self.cfg.lora, max_length=self.cfg.max_length).to_json()
+        # a field the checkpoint predates counts as its default (older checkpoints stay resumable)
         changed = sorted(
             k for k, v in self.cfg.to_json().items()
-            if k not in RESUME_MAY_CHANGE and saved.get(k) != v
+            if k not in RESUME_MAY_CHANGE and saved.get(k, defaults.get(k)) != v
         )
         if changed:
             raise CheckpointError(

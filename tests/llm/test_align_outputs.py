@@ -659,3 +659,15 @@ def test_gradient_checkpointing_gives_the_same_step(tmp_path, method):
     np.testing.assert_allclose(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-7)
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_logits_metrics_are_trls_mean_answer_logit():
+    model, batch, (rc, rr) = _toy_batch()
+    _, m = preference_loss(model, batch, rc, rr, LossConfig(method="dpo", beta=0.5))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    mask = batch["loss_mask"][:, 1:].bool()
+    b = batch["input_ids"].shape[0] // 2
+    for name, rows in (("logits/chosen", slice(0, b)), ("logits/rejected", slice(b, None))):
+        want = logits[rows][mask[rows]].mean()  # TRL: logits[loss_mask].mean()
+        np.testing.assert_allclose(m[name], float(want), rtol=1e-6, atol=1e-9)

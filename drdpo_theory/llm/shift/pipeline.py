@@ -826,7 +826,7 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
                     lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                     lora_target_modules=cfg.lora_target_modules, reference="precompute",
                     checkpoint_every=cfg.checkpoint_every, keep_checkpoints=2, seed=seed,
-                    progress=cfg.progress, model_spec=cfg.model, **extra,
+                    progress=cfg.progress, model_spec=cfg.model, export=False, **extra,
                 )
                 t0 = time.perf_counter()
                 was_done = _train_done(run_dir, cfg.steps)
