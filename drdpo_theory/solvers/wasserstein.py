@@ -1066,6 +1066,10 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
             r = step / 4.0
         elif rho > 0.75 and step > 0.5 * r:
             r *= 4.0
+        elif rho > 0.75:
+            # converging (the step stopped inside the region): Newton's next step is much shorter,
+            # and a smaller region keeps the window, hence the model, small
+            r = max(4.0 * step, 1e-12)
         if r < 1e-15:
             message = "trust region collapsed"
             break
