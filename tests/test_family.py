@@ -330,6 +330,7 @@ def test_chi2_collapse_threshold_against_its_definition_and_the_solver():
     cvx = solve_chi2dpo(data, 1.0, 3.0, rho_c * 1.001, solver="cvxpy")
     _assert_certified(cvx, 3.0)
     assert_allclose(cvx.theta, data.theta_ref, atol=ATOL_THETA)
+    assert cvx.collapsed and not solve_chi2dpo(data, 1.0, 3.0, rho_c * 0.95, solver="cvxpy").collapsed
 
 
 def test_cvar_collapse_threshold_against_its_definition_and_the_solver():
@@ -351,6 +352,7 @@ def test_cvar_collapse_threshold_against_its_definition_and_the_solver():
     _assert_certified(above, 3.0)
     assert below.collapsed and np.array_equal(below.theta, data.theta_ref)
     assert not above.collapsed and np.linalg.norm(above.theta - data.theta_ref) > 1e-4
+    assert solve_cvardpo(data, 1.0, 3.0, alpha_c * 0.999, solver="cvxpy").collapsed
 
 
 def test_group_collapse_iff_zero_in_hull_of_group_means():
@@ -371,6 +373,7 @@ def test_group_collapse_iff_zero_in_hull_of_group_means():
     r1 = solve_groupdpo(data, 1.0, 3.0, single)
     _assert_certified(r1, 3.0)
     assert r1.collapsed
+    assert solve_groupdpo(data, 1.0, 3.0, single, solver="cvxpy").collapsed
     # one group: the hull is {mu}, which does not contain 0
     assert not group_collapse(data, np.zeros(data.n, int))
 

@@ -695,6 +695,12 @@ def _result(method, theta, cert: _Cert, solver, seconds, info, collapsed=False, 
     )
 
 
+def _mark_collapse(r: SolverResult, collapsed: bool, **info) -> SolverResult:
+    """The cone program's answer with ``collapsed`` set from the member's threshold (as the native
+    path reports it; the cone program itself returns a point within its tolerance of ``theta_ref``)."""
+    return SolverResult(**{**r.__dict__, "collapsed": bool(collapsed), "info": {**r.info, **info}})
+
+
 def _dpo_as(method, data, beta, radius, solver, message, lam=None) -> SolverResult:
     """A member that reduces to DPO at this radius: relabel the DPO result."""
     from .dpo import solve_dpo_cvxpy, solve_dpo_native
@@ -884,7 +890,11 @@ def solve_chi2dpo(data: PreferenceData, beta: float, radius: float, rho: float, 
     if rho == 0.0:
         return _dpo_as("chi2dpo", data, beta, radius, solver, "rho = 0: chi2dpo is DPO", lam=math.inf)
     if solver == "cvxpy":
-        return _chi2dpo_cvxpy(data, beta, radius, rho)
+        r = _chi2dpo_cvxpy(data, beta, radius, rho)
+        if not (_ref_interior(data, radius) and rho >= _chi2_collapse_lower(data)):
+            return r
+        rho_c = chi2_collapse_threshold(data)
+        return _mark_collapse(r, rho >= rho_c, rho_c=rho_c)
     M = _Model(data, beta)
     with Timer() as tm:
         info = {}
@@ -1099,7 +1109,11 @@ def solve_cvardpo(data: PreferenceData, beta: float, radius: float, alpha: float
     if alpha == 1.0:
         return _dpo_as("cvardpo", data, beta, radius, solver, "alpha = 1: CVaR is the mean, cvardpo is DPO")
     if solver == "cvxpy":
-        return _cvardpo_cvxpy(data, beta, radius, alpha)
+        r = _cvardpo_cvxpy(data, beta, radius, alpha)
+        if not (_ref_interior(data, radius) and alpha <= _cvar_collapse_upper(data)):
+            return r
+        alpha_c = cvar_collapse_threshold(data)
+        return _mark_collapse(r, alpha <= alpha_c, alpha_c=alpha_c)
     M = _Model(data, beta)
     with Timer() as tm:
         info = {}
@@ -1190,7 +1204,11 @@ def solve_groupdpo(data: PreferenceData, beta: float, radius: float, groups, sol
         r.info.update(n_groups=1, worst_group=int(Gs.labels[0]), group_weights=[1.0])
         return r
     if solver == "cvxpy":
-        return _groupdpo_cvxpy(data, beta, radius, Gs)
+        r = _groupdpo_cvxpy(data, beta, radius, Gs)
+        if not _ref_interior(data, radius):
+            return r
+        ok = group_collapse(data, groups)
+        return _mark_collapse(r, ok, ref_in_hull=bool(ok))
     M = _Model(data, beta)
     with Timer() as tm:
         info = {}
