@@ -628,3 +628,19 @@ def test_chi2_top_regime_goes_to_the_cone_program():
     _assert_certified(res, 2.0)
     assert res.solver.startswith("cvxpy") and res.info["path"] == "cvxpy fallback"  # rho_c = inf here
     assert_allclose(res.objective, chi2dpo_objective(res.theta, data, 1.0, rho), rtol=1e-9)
+
+
+def test_chi2_inner_closed_form_and_concavity_in_rho():
+    """Small rho: V(rho) = E_w l + sqrt(rho Var_w l) exactly, as long as the unconstrained worst case
+    r = 1 + sqrt(rho) (l - E l)/sd stays >= 0; V is nondecreasing and concave in rho."""
+    l, w = _random_losses(25, 3)
+    m = w @ l
+    sd = math.sqrt(w @ (l - m) ** 2)
+    rho_max = (sd / (m - l.min())) ** 2  # r_i >= 0 for all i up to here
+    for rho in (1e-6, 0.3 * rho_max, 0.99 * rho_max):
+        assert_allclose(chi2_inner(l, w, rho).value, m + math.sqrt(rho) * sd, rtol=1e-13)
+    assert chi2_inner(l, w, 2 * rho_max).value < m + math.sqrt(2 * rho_max) * sd  # the sign constraint binds
+    rhos = np.linspace(0, 5, 41)
+    V = np.array([chi2_inner(l, w, r).value for r in rhos])
+    assert np.all(np.diff(V) >= -1e-14)
+    assert np.all(np.diff(V, 2) <= 1e-12)
