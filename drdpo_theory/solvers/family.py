@@ -2,22 +2,19 @@
 
 Derivations, certificates and collapse thresholds: docs/theory_family.md. Notation:
 ``w = data.weights`` (the data distribution ``p``), ``u_i = ytil_i x_i``, the margin
-``t_i = beta u_i.(theta - theta_ref)`` (the issue's ``h``), the DPO loss ``l_i = log(1 + e^{-t_i})``
-and the parameter ball ``Theta = {||theta|| <= B}``.
+``t_i = beta u_i.(theta - theta_ref)`` (``beta`` times the signed reward margin), the DPO loss
+``l_i = log(1 + e^{-t_i})`` and the parameter ball ``Theta = {||theta|| <= B}``.
 
-=========  =========================================================================  =======
-method     objective at ``theta``                                                      convex
-=========  =========================================================================  =======
-chi2dpo    ``sup {E_q l : q in simplex, sum_i (q_i - w_i)^2 / w_i <= rho}``
-           ``= inf_eta eta + sqrt(1 + rho) sqrt(E_w (l - eta)_+^2)``                    yes
-cvardpo    ``CVaR_alpha = sup {E_q l : q in simplex, q <= w / alpha}``
-           ``= inf_eta eta + E_w (l - eta)_+ / alpha``                                  yes
-groupdpo   ``max_g L_g``, ``L_g = sum_{i in g} w_i l_i / w(g)`` (Ramesh et al. 2024)    yes
-rdpo       ``E_w [(1-eps) l(t) - eps l(-t)] / (1 - 2 eps) = E_w [l(t) - eps t/(1-2eps)]`` yes
-           (Chowdhury et al. 2024)
-cdpo       ``E_w [(1-eps) l(t) + eps l(-t)] = E_w [l(t) + eps t]`` (label smoothing)     yes
-dr_dpo     ``-beta' log E_w exp(-l / beta')`` (Wu et al. 2024, Dr.DPO)                   no
-=========  =========================================================================  =======
+Members (objective at ``theta``; all convex except dr_dpo):
+
+- ``chi2dpo``: ``sup {E_q l : q in simplex, sum_i (q_i - w_i)^2 / w_i <= rho}``
+  ``= inf_eta eta + sqrt(1 + rho) sqrt(E_w (l - eta)_+^2)``.
+- ``cvardpo``: ``CVaR_alpha = sup {E_q l : q in simplex, q <= w / alpha} = inf_eta eta + E_w (l - eta)_+ / alpha``.
+- ``groupdpo``: ``max_g L_g``, ``L_g = sum_{i in g} w_i l_i / w(g)`` (Ramesh et al. 2024).
+- ``rdpo``: ``E_w [(1-eps) l(t) - eps l(-t)] / (1 - 2 eps) = E_w [l(t) - eps t / (1-2eps)]``
+  (Chowdhury et al. 2024, known flip rate ``eps``).
+- ``cdpo``: ``E_w [(1-eps) l(t) + eps l(-t)] = E_w [l(t) + eps t]`` (label smoothing).
+- ``dr_dpo``: ``-beta' log E_w exp(-l / beta')`` (Wu et al. 2024, Dr.DPO); not convex.
 
 Every convex member has a native path and a cvxpy path, both certified like KLDPO: ``objective``
 is an upper bound on the robust value at ``theta`` (a dual value or the exact value) and
