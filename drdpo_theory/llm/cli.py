@@ -223,9 +223,14 @@ def run(args: argparse.Namespace) -> int:
         from drdpo_theory.llm.data import PreferenceDataError, load_preferences, tokenize_preferences
         from drdpo_theory.llm.export import ExportError
         from drdpo_theory.llm.models import ModelLoadError, load_model
-        from drdpo_theory.llm.trainer import NonFiniteError, TrainConfig, init_distributed, train
+        from drdpo_theory.llm.trainer import NonFiniteError, TrainConfig, init_distributed, train, validate_run_dir
     except ImportError as exc:
         return _fail(f"the torch backend needs the llm extra (pip install 'drdpo-theory[llm]'): {exc}")
+    if not args.overwrite:
+        try:  # damaged checkpoints and caches: known before loading anything
+            validate_run_dir(args.output, args.resume)
+        except ValueError as exc:
+            return _fail(str(exc))
 
     distributed = False
     result = None

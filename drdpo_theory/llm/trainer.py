@@ -80,6 +80,7 @@ __all__ = [
     "latest_checkpoint",
     "read_checkpoint_state",
     "train",
+    "validate_run_dir",
     "weights_fingerprint",
 ]
 
@@ -361,6 +362,44 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{state_file}: corrupt checkpoint state (missing {missing})")
     return state
+
+
+def _check_safetensors(path: Path, what: str) -> None:
+    """Raise CheckpointError unless ``path`` has a readable safetensors header (reads the header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            fh.keys()
+    except Exception as exc:  # safetensors raises its own error types on damaged files
+        raise CheckpointError(f"{path}: corrupt {what} ({type(exc).__name__}); {'delete it to recompute it' if 'cache' in what else 'resume from another checkpoint or start over with --overwrite'}") from None
+
+
+def validate_run_dir(output_dir: str | os.PathLike, resume: str | os.PathLike | None) -> Path | None:
+    """Check, before any work, the files a run in ``output_dir`` would read: the checkpoint to resume
+    (``resume``: a folder or ``"auto"``) and the reference caches. Returns the checkpoint or None.
+
+    Raises
+    ------
+    CheckpointError
+        Naming the first damaged file (state JSON, a safetensors header, a cache).
+    """
+    out = Path(output_dir)
+    for name in ("ref_logps.safetensors", "ref_logps_eval.safetensors"):
+        if (out / name).is_file():
+            _check_safetensors(out / name, "reference log-prob cache")
+    if resume is None:
+        return None
+    ckpt = latest_checkpoint(out) if str(resume) == "auto" else Path(resume)
+    if ckpt is None:
+        return None
+    read_checkpoint_state(ckpt)
+    for f in sorted(ckpt.glob("*.safetensors")):
+        _check_safetensors(f, "checkpoint file")
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
+        if not (ckpt / name).is_file():
+            raise CheckpointError(f"{ckpt / name}: missing checkpoint file")
+    return ckpt
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

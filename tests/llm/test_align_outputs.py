@@ -586,7 +586,7 @@ def test_reference_cache_is_keyed_by_the_weights_not_the_name(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["state", "weights", "cache"])
-def test_corrupt_checkpoint_or_cache_is_one_line_exit_2(tmp_path, capsys, damage):
+def test_corrupt_checkpoint_or_cache_is_one_line_exit_2(tmp_path, capsys, monkeypatch, damage):
     out = tmp_path / "O"
     args = ["--model", "tiny-random", "--method", "dpo", "--data", "toy", "--output", str(out), "--no-progress"]
     assert _cli(args + ["--max-steps", "2", "--checkpoint-every", "1"]) == 0
@@ -595,6 +595,12 @@ def test_corrupt_checkpoint_or_cache_is_one_line_exit_2(tmp_path, capsys, damage
               "cache": out / "ref_logps.safetensors"}[damage]
     target.write_bytes(target.read_bytes()[: max(1, target.stat().st_size // 3)])
     capsys.readouterr()
+    import drdpo_theory.llm.models as models
+
+    def no_load(*a, **k):  # the damage is known before any work: the model is never loaded
+        raise AssertionError("model loaded before the damaged file was reported")
+
+    monkeypatch.setattr(models, "load_model", no_load)
     assert _cli(args + ["--max-steps", "3", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(target) in err[0] and "corrupt" in err[0]
