@@ -89,3 +89,22 @@ def test_trl_two_processes_match_one_process(tmp_path, one_process, stage):
     extra = () if stage is None else ("--zero", str(stage))
     two = _torchrun(2, tmp_path / "out.json", *extra)
     _compare(two, one_process)
+
+
+def test_trl_zero3_with_gradient_accumulation(tmp_path, one_process):
+    """ZeRO-3, 2 processes x 2 micro-batches of 2 pairs: the two-pass step inside DeepSpeed's accumulation.
+
+    DPO follows the 1-process, 1-micro-batch run at every step (1e-4). KLDPO and WDPO
+    define their weights / finite-difference step per micro-batch, so only their first
+    logged loss (the objective at the initial parameters, a mean over micro-batches) is
+    compared; the later steps stay close (measured <= 2e-4 relative for WDPO against the
+    1-process run with 4 micro-batches of 2 pairs).
+    """
+    two = _torchrun(2, tmp_path / "out.json", "--zero", "3", "--gas", "2")
+    for h2, h1 in zip(two["dpo"], one_process["dpo"]):
+        for m in ("loss", "grad_norm", "dpo_loss", "rewards/margins"):
+            assert abs(h2[m] - h1[m]) <= RTOL * abs(h1[m]), ("dpo", h1["step"], m, h2[m], h1[m])
+    for name in ("kldpo", "wdpo-finite-diff"):
+        h2, h1 = two[name][0], one_process[name][0]
+        assert abs(h2["loss"] - h1["loss"]) <= RTOL * abs(h1["loss"]), (name, h2["loss"], h1["loss"])
+        assert all(abs(h["loss"]) < 10 for h in two[name]), name

@@ -1,9 +1,9 @@
 """Worker of tests/llm/test_trl_distributed.py: a TRL user's script, one run per method.
 
-Run as ``torchrun --nproc_per_node N tests/llm/trl_dist_worker.py OUT.json [--zero STAGE]``:
+Run as ``torchrun --nproc_per_node N tests/llm/trl_dist_worker.py OUT.json [--zero STAGE] [--gas K]``:
 for DPO, KLDPO and WDPO finite-diff, trains the tiny model for ``STEPS`` SGD steps on the
-``GLOBAL_PAIRS`` toy pairs (one global batch per step: ``GLOBAL_PAIRS / N`` pairs per
-process), with DeepSpeed ZeRO-``STAGE`` when given, evaluates the trained policy on the
+``GLOBAL_PAIRS`` toy pairs (one global batch per step: ``GLOBAL_PAIRS / (N K)`` pairs per
+process and micro-batch, K accumulation steps), with DeepSpeed ZeRO-``STAGE`` when given, evaluates the trained policy on the
 same pairs, and rank 0 writes the log history and the evaluation metrics of each run to
 OUT.json.
 """
@@ -22,7 +22,7 @@ GLOBAL_PAIRS = 8
 STEPS = 3
 
 
-def main(out: str, zero: int | None) -> None:
+def main(out: str, zero: int | None, gas: int = 1) -> None:
     import datasets
     import torch
     import trl
@@ -60,7 +60,8 @@ def main(out: str, zero: int | None) -> None:
         model, tok = load_model("tiny-random")
         args = trl.DPOConfig(
             output_dir=os.path.join(os.path.dirname(out), f"run-{name}"), max_steps=STEPS,
-            per_device_train_batch_size=GLOBAL_PAIRS // world, learning_rate=0.1, optim="sgd",
+            per_device_train_batch_size=GLOBAL_PAIRS // (world * gas), gradient_accumulation_steps=gas,
+            learning_rate=0.1, optim="sgd",
             lr_scheduler_type="constant", max_grad_norm=1e6, beta=0.5, max_length=128,
             precompute_ref_log_probs=False, report_to=[], use_cpu=True, logging_steps=1, save_strategy="no",
             disable_tqdm=True, seed=0, deepspeed=ds_config, disable_dropout=True, bf16=False, fp16=False,
@@ -81,4 +82,5 @@ def main(out: str, zero: int | None) -> None:
 
 if __name__ == "__main__":
     zero = int(sys.argv[sys.argv.index("--zero") + 1]) if "--zero" in sys.argv else None
-    main(sys.argv[1], zero)
+    gas = int(sys.argv[sys.argv.index("--gas") + 1]) if "--gas" in sys.argv else 1
+    main(sys.argv[1], zero, gas)
