@@ -223,8 +223,8 @@ def radius_dependence(summary: pd.DataFrame, fits: pd.DataFrame, figdir, beta: f
                 sym = _radius_text(method, r).split("=")[0]
                 above = f" > {sym}_c" if np.isfinite(thr) else ""
                 extra.append(Line2D([], [], ls="none", marker="x", color="0.45", ms=6,
-                                    label=f"{_radius_text(method, r)}{above}: COLLAPSED, not drawn (θ_pop = θ_ref; "
-                                          f"{100 * s['collapsed_frac'].iloc[-1]:.0f}% of seeds collapse at n = {n[-1]:.0f})"))
+                                    label=f"{_radius_text(method, r)}{above}: COLLAPSED (θ_pop = θ_ref), not drawn;\n"
+                                          f"{100 * s['collapsed_frac'].iloc[-1]:.0f}% of seeds collapse at n = {n[-1]:.3g}"))
             else:
                 ok = med > 0
                 lab = f"{_radius_text(method, r)} ({_slope_text(f.iloc[0].to_dict() if len(f) else None)})"
@@ -239,7 +239,7 @@ def radius_dependence(summary: pd.DataFrame, fits: pd.DataFrame, figdir, beta: f
         handles, labels = ax.get_legend_handles_labels()
         handles += extra
         labels += [h.get_label() for h in extra]
-        ax.legend(handles, labels, fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.17), frameon=False)
+        ax.legend(handles, labels, fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
         ax.grid(True, which="both", alpha=0.25)
     fig.suptitle(_radius_takeaway(main, fits, beta), fontsize=10)
     fig.tight_layout()

@@ -46,7 +46,43 @@ def register(sub) -> None:
     p.add_argument("--out", default="results/reproduce", help="where study summaries go, in a quick/ or full/ subfolder (default results/reproduce)")
     p.add_argument("--only", nargs="+", choices=[s[0] for s in STUDIES], help="run only these studies")
     p.add_argument("--force", action="store_true", help="rerun studies whose summary is already on disk")
+    docs = p.add_argument_group("committed summaries (docs/results/) and paper_repro.md; no study is run")
+    docs.add_argument("--collect", action="store_true",
+                      help="copy the small summaries of the full runs (results/, written by the full study "
+                           "commands) to docs/results/ for committing")
+    docs.add_argument("--report", action="store_true",
+                      help="rewrite the generated blocks of paper_repro.md from docs/results/")
+    docs.add_argument("--check", action="store_true",
+                      help="with --report: change nothing, exit 1 if paper_repro.md differs from the generated text")
+    docs.add_argument("--redraw", action="store_true",
+                      help="redraw the committed figures in figures/ from the committed tables in docs/results/")
     p.set_defaults(func=run)
+
+
+def _docs(args) -> int:
+    from .. import report as R
+
+    if args.check and not args.report:
+        raise CLIError("--check goes with --report (drdpo reproduce --report --check)")
+    if args.collect:
+        only = args.only or []
+        R.collect([s for s in R.STUDY_FILES if any(s == o or s.startswith(o + "-") for o in only)] or None)
+    if args.redraw:
+        for path in R.regenerate_figures():
+            if str(path).endswith(".png"):
+                print(f"figure {path}")
+    if args.report:
+        if args.check:
+            stale = R.check_documents()
+            if stale:
+                print(f"out of date: {', '.join(stale)} differs from the text generated from {R.RESULTS_DIR}/; "
+                      f"run `drdpo reproduce --report`")
+                return 1
+            print(f"up to date: {', '.join(map(str, R.DOCUMENTS))} matches {R.RESULTS_DIR}/")
+        else:
+            changed = R.write_documents()
+            print(f"rewrote {', '.join(changed)}" if changed else "unchanged: every generated block is up to date")
+    return EXIT_OK
 
 
 def study_args(name: str, full: bool) -> list[str]:
@@ -81,6 +117,8 @@ def _run_study(name: str, argv: list[str], log_path: Path) -> dict:
 
 
 def run(args) -> int:
+    if args.collect or args.report or args.redraw or args.check:
+        return _docs(args)
     from tqdm import tqdm
 
     from ..io import read_json, write_json

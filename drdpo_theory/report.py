@@ -1,0 +1,606 @@
+"""Committed full-run summaries -> the numbers of paper_repro.md (``drdpo reproduce --report``).
+
+``results/`` is not committed (it holds caches and per-cell rows). The small summary files of the
+full runs that paper_repro.md quotes are copied to ``docs/results/`` by ``drdpo reproduce
+--collect`` (tables rounded to 6 significant digits, columns the report and figures need) and
+committed. :func:`render_blocks` turns them into the text of every generated block, and
+:func:`update_document` rewrites the blocks of a markdown file between the markers
+
+    <!-- BEGIN generated:NAME -->
+    ...
+    <!-- END generated:NAME -->
+
+leaving everything else alone. ``drdpo reproduce --report --check`` fails when the committed
+document differs from the generated one (tests/test_report.py runs the same check), so every
+number inside a block is the committed data's. A study whose summary is not committed renders as
+"not regenerated in this checkout".
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["RESULTS_DIR", "DOCUMENTS", "STUDY_FILES", "collect", "render_blocks", "update_document",
+           "check_documents", "write_documents", "regenerate_figures", "NOT_REGENERATED"]
+
+#: where the committed summaries live (relative to the repository root)
+RESULTS_DIR = Path("docs/results")
+#: the documents whose generated blocks come from RESULTS_DIR
+DOCUMENTS = (Path("paper_repro.md"),)
+#: the marker every unverified number carries
+NOT_REGENERATED = "not regenerated in this checkout"
+
+_SIG = "%.6g"
+
+#: study -> (source folder under results/ or runs/, [(file, columns kept or None = all)], command)
+STUDY_FILES: dict[str, tuple[str, list[tuple[str, list[str] | None]], str]] = {
+    "solver-check": ("results/solver_check", [("solver_check.csv", None)], "drdpo solver-check --json"),
+    "sample-complexity": ("results/sample_complexity",
+                          [("headline.json", None), ("fits.csv", None), ("summary.csv", None), ("bounds.csv", None)],
+                          "drdpo sample-complexity --n-jobs 2 --json"),
+    "gradients": ("results/gradients",
+                  [("summary.json", None),
+                   ("kl_tau.csv", ["instance", "rho_frac", "point", "tau_mult", "estimator", "cosine", "norm_ratio",
+                                   "clamp_frac", "mean_w"]),
+                   ("kl_path.csv", None), ("value_error.csv", None), ("sgd.csv", None), ("w_radius.csv", None),
+                   ("batch.csv", None), ("beta.csv", None)],
+                  "drdpo gradients --n-jobs 2 --json"),
+    "shift": ("results/shift", [("summary.json", None), ("shift.csv", None)], "drdpo shift --n-jobs 2 --json"),
+    "shift-reward": ("results/shift_reward", [("summary.json", None), ("shift.csv", None)],
+                     "drdpo shift --mixture reward --n-jobs 2 --json"),
+    "llm-shift": ("results/llm_shift", [("results.json", None)],
+                  "drdpo llm-shift --model smollm2 --out runs/llm_shift --results-json results/llm_shift/results.json"),
+    "llm-shift-seeds01": ("results/llm_shift", [("seeds01_results.json", None)],
+                          "drdpo llm-shift --model smollm2 --out runs/llm_shift --seeds 0,1 "
+                          "--results-json results/llm_shift/seeds01_results.json"),
+    "llm-shift-sweep": ("results/llm_shift", [("sweep_results.json", None)],
+                        "drdpo llm-shift --model smollm2 --out runs/llm_shift --tau 0.1,1 --rho0 0.005,0.05 "
+                        "--results-json results/llm_shift/sweep_results.json"),
+}
+
+_DEST = {"llm-shift-seeds01": "llm-shift", "llm-shift-sweep": "llm-shift"}
+
+
+def _dest(study: str) -> str:
+    return _DEST.get(study, study)
+
+
+# ----------------------------------------------------------------------------- collect
+def _git_commit(root: Path) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _slim_json(study: str, name: str, obj):
+    """Drop what is bulky and not a number the docs quote (llm-shift: per-stage configs)."""
+    if study.startswith("llm-shift") and isinstance(obj, dict):
+        return {k: v for k, v in obj.items() if k not in ("config",)}
+    return obj
+
+
+def collect(studies=None, root: str | Path = ".", dest: str | Path | None = None, log=print) -> dict:
+    """Copy the summaries of the full runs from ``results/`` to ``docs/results/<study>/`` (CSV
+    rounded to 6 significant digits), computing ``summary.json`` where a study only left tables,
+    and record what was collected, when and from which commit in ``docs/results/manifest.json``.
+    A study whose full-run files are missing is skipped (and said so). Returns the manifest."""
+    from .io import read_json, write_json, write_text
+
+    root = Path(root)
+    dest = root / (dest or RESULTS_DIR)
+    manifest_path = dest / "manifest.json"
+    manifest = read_json(manifest_path)
+    manifest = manifest if isinstance(manifest, dict) else {}
+    for study in studies or STUDY_FILES:
+        src_dir, files, command = STUDY_FILES[study]
+        src = root / src_dir
+        missing = [f for f, _ in files if not (src / f).is_file() and f != "summary.json"]
+        if missing:
+            log(f"[skip] {study}: no full-run {', '.join(missing)} in {src_dir}/")
+            continue
+        out = dest / _dest(study)
+        for name, cols in files:
+            p = src / name
+            if name.endswith(".csv"):
+                df = pd.read_csv(p)
+                if cols:
+                    df = df[[c for c in cols if c in df.columns]]
+                write_text(out / name, df.to_csv(index=False, lineterminator="\n", float_format=_SIG))
+            elif name == "summary.json" and not p.is_file():
+                write_json(out / name, _computed_summary(study, src))
+            else:
+                write_json(out / name, _slim_json(study, name, json.loads(p.read_text())))
+        if study == "solver-check":
+            from .experiments.solver_check import summarise
+
+            write_json(out / "summary.json", summarise(pd.read_csv(src / "solver_check.csv")))
+        manifest[study] = {"command": command, "collected": time.strftime("%Y-%m-%d", time.gmtime()),
+                           "commit": _git_commit(root), "files": [f"{_dest(study)}/{f}" for f, _ in files]}
+        log(f"[done] {study} -> {out}/")
+    write_json(manifest_path, dict(sorted(manifest.items())))
+    return manifest
+
+
+def _computed_summary(study: str, src: Path) -> dict:
+    """``summary.json`` of a study that wrote only tables (runs older than the summary file)."""
+    if study == "gradients":
+        from .experiments.gradients import TABLES, summarize
+
+        return summarize({k: pd.read_csv(src / f"{k}.csv") for k in TABLES if (src / f"{k}.csv").is_file()})
+    if study.startswith("shift"):
+        from .experiments.shift import summarize_shift
+
+        return summarize_shift(pd.read_csv(src / "shift.csv"))
+    raise FileNotFoundError(f"{src}/summary.json")
+
+
+# ----------------------------------------------------------------------------- loading
+class _Results:
+    """Lazy reader of the committed summaries (``None`` when a file is not committed)."""
+
+    def __init__(self, base: Path):
+        self.base = Path(base)
+        self._cache: dict = {}
+
+    def json(self, rel: str):
+        if rel not in self._cache:
+            p = self.base / rel
+            self._cache[rel] = json.loads(p.read_text()) if p.is_file() else None
+        return self._cache[rel]
+
+    def csv(self, rel: str):
+        if rel not in self._cache:
+            p = self.base / rel
+            self._cache[rel] = pd.read_csv(p) if p.is_file() else None
+        return self._cache[rel]
+
+    def manifest(self, study: str) -> dict:
+        m = self.json("manifest.json") or {}
+        return m.get(study, {})
+
+
+def _f(v, fmt=".3f") -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, str):
+        return "∞" if v == "inf" else v
+    if isinstance(v, float) and math.isinf(v):
+        return "∞"
+    return format(v, fmt)
+
+
+def _src(r: _Results, study: str, file: str) -> str:
+    m = r.manifest(study)
+    when = f", collected {m['collected']} from commit {m['commit']}" if m.get("commit") else ""
+    return f"`docs/results/{_dest(study)}/{file}`{when}"
+
+
+def _missing(study: str) -> str:
+    cmd = STUDY_FILES[study][2]
+    return (f"*{NOT_REGENERATED}*: no committed summary of the full run (`{cmd}`, then "
+            f"`drdpo reproduce --collect`).")
+
+
+# ----------------------------------------------------------------------------- blocks
+_METHOD = {"dpo": "DPO", "kldpo": "KLDPO", "wdpo-w1": "WDPO-W1", "wdpo-w2": "WDPO-W2"}
+_RADIUS = {"dpo": "-", "kldpo": "rho", "wdpo-w1": "eps", "wdpo-w2": "eps"}
+
+
+def _sc_main(r: _Results):
+    head = r.json("sample-complexity/headline.json")
+    summ = r.csv("sample-complexity/summary.csv")
+    if head is None or summ is None:
+        return None
+    meta = head.get("_meta", {})
+    grid = meta.get("grid", {})
+    inst = grid.get("instance", {})
+    beta = float(inst.get("beta", 2.0))
+    rows = []
+    for m, h in head.items():
+        if m.startswith("_"):
+            continue
+        s = summ[(summ.study == "main") & (summ.method == m) & np.isclose(summ.radius, h["radius"])
+                 & np.isclose(summ.beta, beta)].sort_values("n")
+        rows.append((m, h, s))
+    return head, rows, grid, inst
+
+
+def _first_nonvacuous_n(s: pd.DataFrame, diameter: float):
+    b = s["bound"].to_numpy(float)
+    n = s["n"].to_numpy(float)
+    ok = np.isfinite(b) & (b < diameter)
+    return None if not ok.any() else int(n[ok][0])
+
+
+def block_sample_complexity(r: _Results) -> str:
+    got = _sc_main(r)
+    if got is None:
+        return _missing("sample-complexity")
+    head, rows, grid, inst = got
+    diameter = 2 * float(inst.get("radius", 2.0))
+    nmax = max(int(s["n"].max()) for _, _, s in rows if len(s))
+    q = 100 * (1 - float(grid.get("delta", 0.1)))
+    out = [f"Measured slopes at the main radii (least squares of log median error on log n, bootstrap 95% CI "
+           f"over seeds; {_src(r, 'sample-complexity', 'headline.json')}):", "",
+           f"| method | radius | slope | 95% CI | bound holds | bound at n = {nmax:g} | {q:.0f}% quantile at n = {nmax:g} "
+           f"| bound < diameter 2B from n = |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for m, h, s in rows:
+        rad = "-" if m == "dpo" else f"{_RADIUS[m]} = {h['radius']:g}"
+        lo, hi = h["slope_ci"]
+        holds = {True: "yes", False: "**no**", None: "n/a"}[h["bound_holds"]]
+        if h.get("bound_at_max_n") == "inf":
+            holds += " (bound = ∞: vacuous)"
+        qmax = s["quantile_error"].iloc[-1] if len(s) else None
+        nv = _first_nonvacuous_n(s, diameter) if len(s) else None
+        out.append(f"| {_METHOD.get(m, m)} | {rad} | {_f(h['slope'])} | [{_f(lo)}, {_f(hi)}] | {holds} | "
+                   f"{_f(h['bound_at_max_n'], '.3g')} | {_f(qmax, '.2g')} | {'never' if nv is None else f'{nv:g}'} |")
+    fits = r.csv("sample-complexity/fits.csv")
+    if fits is not None:
+        main_r = {m: h["radius"] for m, h, _ in rows}
+        other, coll = [], []
+        f = fits[fits.study == "main"]
+        for _, x in f.sort_values(["method", "radius"]).iterrows():
+            if x.method in main_r and np.isclose(x.radius, main_r[x.method]):
+                continue
+            name = f"{_METHOD.get(x.method, x.method)} {_RADIUS.get(x.method, '')} = {x.radius:g}"
+            if bool(x.pop_collapsed):
+                thr = x.collapse_threshold
+                coll.append(name + (f" (> {_RADIUS[x.method]}_c = {thr:.3g})" if np.isfinite(thr) else ""))
+            else:
+                other.append(f"{name}: {x.slope:.3f} [{x.slope_lo:.3f}, {x.slope_hi:.3f}]")
+        if other:
+            out += ["", "Other radii: " + "; ".join(other) + "."]
+        if coll:
+            out += ["Collapsed (theta_pop = theta_ref, no slope fitted): " + "; ".join(coll) + "."]
+        b = fits[fits.study == "beta"]
+        if len(b):
+            out += [f"Beta study (beta in {{{', '.join(f'{v:g}' for v in sorted(b.beta.unique()))}}}): slopes "
+                    f"{b.slope.min():.2f} to {b.slope.max():.2f}."]
+    return "\n".join(out)
+
+
+def block_approximations(r: _Results) -> str:
+    s = r.json("gradients/summary.json")
+    if s is None:
+        return _missing("gradients")
+    out = [f"From {_src(r, 'gradients', 'summary.json')} and the tables next to it:", ""]
+    kt = r.csv("gradients/kl_tau.csv")
+    if kt is not None:
+        at = kt[np.isclose(kt.tau_mult, 1.0) & (kt.estimator == "kl_clamped")]
+        cl = kt[kt.estimator == "kl_clamped"]
+        out.append(f"* KLDPO weights at tau = lam*: cosine to the exact gradient >= {s['cos_at_lam_star']:.16f} "
+                   f"(clamped), >= {s['cos_at_lam_star_softmax']:.16f} (normalised); clamped norm "
+                   f"{at.norm_ratio.min():.3f}-{at.norm_ratio.max():.3f}x the exact one. Over tau / lam* in "
+                   f"[{cl.tau_mult.min():.4g}, {cl.tau_mult.max():.4g}]: norm ratio {cl.norm_ratio.min():.3f}-"
+                   f"{cl.norm_ratio.max():.3g}x, cosine down to {cl.cosine.min():.3f}.")
+    if "lam_star_path_ratio_max" in s:
+        line = f"* lam* moves by up to {s['lam_star_path_ratio_max']:.2f}x along exact gradient descent"
+        if "cos_softmax_fixed_tau_start_min_along_path" in s:
+            line += (f"; with tau frozen at step 1 the normalised direction's cosine falls to "
+                     f"{s['cos_softmax_fixed_tau_start_min_along_path']:.2f} (frozen at the end point: "
+                     f"{s['cos_softmax_fixed_tau_end_min_along_path']:.2f}) while the exact gradient is >= 1% of "
+                     f"its first-step norm")
+        out.append(line + ".")
+    if "first_order_slope" in s:
+        lo, hi = s["first_order_slope_range"]
+        out.append(f"* Gao's first-order W2 value vs the exact continuous W2 value: error slope "
+                   f"{s['first_order_slope']:.4f} in eps (range {lo:.4f}-{hi:.4f}); underestimates everywhere: "
+                   f"{'yes' if s.get('first_order_underestimates') else 'no'}.")
+    if "w2_cosine_min" in s:
+        out.append("* W2 gradients, smallest cosine to the exact gradient over the radii: "
+                   + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["w2_cosine_min"].items())) + ".")
+    if "batch_bias_smallest_batch" in s:
+        out.append(f"* Mini-batch bias at b = {s['batch_size_smallest']}: "
+                   + ", ".join(f"{k} {v:.3f}" for k, v in sorted(s["batch_bias_smallest_batch"].items())) + ".")
+    if "sgd_endpoint_error" in s:
+        out += ["", "SGD end points, `||theta_SGD - theta_exact||` (mean ± sd over instances x seeds):", "",
+                "| estimator | end-point error |", "| --- | --- |"]
+        sd = s.get("sgd_endpoint_error_sd", {})
+        for k, v in s["sgd_endpoint_error"].items():
+            out.append(f"| `{k}` | {v:.3f} ± {sd.get(k, 0.0):.3f} |")
+    return "\n".join(out)
+
+
+_SHIFT_LABELS = {"dpo": "DPO (exact)", "kldpo": "KLDPO (exact)", "wdpo_w1": "WDPO W1 (exact)",
+                 "wdpo_w2": "WDPO W2 (exact, continuous)", "dpo_sgd": "DPO (SGD)",
+                 "kl_clamped_sgd": "KLDPO authors' weights (SGD)", "kl_calibrated_sgd": "KLDPO batch dual (SGD)",
+                 "w2_sq_penalty_sgd": "WDPO squared penalty (SGD)", "w2_adversarial_sgd": "WDPO one-step adversarial (SGD)"}
+
+
+def _alpha_idx(alphas, targets=(0.0, 0.5, 1.0)):
+    return [int(np.argmin(np.abs(np.asarray(alphas) - t))) for t in targets]
+
+
+def block_shift(r: _Results) -> str:
+    s = r.json("shift/summary.json")
+    if s is None:
+        return _missing("shift")
+    idx = _alpha_idx(s["alphas"])
+    cols = " | ".join(f"alpha = {s['alphas'][i]:g}" for i in idx)
+    out = [f"Mean reward (label mixture, trained at alpha0 = {s['alpha0']:g}; {_src(r, 'shift', 'summary.json')}), "
+           f"max s.e. {max(max(v['reward_se']) for v in s['methods'].values()):.3f}:", "",
+           f"| method | {cols} | worst over alpha |", "| --- | --- | --- | --- | --- |"]
+    for m, v in s["methods"].items():
+        out.append(f"| {_SHIFT_LABELS.get(m, m)} | " + " | ".join(f"{v['reward_mean'][i]:.3f}" for i in idx)
+                   + f" | {v['worst_alpha_reward_mean']:.3f} |")
+    ref = s.get("reference_reward")
+    if ref:
+        out.append("| reference `pi_{theta_alpha*}` | " + " | ".join(f"{ref[i]:.3f}" for i in idx) + " | |")
+    sr = r.json("shift-reward/summary.json")
+    if sr is not None:
+        j = _alpha_idx(sr["alphas"])
+        parts = [f"{_SHIFT_LABELS.get(m, m)} " + " / ".join(f"{v['reward_mean'][i]:.3f}" for i in j)
+                 for m, v in sr["methods"].items() if not m.endswith("_sgd")]
+        out += ["", "Reward mixture (`--mixture reward`), reward at alpha = 0 / 0.5 / 1: " + "; ".join(parts)
+                + f" ({_src(r, 'shift-reward', 'summary.json')})."]
+    else:
+        out += ["", "Reward mixture: " + _missing("shift-reward")]
+    return "\n".join(out)
+
+
+def _llm_label(name: str) -> str:
+    if name.startswith("kldpo-tau"):
+        return f"KLDPO (tau = {name[len('kldpo-tau'):]})"
+    if name.startswith("wdpo-rho"):
+        return f"WDPO (rho0 = {name[len('wdpo-rho'):]})"
+    return {"reference": "initial policy", "dpo": "DPO", "ipo": "IPO"}.get(name, name)
+
+
+def _llm_best(r: _Results):
+    for study, rel in (("llm-shift-sweep", "llm-shift/sweep_results.json"), ("llm-shift", "llm-shift/results.json")):
+        s = r.json(rel)
+        if s is not None:
+            return study, rel, s
+    return None
+
+
+def block_llm_shift(r: _Results) -> str:
+    got = _llm_best(r)
+    if got is None:
+        return _missing("llm-shift")
+    study, rel, s = got
+    idx = _alpha_idx(s["alphas"])
+    a0 = s["alpha0"]
+    head = " | ".join(f"alpha = {s['alphas'][i]:g}" + (" (train)" if abs(s["alphas"][i] - a0) < 1e-9 else "") for i in idx)
+    secs = sum((s.get("timings_s") or {}).values()) if isinstance(s.get("timings_s"), dict) else None
+    out = [f"Mean `r_alpha` in standard-deviation units with 95% bootstrap intervals over "
+           f"{s.get('n_test_prompts', '?')} test prompts, seeds {', '.join(map(str, s.get('seeds', [])))} "
+           f"(`docs/results/{rel}`" + (f"; stage times add up to {secs:.0f} s" if secs else "") + "):", "",
+           f"| policy | {head} |", "| --- | --- | --- | --- |"]
+    for name, e in s["policies"].items():
+        out.append(f"| {_llm_label(name)} | " + " | ".join(
+            f"{e['mean'][i]:+.3f} [{e['lo'][i]:+.3f}, {e['hi'][i]:+.3f}]" for i in idx) + " |")
+    return "\n".join(out)
+
+
+def _summary_rows(r: _Results) -> list[str]:
+    rows = []
+    sc = r.json("solver-check/summary.json")
+    if sc is not None:
+        rows.append(f"| 1 | exact robust solvers | KLDPO = exp-cone dual; W1-WDPO = convex program | "
+                    f"{sc['certified']}/{sc['runs']} runs (native and cvxpy) certified optimal, max certified gap "
+                    f"{sc['max_gap']:.1e}, native vs cvxpy objective within {sc['max_obj_rel_diff']:.1e} relative, "
+                    f"theta within {sc['max_theta_diff']:.1e} | `{STUDY_FILES['solver-check'][2]}` | "
+                    f"`docs/results/solver-check/summary.json` |")
+    else:
+        rows.append(f"| 1 | exact robust solvers | KLDPO = exp-cone dual; W1-WDPO = convex program | "
+                    f"{NOT_REGENERATED} | `drdpo solver-check --json` | - |")
+    got = _sc_main(r)
+    if got is not None:
+        head, srows, grid, inst = got
+        diameter = 2 * float(inst.get("radius", 2.0))
+        h = dict((m, (hh, s)) for m, hh, s in srows)
+
+        def sl(m):
+            hh = h[m][0]
+            return f"{hh['slope']:.3f} [{hh['slope_ci'][0]:.3f}, {hh['slope_ci'][1]:.3f}]"
+
+        nv = [n for m in ("wdpo-w1", "wdpo-w2") if m in h for n in [_first_nonvacuous_n(h[m][1], diameter)] if n]
+        holds = all(h[m][0]["bound_holds"] for m in ("wdpo-w1", "wdpo-w2") if m in h)
+        cmd = f"`{STUDY_FILES['sample-complexity'][2]}`"
+        fig = "`figures/sample_complexity_error.png`"
+        if "wdpo-w1" in h and "wdpo-w2" in h:
+            rows.append(f"| 3 | sample complexity, WDPO | `O(n^{{-1/4}})` parameter error | slope {sl('wdpo-w1')} "
+                        f"(W1, eps = {h['wdpo-w1'][0]['radius']:g}); {sl('wdpo-w2')} (W2, eps = "
+                        f"{h['wdpo-w2'][0]['radius']:g}); bound {'holds' if holds else 'VIOLATED'}"
+                        + (f" (vacuous below n ~ {min(nv):g})" if nv else "") + f" | {cmd} | {fig} |")
+        if "kldpo" in h:
+            kb = h["kldpo"][0]
+            inf = kb.get("bound_at_max_n") == "inf"
+            rows.append(f"| 4 | sample complexity, KLDPO | `O(n^{{-1/4}})` with factor `exp(L_max/lam_lo)` | slope "
+                        f"{sl('kldpo')} (rho = {kb['radius']:g})"
+                        + ("; the paper-style bound is infinite on this instance (lam_lo cannot be certified)" if inf else "")
+                        + " | same | same |")
+        if "dpo" in h:
+            rows.append(f"| 5 | DPO baseline | - | slope {sl('dpo')}: every method follows the parametric "
+                        f"`n^{{-1/2}}` | same | same |")
+    else:
+        rows.append(f"| 3-5 | sample complexity | `O(n^{{-1/4}})` | {NOT_REGENERATED} | "
+                    f"`{STUDY_FILES['sample-complexity'][2]}` | - |")
+    g = r.json("gradients/summary.json")
+    kt = r.csv("gradients/kl_tau.csv")
+    gcmd = f"`{STUDY_FILES['gradients'][2]}`"
+    if g is not None and kt is not None:
+        at = kt[np.isclose(kt.tau_mult, 1.0) & (kt.estimator == "kl_clamped")]
+        cl = kt[kt.estimator == "kl_clamped"]
+        mults = sorted(cl.tau_mult.unique())
+        rows.append(f"| 6 | KLDPO approximation (authors' weights) | tau stands in for lam* | at tau = lam*: direction "
+                    f"exact (cosine 1 - {max(1 - g['cos_at_lam_star'], 1e-16):.0e}), norm {at.norm_ratio.min():.3f}-"
+                    f"{at.norm_ratio.max():.2f}x; off lam* (x{mults[0]:.4g}..{mults[-1]:.4g}): norm "
+                    f"{cl.norm_ratio.min():.2f}-{cl.norm_ratio.max():.3g}x, cosine down to {cl.cosine.min():.3f}; "
+                    f"lam* moves {g['lam_star_path_ratio_max']:.1f}x during training | {gcmd} | "
+                    f"`figures/gradients_cosine_vs_tau.png`, `figures/gradients_lam_path.png` |")
+        rows.append(f"| 7 | WDPO first-order approximation | `E l + eps sqrt(E ||grad_z l||^2)` | underestimates the "
+                    f"exact W2 value, error slope {g['first_order_slope']:.4f} (O(eps^2)) | same | "
+                    f"`figures/gradients_value_error.png` |")
+        e = g["sgd_endpoint_error"]
+        bad = [k for k in ("kl_clamped_dpo_tau", "w2_sq_penalty_dpo") if k in e]
+        good = [v for k, v in e.items() if k not in bad and k != "dpo"]
+        if bad and good:
+            rows.append(f"| 8 | SGD with approximate gradients | - | end point error vs exact optimum: tau or rho0 "
+                        f"calibrated at the DPO solution {' (KL) / '.join(f'{e[k]:.2f}' for k in bad)} (W2 penalty) vs "
+                        f"{min(good):.2f}-{max(good):.2f} calibrated at the optimum or recalibrated | same | "
+                        f"`figures/gradients_sgd_endpoints.png` |")
+    else:
+        rows.append(f"| 6-8 | gradient approximations | - | {NOT_REGENERATED} | {gcmd} | - |")
+    sh = r.json("shift/summary.json")
+    if sh is not None:
+        w = sh["worst_alpha_reward"]
+        rob = {k: v for k, v in w.items() if k not in ("dpo", "dpo_sgd")}
+        wins = all(w["dpo"] > v for v in rob.values())
+        verdict = ("not here: under a label-mixture shift every exact and approximate robust method has a lower "
+                   "worst-case reward than DPO" if wins else "under a label-mixture shift some robust method beats DPO")
+        rows.append(f"| 9 | robustness under preference shift (log-linear) | robust DPO keeps reward when preferences "
+                    f"shift | {verdict} (worst-case reward DPO {w['dpo']:.3f} vs {min(rob.values()):.3f}-"
+                    f"{max(rob.values()):.3f}) | `{STUDY_FILES['shift'][2]}` | `figures/shift_reward_vs_alpha.png` |")
+    else:
+        rows.append(f"| 9 | robustness under preference shift (log-linear) | robust DPO keeps reward | {NOT_REGENERATED} "
+                    f"| `{STUDY_FILES['shift'][2]}` | - |")
+    got = _llm_best(r)
+    if got is not None:
+        study, rel, s = got
+        idx = _alpha_idx(s["alphas"])
+        pol = s["policies"]
+        best = [max((n for n in pol if n != "reference"), key=lambda n: pol[n]["mean"][i]) for i in idx]
+        dpo_best = all(b == "dpo" for b in best)
+        d = pol.get("dpo")
+        txt = (f"DPO has the highest mean reward at alpha = 0 / 0.5 / 1 ("
+               + " / ".join(f"{d['mean'][i]:+.2f}" for i in idx) + ")") if dpo_best and d else (
+            "highest mean reward at alpha = 0 / 0.5 / 1: " + " / ".join(_llm_label(b) for b in best))
+        rows.append(f"| 10 | robustness under preference shift (LLM) | WDPO/KLDPO keep alignment under shift | "
+                    f"{s['model']}, alpha0 = {s['alpha0']:g}: {txt} | `{STUDY_FILES[study][2]}` | "
+                    f"`figures/llm_shift.png` |")
+    else:
+        rows.append(f"| 10 | robustness under preference shift (LLM) | WDPO/KLDPO keep alignment under shift | "
+                    f"{NOT_REGENERATED} (numbers quoted in the next table and section 10) | `drdpo llm-shift --model smollm2 --out runs/llm_shift` | "
+                    f"`figures/llm_shift.png` |")
+    return rows
+
+
+def block_summary(r: _Results) -> str:
+    return "\n".join(["| # | claim | paper says | we measured | command | figure or summary |",
+                      "| --- | --- | --- | --- | --- | --- |"] + _summary_rows(r))
+
+
+BLOCKS: dict[str, Callable[[_Results], str]] = {
+    "summary": block_summary,
+    "sample-complexity": block_sample_complexity,
+    "approximations": block_approximations,
+    "shift": block_shift,
+    "llm-shift": block_llm_shift,
+}
+
+
+def render_blocks(results_dir: str | Path = RESULTS_DIR) -> dict[str, str]:
+    """The text of every generated block, from the committed summaries in ``results_dir``."""
+    r = _Results(Path(results_dir))
+    return {name: fn(r) for name, fn in BLOCKS.items()}
+
+
+_BLOCK = re.compile(r"(<!-- BEGIN generated:(?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- END generated:(?P=name) -->)",
+                    re.S)
+
+
+def update_document(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with the body of every ``<!-- BEGIN generated:NAME -->`` block replaced by ``blocks[NAME]``.
+    A block whose name has no generator is an error (a typo would otherwise freeze stale numbers)."""
+    def sub(m):
+        name = m.group("name")
+        if name not in blocks:
+            raise KeyError(f"unknown generated block {name!r} (known: {', '.join(blocks)})")
+        return m.group(1) + blocks[name].rstrip("\n") + "\n" + m.group(4)
+
+    return _BLOCK.sub(sub, text)
+
+
+def check_documents(root: str | Path = ".", results_dir: str | Path | None = None) -> list[str]:
+    """Documents whose committed text differs from the generated one (empty: all up to date)."""
+    root = Path(root)
+    blocks = render_blocks(root / (results_dir or RESULTS_DIR))
+    stale = []
+    for doc in DOCUMENTS:
+        text = (root / doc).read_text(encoding="utf-8")
+        if update_document(text, blocks) != text:
+            stale.append(str(doc))
+    return stale
+
+
+def write_documents(root: str | Path = ".", results_dir: str | Path | None = None) -> list[str]:
+    """Rewrite the generated blocks of every document in place (atomically); returns the changed ones."""
+    from .io import write_text
+
+    root = Path(root)
+    blocks = render_blocks(root / (results_dir or RESULTS_DIR))
+    changed = []
+    for doc in DOCUMENTS:
+        text = (root / doc).read_text(encoding="utf-8")
+        new = update_document(text, blocks)
+        if new != text:
+            write_text(root / doc, new)
+            changed.append(str(doc))
+    return changed
+
+
+# ----------------------------------------------------------------------------- figures
+def regenerate_figures(root: str | Path = ".", results_dir: str | Path | None = None,
+                       figdir: str | Path = "figures", log=print) -> list[Path]:
+    """Redraw the committed figures from the committed tables (no study is rerun). A study whose
+    tables are not committed is skipped and said so."""
+    root = Path(root)
+    base = root / (results_dir or RESULTS_DIR)
+    figdir = root / figdir
+    r = _Results(base)
+    out: list[Path] = []
+    got = _sc_main(r)
+    fits, bounds = r.csv("sample-complexity/fits.csv"), r.csv("sample-complexity/bounds.csv")
+    if got is not None and fits is not None and bounds is not None:
+        from . import plots
+
+        head, _, grid, inst = got
+        summ = r.csv("sample-complexity/summary.csv")
+        main_radius = grid["main_radius"]
+        out += plots.error_vs_n(summ, fits, main_radius, figdir, grid["delta"], inst["d"], 2 * inst["radius"], inst["beta"])
+        out += plots.excess_vs_n(summ, bounds, main_radius, figdir, grid["delta"], inst["beta"])
+        out += plots.radius_dependence(summ, fits, figdir, inst["beta"])
+        out += plots.beta_dependence(summ, fits, figdir)
+    else:
+        log("[skip] sample-complexity figures: tables not committed")
+    tables = {k: r.csv(f"gradients/{k}.csv") for k in ("kl_tau", "kl_path", "value_error", "sgd")}
+    tables = {k: v for k, v in tables.items() if v is not None}
+    if tables:
+        from .plots_approx import plot_all_gradients
+
+        out += plot_all_gradients(tables, figdir)
+    else:
+        log("[skip] gradients figures: tables not committed")
+    from .plots_approx import plot_shift_reward
+
+    for study, name in (("shift", "shift_reward_vs_alpha"), ("shift-reward", "shift_reward_vs_alpha_reward_mixture")):
+        df = r.csv(f"{study}/shift.csv")
+        if df is not None:
+            out += plot_shift_reward(df, figdir, name=name)
+        else:
+            log(f"[skip] {name}: table not committed")
+    from .llm.shift.pipeline import plot_shift
+
+    for rel, name in (("llm-shift/results.json", "llm_shift"), ("llm-shift/seeds01_results.json", "llm_shift_seeds01"),
+                      ("llm-shift/sweep_results.json", "llm_shift_sweep")):
+        s = r.json(rel)
+        if s is not None:
+            out += plot_shift(s, figdir / f"{name}.png")
+        else:
+            log(f"[skip] {name}: {rel} not committed")
+    return out
