@@ -506,6 +506,10 @@ def test_cli_solves_every_member(family_file, capsys, flags):
         assert obj["status"] == "local" and obj["duality_gap"] is None
     else:
         assert obj["status"] == "optimal" and obj["duality_gap"] <= CERTIFIED_GAP
+    if method == "groupdpo":
+        assert len(obj["group_weights"]) == len(obj["group_losses"]) == obj["n_groups"] == len(np.unique(_groups(d)))
+        assert_allclose(sum(obj["group_weights"]), 1.0, atol=1e-12)
+        assert_allclose(max(obj["group_losses"]), obj["objective"], rtol=1e-12)
 
 
 @pytest.mark.parametrize("flags,match", [

@@ -83,6 +83,9 @@ def run(args) -> int:
     notes = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
     if args.json:
         out = result.to_json_dict()
+        for key in ("group_weights", "group_losses"):  # groupdpo: one entry per group (sorted labels)
+            if isinstance(result.info.get(key), list):
+                out[key] = result.info[key]
         if notes:
             out["warnings"] = notes
         print(json.dumps(out))
