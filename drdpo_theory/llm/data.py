@@ -412,6 +412,7 @@ class TokenizedPair:
     rejected_ids: tuple[int, ...]
     index: int
     weight: float = 1.0
+    group: int = 0
 
 
 def _has_chat_template(tokenizer: Any) -> bool:
@@ -501,7 +502,10 @@ def tokenize_pair(
     for name, ids in zip(("chosen", "rejected"), answers):
         if not ids:
             raise PreferenceDataError(f"record {index}: {name!r} answer tokenises to no tokens")
-    return TokenizedPair(tuple(prompt_ids), tuple(answers[0]), tuple(answers[1]), index, float(record.get("weight", 1.0)))
+    return TokenizedPair(
+        tuple(prompt_ids), tuple(answers[0]), tuple(answers[1]), index,
+        float(record.get("weight", 1.0)), int(record.get("group", 0)),
+    )
 
 
 def tokenize_preferences(
@@ -543,7 +547,8 @@ class PreferenceCollator:
     * ``loss_mask`` ``(2B, T)`` long: 1 on answer tokens only (aligned with ``input_ids``;
       the next-token shift happens in ``concatenated_logps``);
     * ``index`` ``(B,)`` long: dataset positions of the pairs;
-    * ``weight`` ``(B,)`` float64: the pairs' unnormalised weights.
+    * ``weight`` ``(B,)`` float64: the pairs' unnormalised weights;
+    * ``group`` ``(B,)`` long: the pairs' group labels (0 when the data has none).
     """
 
     def __init__(self, pad_token_id: int) -> None:
@@ -563,7 +568,8 @@ class PreferenceCollator:
             loss_mask[r, P:L] = 1
         index = torch.tensor([p.index for p in pairs], dtype=torch.long)
         weight = torch.tensor([p.weight for p in pairs], dtype=torch.float64)
+        group = torch.tensor([p.group for p in pairs], dtype=torch.long)
         return {
             "input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask,
-            "index": index, "weight": weight,
+            "index": index, "weight": weight, "group": group,
         }

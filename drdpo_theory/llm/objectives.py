@@ -87,6 +87,7 @@ import torch
 
 from drdpo_theory.llm.attention import _unwrap, ensure_double_backward_attention
 from drdpo_theory.llm.distributed import all_reduce_sum_detached
+from drdpo_theory.llm.family import BATCH_MEMBERS, FAMILY_METHODS, family_multipliers, flip_loss
 from drdpo_theory.llm.logprobs import concatenated_logps
 from drdpo_theory.llm.losses import (
     KLDPO_VARIANTS,
@@ -99,7 +100,7 @@ from drdpo_theory.llm.losses import (
 
 __all__ = ["LossConfig", "preference_loss", "preference_backward", "preference_eval", "METHODS", "WDPO_IMPLS", "LogpsFn", "BackwardFn"]
 
-METHODS = ("dpo", "ipo", "kldpo", "wdpo")
+METHODS = ("dpo", "ipo", "kldpo", "wdpo") + FAMILY_METHODS
 WDPO_IMPLS = ("double-backward", "finite-diff")
 
 #: ``logps_fn(model, batch) -> (chosen_logps (B,), rejected_logps (B,))``, one forward with ``input_ids``
@@ -160,6 +161,18 @@ class LossConfig:
             "(1.5e-8 float64, 3.5e-4 float32, 0.088 bfloat16)."
         },
     )
+    alpha: float | None = field(
+        default=None,
+        metadata={"help": "CVaR level alpha in (0, 1] of 'cvardpo' (the worst alpha-fraction of the weighted batch)."},
+    )
+    eps: float | None = field(
+        default=None,
+        metadata={"help": "Label-flip rate eps in [0, 0.5) of 'rdpo' (known noise rate) and 'cdpo' (label smoothing)."},
+    )
+    beta_prime: float = field(
+        default=1.0,
+        metadata={"help": "Dr.DPO temperature beta' > 0 of 'dr_dpo': -beta' log E_p exp(-l / beta')."},
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -182,6 +195,14 @@ class LossConfig:
             raise ValueError(f"rho0 must be >= 0, got {self.rho0!r}")
         if self.fd_step is not None and not self.fd_step > 0:
             raise ValueError(f"fd_step must be > 0 or None, got {self.fd_step!r}")
+        if self.method == "chi2dpo" and self.rho is None:
+            raise ValueError("method='chi2dpo' needs the chi2 radius rho (e.g. rho=0.5)")
+        if self.method == "cvardpo" and not (self.alpha is not None and 0.0 < self.alpha <= 1.0):
+            raise ValueError(f"method='cvardpo' needs a CVaR level alpha in (0, 1], got {self.alpha!r}")
+        if self.method in ("rdpo", "cdpo") and not (self.eps is not None and 0.0 <= self.eps < 0.5):
+            raise ValueError(f"method={self.method!r} needs a flip rate eps in [0, 0.5), got {self.eps!r}")
+        if not (isinstance(self.beta_prime, (int, float)) and self.beta_prime > 0 and math.isfinite(self.beta_prime)):
+            raise ValueError(f"beta_prime must be a finite number > 0, got {self.beta_prime!r}")
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -630,6 +651,29 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
     return loss, metrics
 
 
+def _family(batch, pc, pr, rc, rr, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """The robust family's members (drdpo_theory.llm.family; docs/theory_family.md)."""
+    l = dpo_loss(pc, pr, rc, rr, cfg.beta)  # (B,)
+    v = _nominal(batch, l)
+    metrics: dict[str, float] = {"dpo_loss": float(_wmean(l.detach(), v))}
+    if cfg.method in BATCH_MEMBERS:
+        m, value, info = family_multipliers(
+            l, cfg.method, rho=cfg.rho, alpha=cfg.alpha, beta_prime=cfg.beta_prime,
+            groups=batch.get("group"), weights=v,
+        )
+        surrogate = (m.to(l.dtype) * l).mean()
+        # value: the robust batch objective (exact); gradient: sum_i q*_i grad l_i (Danskin)
+        loss = surrogate + (torch.as_tensor(value, dtype=l.dtype, device=l.device) - surrogate).detach()
+        metrics[f"{cfg.method}/weight_max"] = float(m.max())
+        metrics.update({f"{cfg.method}/{k}": float(x) for k, x in info.items()})
+    else:
+        r_c, r_r = implicit_rewards(pc, pr, rc, rr, cfg.beta)
+        loss = _wmean(flip_loss(r_c - r_r, cfg.method, float(cfg.eps)), v)
+    metrics["loss"] = float(loss.detach())
+    metrics.update(_reward_metrics(pc, pr, rc, rr, cfg.beta))
+    return loss, metrics
+
+
 def preference_loss(
     model: torch.nn.Module,
     batch: Mapping[str, torch.Tensor],
@@ -694,6 +738,8 @@ def preference_loss(
         return _wdpo(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, logps_fn)
     pc, pr = logps_fn(model, batch)
     rc, rr = _refs(ref_chosen_logps, ref_rejected_logps, pc)
+    if cfg.method in FAMILY_METHODS:
+        return _family(batch, pc, pr, rc, rr, cfg)
     if cfg.method == "ipo":
         l = ipo_loss(pc, pr, rc, rr, cfg.beta)
     else:

@@ -84,7 +84,7 @@ __all__ = [
     "weights_fingerprint",
 ]
 
-METHODS = ("dpo", "ipo", "kldpo", "wdpo")
+METHODS = ("dpo", "ipo", "kldpo", "wdpo", "rdpo", "cdpo", "chi2dpo", "cvardpo", "groupdpo", "dr_dpo")
 KLDPO_VARIANTS = ("clamped", "normalized", "calibrated")
 WDPO_IMPLS = ("double-backward", "finite-diff")
 PRECISIONS = ("fp32", "bf16", "bf16-mixed")
@@ -133,7 +133,11 @@ class TrainConfig:
     """
 
     output_dir: str = _help("Directory for metrics.csv, checkpoints/, ref_logps.safetensors, tensorboard/.", default="runs/align")
-    method: str = _help("Objective: 'dpo', 'ipo', 'kldpo' or 'wdpo' (docs/theory.md sections 1 and 5).", default="dpo")
+    method: str = _help(
+        "Objective: 'dpo', 'ipo', 'kldpo', 'wdpo', or a robust-family member 'rdpo', 'cdpo', 'chi2dpo', 'cvardpo', "
+        "'groupdpo', 'dr_dpo' (docs/llm_losses.md, docs/theory_family.md).",
+        default="dpo",
+    )
     beta: float = _help("DPO temperature beta (> 0) multiplying the reward margin h.", default=0.1)
     kldpo_variant: str = _help("KLDPO pair weights: 'clamped' (authors' code), 'normalized' or 'calibrated'.", default="clamped")
     tau: float = _help("KLDPO temperature tau (> 0) in w_i = exp((l_i - mean_j l_j)/tau), a stand-in for lam*.", default=1.0)
@@ -147,6 +151,9 @@ class TrainConfig:
     fd_step: float | None = _help(
         "Relative finite-difference step (> 0) of the 'finite-diff' WDPO gradient; None: sqrt(eps) of the dtype.", default=None
     )
+    alpha: float | None = _help("CVaR level alpha in (0, 1] of 'cvardpo'.", default=None)
+    eps: float | None = _help("Label-flip rate eps in [0, 0.5) of 'rdpo' and 'cdpo'.", default=None)
+    beta_prime: float = _help("Dr.DPO temperature beta' > 0 of 'dr_dpo'.", default=1.0)
     lr: float | None = _help(
         "Peak AdamW learning rate (> 0); None: DEFAULT_LR (5e-6 full, 1e-4 LoRA, 1e-3 for tiny-random).", default=None
     )
@@ -242,6 +249,7 @@ class TrainConfig:
         check("max_prompt_length", self.max_prompt_length < self.max_length, f"< max_length={self.max_length}")
         self.lora_target_modules = tuple(self.lora_target_modules)
         check("lora_target_modules", len(self.lora_target_modules) > 0, "non-empty")
+        self.loss_config()  # the objective's own checks (e.g. chi2dpo needs rho, cvardpo alpha)
 
     def loss_config(self) -> Any:
         """The :class:`drdpo_theory.llm.objectives.LossConfig` of this run."""
@@ -257,6 +265,9 @@ class TrainConfig:
             wdpo_impl=self.wdpo_impl,
             rho0=self.rho0,
             fd_step=self.fd_step,
+            alpha=self.alpha,
+            eps=self.eps,
+            beta_prime=self.beta_prime,
         )
 
     def to_json(self) -> dict[str, Any]:
