@@ -6,8 +6,8 @@ mixture, reward mixture, prompt shift, label noise, adversarial test inside the 
 from the cells in ``OUT/cells/``. Tables to ``results/shift_map/`` (``--quick``:
 ``results/shift_map_quick/``): ``shift_map_summary.csv`` (regret robust minus DPO with bootstrap
 intervals per setting), ``shift_map_best.csv`` (best robust setting per cell),
-``shift_map_mechanism.csv`` (first-order predictions vs the population regret) and
-``shift_map.json``. Figures ``shift_map.png`` (reward regret heat maps, winning cells framed),
+``shift_map_mechanism.csv`` (first-order predictions vs the measured regret), ``shift_map.json``
+and ``shift_map_compact.json`` (regions of the reward only: the committed summary). Figures ``shift_map.png`` (reward regret heat maps, winning cells framed),
 ``shift_map_reg_reward.png``, ``shift_map_loss.png`` and ``shift_map_mechanism.png`` in ``figures/`` (``--quick``: ``OUT/figures/`` with ``--out``, else
 ``figures/quick/``, never over the committed figures). With ``--json`` the last stdout line is one
 JSON object whose ``regions`` holds, per shift type and metric, the cells where robust > DPO with
@@ -50,8 +50,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..experiments.shift_map import (ShiftMapConfig, best_settings, mechanism_check, run_shift_map,
-                                         summarize_regret, summarize_shift_map)
+    from ..experiments.shift_map import (ShiftMapConfig, best_settings, compact_summary, mechanism_check,
+                                         run_shift_map, summarize_regret, summarize_shift_map)
     from ..io import write_csv, write_json
 
     cfg = ShiftMapConfig.quick() if args.quick else ShiftMapConfig()
@@ -87,6 +87,7 @@ def run(args) -> int:
     summary["quick"] = bool(args.quick)
     if out:
         write_json(f"{out}/shift_map.json", summary)
+        write_json(f"{out}/shift_map_compact.json", compact_summary(summary))  # reward regions only
     if args.json:
         print(json.dumps(summary))
     else:

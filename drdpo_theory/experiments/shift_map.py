@@ -58,7 +58,7 @@ from ..model import LogLinearModel, make_model
 __all__ = ["SHIFTS", "METHODS", "METRICS", "ShiftMapConfig", "MapWorld", "make_map_world", "fit_methods",
            "evaluate_thetas", "run_cell", "run_shift_map", "summarize_regret", "regions", "best_settings",
            "first_order_prediction", "draw_shrink_slopes", "mechanism_check", "mechanism_agreement",
-           "reward_gradient", "robust_directions", "summarize_shift_map"]
+           "reward_gradient", "robust_directions", "summarize_shift_map", "compact_summary"]
 
 #: shift type -> training distribution it shares (the adversarial test reuses the label-mixture draws)
 SHIFTS = {"label": "label", "reward": "reward", "prompt": "prompt", "noise": "noise", "adversarial": "label"}
@@ -853,3 +853,12 @@ def mechanism_agreement(mech: pd.DataFrame, rel: float = 1e-3) -> dict:
         "finite_n_significant_cells": int(len(sig)),
         "finite_n_sign_agreement_all": float(fin.agree_reward.mean()) if len(fin) else None,
     }
+
+
+def compact_summary(summary: dict, metrics=("reward",)) -> dict:
+    """The summary of :func:`summarize_shift_map` with ``regions`` kept only for ``metrics`` (the
+    other metrics keep their counts in ``wins``/``wins_by_n``): small enough to commit."""
+    out = dict(summary)
+    out["regions"] = {s: {m: v for m, v in d.items() if m in metrics} for s, d in summary["regions"].items()}
+    out["regions_metrics"] = list(metrics)
+    return out
