@@ -245,6 +245,7 @@ def plot_sgd_endpoints(sgd: pd.DataFrame, out_dir="figures", name="gradients_sgd
     ax.set_xticks(xs, [ESTIMATOR_LABELS.get(e, e) for e in agg.index], fontsize=8, rotation=30, ha="right",
                   rotation_mode="anchor")
     ax.set_yscale("log")
+    ax.set_xlabel("gradient estimator used by SGD (after the comma: where τ or ρ₀ was calibrated)")
     ax.set_ylabel(r"$\|\theta_{SGD} - \theta^*_{exact}\|$ (parameter units)")
     bad = [e for e in ("kl_clamped_dpo_tau", "w2_sq_penalty_dpo") if e in agg.index]
     good = [e for e in agg.index if e not in bad and e != "dpo"]
@@ -310,7 +311,8 @@ def plot_shift_reward(shift: pd.DataFrame, out_dir="figures", name="shift_reward
     axes[0].set_ylabel(r"expected true reward $E\,r_\alpha$ (reward units)")
     axes[1].set_ylabel(r"DPO loss under $P_\alpha$ (nats; lower is better)")
     mixture = str(shift.mixture.iloc[0]) if "mixture" in shift else "label"
-    fig.suptitle(f"Preference shift ({mixture} mixture), mean ± s.e. over {shift.seed.nunique()} seeds\n"
+    n_seeds = shift[shift.method != "reference"].seed.nunique()
+    fig.suptitle(f"Preference shift ({mixture} mixture), mean ± s.e. over {n_seeds} seeds\n"
                  + _shift_takeaway(shift), fontsize=10.5)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8, frameon=False)

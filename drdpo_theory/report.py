@@ -183,7 +183,7 @@ def _f(v, fmt=".3f") -> str:
 
 def _src(r: _Results, study: str, file: str) -> str:
     m = r.manifest(study)
-    when = f", collected {m['collected']} from commit {m['commit']}" if m.get("commit") else ""
+    when = f" (collected {m['collected']} at commit {m['commit']})" if m.get("commit") else ""
     return f"`docs/results/{_dest(study)}/{file}`{when}"
 
 
@@ -272,6 +272,19 @@ def block_sample_complexity(r: _Results) -> str:
     return "\n".join(out)
 
 
+_NEUTRAL = {"kl_calibrated": "KL batch dual", "kl_clamped": "KL clamped", "kl_softmax": "KL normalised",
+            "w2_adversarial": "W2 one-step adversarial", "w2_first_order": "W2 first-order",
+            "w2_sq_penalty": "W2 sq. penalty (gradient rule)", "w2_sq_penalty_value": "W2 sq. penalty (value rule)"}
+
+
+def _est(name: str) -> str:
+    """Reader-facing estimator name (the figure's tick labels)."""
+    from .plots_approx import ESTIMATOR_LABELS
+
+    extra = {"w2_sq_penalty_value": "W2 sq. penalty, ρ₀ by the value rule"}
+    return ESTIMATOR_LABELS.get(name, extra.get(name, name))
+
+
 def block_approximations(r: _Results) -> str:
     s = r.json("gradients/summary.json")
     if s is None:
@@ -300,17 +313,19 @@ def block_approximations(r: _Results) -> str:
                    f"{s['first_order_slope']:.4f} in eps (range {lo:.4f}-{hi:.4f}); underestimates everywhere: "
                    f"{'yes' if s.get('first_order_underestimates') else 'no'}.")
     if "w2_cosine_min" in s:
-        out.append("* W2 gradients, smallest cosine to the exact gradient over the radii: "
-                   + ", ".join(f"{k} {v:.4f}" for k, v in sorted(s["w2_cosine_min"].items())) + ".")
+        out.append("* W2 gradients, smallest cosine to the exact W2 gradient over the radii (docs/approximations.md, "
+                   "finding 6): " + "; ".join(f"{_NEUTRAL.get(k, k)} {v:.4f}"
+                                              for k, v in sorted(s["w2_cosine_min"].items()) if k != "dpo") + ".")
     if "batch_bias_smallest_batch" in s:
-        out.append(f"* Mini-batch bias at b = {s['batch_size_smallest']}: "
-                   + ", ".join(f"{k} {v:.3f}" for k, v in sorted(s["batch_bias_smallest_batch"].items())) + ".")
+        out.append(f"* Relative mini-batch bias at b = {s['batch_size_smallest']} (finding 4): "
+                   + "; ".join(f"{_NEUTRAL.get(k, k)} {v:.3f}" for k, v in sorted(s["batch_bias_smallest_batch"].items())
+                               if k != "dpo") + ".")
     if "sgd_endpoint_error" in s:
         out += ["", "SGD end points, `||theta_SGD - theta_exact||` (mean ± sd over instances x seeds):", "",
                 "| estimator | end-point error |", "| --- | --- |"]
         sd = s.get("sgd_endpoint_error_sd", {})
         for k, v in s["sgd_endpoint_error"].items():
-            out.append(f"| `{k}` | {v:.3f} ± {sd.get(k, 0.0):.3f} |")
+            out.append(f"| {_est(k)} (`{k}`) | {v:.3f} ± {sd.get(k, 0.0):.3f} |")
     return "\n".join(out)
 
 
