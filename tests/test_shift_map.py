@@ -77,6 +77,28 @@ def test_reward_gradient_matches_finite_differences():
     assert_allclose(g, fd, rtol=1e-6, atol=1e-9)
 
 
+def test_gradient_of_the_kl_regularised_reward():
+    """docs/shift_map.md: grad [R_alpha - beta E_s KL(pi_theta || pi_ref)] = beta C(theta) (theta_alpha* - theta)."""
+    cfg = M.ShiftMapConfig.quick()
+    w = M.make_map_world(cfg, 120.0, 2.0)
+    model, beta = w.model, cfg.beta
+    theta, ts = np.array([0.4, 0.1, -0.6, 0.3]), w.theta_alpha(0.3)
+    pw = model.prompt_probs
+    R = model.reward(ts)
+    log_ref = np.log(model.policy(model.theta_ref))
+
+    def reg(th):
+        pi = model.policy(th)
+        return float(pw @ ((pi * R).sum(1) - beta * (pi * (np.log(pi) - log_ref)).sum(1)))
+
+    pi = model.policy(theta)
+    mphi = np.einsum("sa,sad->sd", pi, model.phi)
+    C = np.einsum("s,sa,sad,sae->de", pw, pi, model.phi - mphi[:, None], model.phi - mphi[:, None])
+    h = 1e-6
+    fd = np.array([(reg(theta + h * e) - reg(theta - h * e)) / (2 * h) for e in np.eye(4)])
+    assert_allclose(fd, beta * C @ (ts - theta), rtol=1e-6, atol=1e-9)
+
+
 def test_first_order_directions_are_the_motion_of_the_exact_optima():
     from drdpo_theory.solvers.dpo import solve_dpo
     from drdpo_theory.solvers.kl import solve_kldpo
