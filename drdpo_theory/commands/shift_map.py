@@ -36,7 +36,7 @@ def register(sub) -> None:
                        description=__doc__.split("\n\n")[0].split(": ", 1)[1])
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="smoke test: 2 angles, 1 ratio, n = 20 and inf (seconds)")
-    size.add_argument("--full", action="store_true", help="the full grid (the default; accepted for `drdpo reproduce --full`)")
+    size.add_argument("--full", action="store_true", help="the full grid (the default; 420 cells, about 30 min with --n-jobs 2 on 2 shared cores; accepted for `drdpo reproduce --full`)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON line (last line of stdout)")
     p.add_argument("--out", default=None,
                    help="directory of the tables and cached cells (default results/shift_map[_quick])")
