@@ -35,7 +35,7 @@ __all__ = ["RESULTS_DIR", "DOCUMENTS", "STUDY_FILES", "collect", "render_blocks"
 #: where the committed summaries live (relative to the repository root)
 RESULTS_DIR = Path("docs/results")
 #: the documents whose generated blocks come from RESULTS_DIR
-DOCUMENTS = (Path("paper_repro.md"),)
+DOCUMENTS = (Path("paper_repro.md"), Path("docs/sample_complexity_results.md"))
 #: the marker every unverified number carries
 NOT_REGENERATED = "not regenerated in this checkout"
 
@@ -235,8 +235,8 @@ def block_sample_complexity(r: _Results) -> str:
     out = [f"Measured slopes at the main radii (least squares of log median error on log n, bootstrap 95% CI "
            f"over seeds; {_src(r, 'sample-complexity', 'headline.json')}):", "",
            f"| method | radius | slope | 95% CI | bound holds | bound at n = {nmax:g} | {q:.0f}% quantile at n = {nmax:g} "
-           f"| bound < diameter 2B from n = |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+           f"| bound < diameter 2B from n = | min bound / quantile |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for m, h, s in rows:
         rad = "-" if m == "dpo" else f"{_RADIUS[m]} = {h['radius']:g}"
         lo, hi = h["slope_ci"]
@@ -246,7 +246,8 @@ def block_sample_complexity(r: _Results) -> str:
         qmax = s["quantile_error"].iloc[-1] if len(s) else None
         nv = _first_nonvacuous_n(s, diameter) if len(s) else None
         out.append(f"| {_METHOD.get(m, m)} | {rad} | {_f(h['slope'])} | [{_f(lo)}, {_f(hi)}] | {holds} | "
-                   f"{_f(h['bound_at_max_n'], '.3g')} | {_f(qmax, '.2g')} | {'never' if nv is None else f'{nv:g}'} |")
+                   f"{_f(h['bound_at_max_n'], '.3g')} | {_f(qmax, '.2g')} | {'never' if nv is None else f'{nv:g}'} | "
+                   f"{_f(h.get('min_bound_over_quantile'), '.1f')} |")
     fits = r.csv("sample-complexity/fits.csv")
     if fits is not None:
         main_r = {m: h["radius"] for m, h, _ in rows}
@@ -265,6 +266,13 @@ def block_sample_complexity(r: _Results) -> str:
             out += ["", "Other radii: " + "; ".join(other) + "."]
         if coll:
             out += ["Collapsed (theta_pop = theta_ref, no slope fitted): " + "; ".join(coll) + "."]
+        ok = f[~f.pop_collapsed.astype(bool)]
+        is_main = np.array([m in main_r and np.isclose(rad, main_r[m]) for m, rad in zip(ok.method, ok.radius)], bool)
+        if "gap_slope" in ok and is_main.any():
+            gm, go = ok[is_main].gap_slope, ok[~is_main].gap_slope
+            out += [f"Excess robust loss `L(theta_n;P°) - L(theta_pop;P°)`: slope {gm.max():.2f} to {gm.min():.2f} at the "
+                    f"main radii" + (f", {go.max():.2f} to {go.min():.2f} at the other non-collapsed radii" if len(go) else "")
+                    + " (fast rate `1/n`)."]
         b = fits[fits.study == "beta"]
         if len(b):
             out += [f"Beta study (beta in {{{', '.join(f'{v:g}' for v in sorted(b.beta.unique()))}}}): slopes "
