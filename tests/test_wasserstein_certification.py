@@ -171,6 +171,23 @@ def test_finite_kappa_cheap_flips_collapse_certified_natively(seed):
         assert_allclose(nat.objective, math.log(2), rtol=0, atol=ATOL_EXACT)
 
 
+def test_finite_kappa_many_tied_copies_certified_natively():
+    """Discrete data (5 distinct points, 2000 tuples): hundreds of copies tie at the flip threshold;
+    the tie polish re-solves one fraction per group of copies (a regression: capped at 200 tuples,
+    it left the certificate at gap 2e-2 and the answer to the cvxpy fallback)."""
+    rng = np.random.default_rng(3)
+    pool = rng.uniform(-1, 1, (5, 4))
+    x = pool[rng.integers(0, 5, 2000)]
+    y = (rng.random(2000) < 1 / (1 + np.exp(-3 * x @ rng.standard_normal(4)))).astype(int)
+    data = PreferenceData(x, y)
+    for beta, radius in ((5.0, 0.2), (0.3, 1.0)):
+        nat = solve_wdpo_continuous_native(data, beta, radius, 0.005, 0.05)
+        assert nat.status == "optimal" and nat.solver == "native-trust-region", (beta, nat.duality_gap, nat.solver)
+        cvx = solve_wdpo_continuous_cvxpy(data, beta, radius, 0.005, 0.05)
+        if cvx.status == "optimal":
+            assert_allclose(nat.objective, cvx.objective, rtol=0, atol=ATOL_OBJ)
+
+
 def test_finite_kappa_large_is_kappa_inf():
     """kappa >= max ||x_i||: flips never pay, the native solver says so and solves kappa = inf."""
     rng = np.random.default_rng(9)

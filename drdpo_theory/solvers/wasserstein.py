@@ -859,6 +859,9 @@ TR_TOL = 1e-12
 TR_MU_FINAL = 1e-12
 #: The inner barrier parameter is divided by this per stage.
 TR_SHRINK = 10.0
+#: The inner path of an outer step ends at mu = TR_MU_END_FACTOR * min(step^2, last promised decrease)
+#: (but TR_MU_FINAL): the barrier's bias, about 4 mu, stays a few percent of the decrease at stake.
+TR_MU_END_FACTOR = 1e-2
 #: Each inner stage but the last is centred to a Newton decrement of TR_CENTRING * mu.
 TR_CENTRING = 1e-3
 
@@ -1015,7 +1018,7 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         return t, e, lam * eps + float(w @ loss) + float(w @ np.maximum(s, 0.0)), s
 
     t, e, phi, s = parts(theta, lam)
-    r, inner_its, message, last_step = 1.0, 0, "max_outer reached", math.inf
+    r, inner_its, message, last_step, last_pred = 1.0, 0, "max_outer reached", math.inf, math.inf
     for outer in range(1, max_outer + 1):
         sm = np.where(t >= 0, e, 1.0) / (1.0 + e)  # sigma(-t)
         gL = -(w * sm) @ U
@@ -1035,11 +1038,11 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
             cA, Zw, sw, ww = np.zeros(d + 1), np.zeros((0, d + 1)), np.zeros(0), np.zeros(0)
         model = _TrustModel(v, gL, HL, eps, Zw, sw, ww, cA, beta, tr, r)
         # the path starts at a mu of the size of the expected step (the last one, near the solution)
-        # and ends at one small against it: far from the solution the step needs no more accuracy
-        # (the ratio test guards it); near it, mu_end reaches TR_MU_FINAL
+        # and ends at one small against the decrease at stake: far from the solution the step needs
+        # no more accuracy (the ratio test guards it); near it, mu_end reaches TR_MU_FINAL
         size = min(r, last_step)
         mu0 = max(1e-2 * size, 10 * TR_MU_FINAL)
-        mu_end = max(TR_MU_FINAL, 1e-6 * size * size)
+        mu_end = max(TR_MU_FINAL, TR_MU_END_FACTOR * min(size * size, last_pred))
         y, its = _solve_trust_model(model, radius, mu0, mu_end)
         inner_its += its
         pred = model.exact(v) - model.exact(y)
@@ -1061,7 +1064,7 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         step = float(np.linalg.norm(y - v))
         if rho > 0.1:
             theta, lam, t, e, phi, s = y[:d].copy(), float(y[d]), t_new, e_new, phi_new, s_new
-            last_step = step
+            last_step, last_pred = step, pred
         if rho < 0.25:
             r = step / 4.0
         elif rho > 0.75 and step > 0.5 * r:
@@ -1080,7 +1083,7 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
 #: are treated as ties whose flip fractions the polish re-solves (a superset of the true ties is safe:
 #: every alpha in [0, 1]^n within the budget is a valid adversary).
 TIE_TOL = 1e-7
-#: At most this many ties (the nearest to tau) are re-solved.
+#: At most this many groups of tied (identical) tuples, the nearest to tau, are re-solved.
 MAX_TIES = 200
 
 
@@ -1113,8 +1116,18 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
     tau = inner.lam * kappa
     dist = np.abs(t - tau)
     ties = np.flatnonzero(dist <= TIE_TOL * (1.0 + abs(tau)))
-    if len(ties) > MAX_TIES:
-        ties = ties[np.argsort(dist[ties])[:MAX_TIES]]
+    # identical tuples tie together and share one fraction (discrete data holds many copies)
+    groups, inv = np.unique(data.u[ties], axis=0, return_inverse=True)  # (G, d), (|T|,)
+    inv = inv.reshape(-1)
+    wg = np.bincount(inv, weights=w[ties], minlength=len(groups))  # (G,)
+    if len(groups) > MAX_TIES:
+        dg = np.zeros(len(groups))
+        dg[inv] = dist[ties]
+        kept = np.sort(np.argsort(dg)[:MAX_TIES])
+        remap = np.full(len(groups), -1)
+        remap[kept] = np.arange(len(kept))
+        member = remap[inv] >= 0
+        ties, inv, groups, wg = ties[member], remap[inv[member]], groups[kept], wg[kept]
     above = t > tau
     above[ties] = False
     g_base = weighted_grad_hess(theta, data, beta)[0] + beta * (w[above] @ data.u[above])  # (d,)
@@ -1122,9 +1135,9 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
     # nu > 0 with the ball's eta can also zero the gradient, at a smaller value F(theta) < L_W(theta))
     # (lam* - lam0 of the order of theta's error counts as equal: the cone is active there)
     nu_free = inner.lam - inner.lam0 <= 1e-6 * (1.0 + inner.lam0)
-    cols = [beta * w[ties, None] * data.u[ties]]  # alpha_T
-    lower, upper = [np.zeros(len(ties))], [np.ones(len(ties))]
-    budget = [kappa * w[ties]]
+    cols = [beta * wg[:, None] * groups]  # one fraction per group of tied copies
+    lower, upper = [np.zeros(len(groups))], [np.ones(len(groups))]
+    budget = [kappa * wg]
     if nu_free:  # nu: the norm term's direction a/r
         cols.append((beta * a / r)[None, :])
         lower.append([0.0])
@@ -1146,7 +1159,7 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
     sol = lsq_linear(A_aug, b_aug, bounds=(np.concatenate(lower), np.concatenate(upper)), method="bvls",
                      tol=1e-14)
     alpha = above.astype(float)
-    alpha[ties] = np.clip(sol.x[: len(ties)], 0.0, 1.0)
+    alpha[ties] = np.clip(sol.x[: len(groups)], 0.0, 1.0)[inv]
     return alpha
 
 
