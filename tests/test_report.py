@@ -223,6 +223,19 @@ def test_llm_plot_colours_and_titles_from_a_summary(monkeypatch, tmp_path):
     styles = [(to_hex(line.get_color()), str(line.get_linestyle())) for line in lines]
     assert len(lines) == 6 and len(set(styles)) == 6
     assert figs[0]._suptitle.get_text() != figs[2]._suptitle.get_text()
-    assert "significantly below" in figs[0]._suptitle.get_text()
+    assert "below it at some alpha" in figs[0]._suptitle.get_text()
     for lg in _legends(figs[0]):
         assert not _overlaps_data(figs[0], lg)
+
+
+def test_llm_tables_of_the_docs_parse_into_summaries():
+    """Without a committed results.json the LLM figures are drawn from docs/llm_shift.md's tables,
+    and say so on the figure."""
+    got = R.llm_tables_from_docs(ROOT / "docs/llm_shift.md")
+    assert set(got) == {"llm_shift", "llm_shift_seeds01", "llm_shift_sweep"}
+    sweep = got["llm_shift_sweep"]
+    assert {"dpo", "kldpo-tau0.1", "kldpo-tau1", "wdpo-rho0.005", "wdpo-rho0.05", "reference"} == set(sweep["policies"])
+    assert sweep["policies"]["dpo"]["mean"][0] == pytest.approx(0.238)
+    assert sweep["policies"]["kldpo-tau0.1"]["diff"]["hi"][0] < 0
+    assert got["llm_shift_seeds01"]["seeds"] == [0, 1]
+    assert all(R.NOT_REGENERATED in s["provenance"] for s in got.values())

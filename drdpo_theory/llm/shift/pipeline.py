@@ -617,7 +617,7 @@ def _takeaway(summary: dict[str, Any]) -> str:
         return "Significantly above DPO (95% paired interval): " + "; ".join(above)
     text = "No robust policy is significantly above DPO at any alpha (95% paired intervals)"
     if below:
-        text += "; significantly below it at some alpha: " + ", ".join(below)
+        text += "; below it at some alpha: " + ", ".join(below)
     return text
 
 
@@ -661,7 +661,8 @@ def plot_shift(summary: dict[str, Any], path: Path) -> list[Path]:
     if summary.get("smoke_test"):
         fig.suptitle(SMOKE_NOTE, color="firebrick", fontsize=10, fontweight="bold")
     else:
-        fig.suptitle(f"{_run_title(summary)}\n{_takeaway(summary)}", fontsize=10)
+        note = f"\n({summary['provenance']})" if summary.get("provenance") else ""
+        fig.suptitle(f"{_run_title(summary)}\n{_takeaway(summary)}{note}", fontsize=10)
     fig.tight_layout()
     png, pdf = path.with_suffix(".png"), path.with_suffix(".pdf")
     save_figure(fig, png, dpi=150, bbox_inches="tight")  # atomic: temporary file + os.replace
