@@ -400,7 +400,8 @@ def block_llm_shift(r: _Results) -> str:
     head = " | ".join(f"alpha = {s['alphas'][i]:g}" + (" (train)" if abs(s["alphas"][i] - a0) < 1e-9 else "") for i in idx)
     secs = sum((s.get("timings_s") or {}).values()) if isinstance(s.get("timings_s"), dict) else None
     out = [f"Mean `r_alpha` in standard-deviation units with 95% bootstrap intervals over "
-           f"{s.get('n_test_prompts', '?')} test prompts, seeds {', '.join(map(str, s.get('seeds', [])))} "
+           f"{s.get('n_test_prompts', '?')} test prompts, seed{'s' if len(s.get('seeds', [])) > 1 else ''} "
+           f"{', '.join(map(str, s.get('seeds', [])))} "
            f"(`docs/results/{rel}`" + (f"; stage times add up to {secs:.0f} s" if secs else "") + "):", "",
            f"| policy | {head} |", "| --- | --- | --- | --- |"]
     for name, e in s["policies"].items():
@@ -503,9 +504,25 @@ def _summary_rows(r: _Results) -> list[str]:
         txt = (f"DPO has the highest mean reward at alpha = 0 / 0.5 / 1 ("
                + " / ".join(f"{d['mean'][i]:+.2f}" for i in idx) + ")") if dpo_best and d else (
             "highest mean reward at alpha = 0 / 0.5 / 1: " + " / ".join(_llm_label(b) for b in best))
+        sig = []
+        for n, e in pol.items():
+            dd = e.get("diff")
+            if n == "reference" or not dd:
+                continue
+            below = [a for a, hi in zip(s["alphas"], dd["hi"]) if hi < 0]
+            above = [a for a, lo in zip(s["alphas"], dd["lo"]) if lo > 0]
+            if above:
+                sig.append(f"{_llm_label(n)} significantly above DPO at alpha in [{min(above):g}, {max(above):g}]")
+            elif below:
+                sig.append(f"{_llm_label(n)} significantly below DPO at alpha in [{min(below):g}, {max(below):g}]")
+            else:
+                sig.append(f"{_llm_label(n)} within noise of DPO at every alpha")
+        secs = sum((s.get("timings_s") or {}).values()) if isinstance(s.get("timings_s"), dict) else None
         rows.append(f"| 10 | robustness under preference shift (LLM) | WDPO/KLDPO keep alignment under shift | "
-                    f"{s['model']}, alpha0 = {s['alpha0']:g}: {txt} | `{STUDY_FILES[study][2]}` | "
-                    f"`figures/llm_shift.png` |")
+                    f"{s['model']}, alpha0 = {s['alpha0']:g}, seed{'s' if len(s.get('seeds', [])) > 1 else ''} "
+                    f"{', '.join(map(str, s.get('seeds', [])))}: {txt}; "
+                    + "; ".join(sig) + (f"; {secs / 60:.0f} min of stages" if secs else "")
+                    + f" | `{STUDY_FILES[study][2]}` | `figures/llm_shift.png` |")
     else:
         rows.append(f"| 10 | robustness under preference shift (LLM) | WDPO/KLDPO keep alignment under shift | "
                     f"{NOT_REGENERATED} (numbers quoted in the next table and section 10) | `drdpo llm-shift --model smollm2 --out runs/llm_shift` | "
