@@ -530,9 +530,26 @@ def _summary_rows(r: _Results) -> list[str]:
     return rows
 
 
+def _wall_times(r: _Results) -> str:
+    got = []
+    for study, rel, key in (("sample-complexity", "sample-complexity/headline.json", ("_meta", "seconds")),
+                            ("gradients", "gradients/summary.json", ("seconds",)),
+                            ("shift", "shift/summary.json", ("seconds",)),
+                            ("shift-reward", "shift-reward/summary.json", ("seconds",))):
+        v = r.json(rel)
+        for k in key:
+            v = v.get(k) if isinstance(v, dict) else None
+        if isinstance(v, (int, float)):
+            got.append(f"{study} {v / 60:.1f} min")
+    return ("Wall time of the committed full runs (as recorded in their summaries; shared 2-core machine, run "
+            "with `nice`): " + ", ".join(got) + ".") if got else ""
+
+
 def block_summary(r: _Results) -> str:
-    return "\n".join(["| # | claim | paper says | we measured | command | figure or summary |",
-                      "| --- | --- | --- | --- | --- | --- |"] + _summary_rows(r))
+    lines = ["| # | claim | paper says | we measured | command | figure or summary |",
+             "| --- | --- | --- | --- | --- | --- |"] + _summary_rows(r)
+    wt = _wall_times(r)
+    return "\n".join(lines + (["", wt] if wt else []))
 
 
 BLOCKS: dict[str, Callable[[_Results], str]] = {
