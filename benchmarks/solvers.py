@@ -3,7 +3,7 @@
 Run:  .venv/bin/python benchmarks/solvers.py [--sizes 1000 10000 100000] [--d 8] [--json]
 (`make bench` installs `dro` without its heavy optional dependencies and runs this.)
 
-Problems (THEORY.md section 6 mapping): DPO on the log-linear class is logistic regression on
+Problems (docs/theory.md section 6, the `dro` cross-check): DPO on the log-linear class is logistic regression on
 ``z_i = beta * ytil_i * x_i`` with label +1 and no intercept, so
 - KLDPO(rho)                  == dro.KLDRO(model_type="logistic", fit_intercept=False, eps=rho)
 - WDPO, W1, kappa = inf, eps  == dro.WassersteinDRO(logistic, p=2, kappa="inf", eps=beta*eps)

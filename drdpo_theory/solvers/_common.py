@@ -97,7 +97,7 @@ def curvature_floor(data: PreferenceData, beta: float, radius: float, weights=No
 
     ``hess = beta^2 sum_i w_i s(t_i) x_i x_i^T`` with ``s(t) = sigma(t)sigma(-t)`` decreasing in
     ``|t|`` and ``|t_i| <= beta ||x_i|| (B + ||theta_ref||)`` on the ball, so
-    ``mu = beta^2 lambda_min(sum_i w_i s(t_i^max) x_i x_i^T)`` (THEORY.md section 2: c_B).
+    ``mu = beta^2 lambda_min(sum_i w_i s(t_i^max) x_i x_i^T)`` (docs/theory.md section 2: c_B; section 7, T2.3).
     """
     from ..losses import sigmoid
 
@@ -182,7 +182,7 @@ class Timer:
         return time.perf_counter() - self._t0
 
 
-#: Solver attempts for conic problems, in order (THEORY.md section 6: Clarabel first, retry with a
+#: Solver attempts for conic problems, in order (docs/theory.md section 6: Clarabel first, retry with a
 #: shorter step fraction, then SCS).
 CONIC_ATTEMPTS = (
     ("CLARABEL", dict(tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10, max_iter=500)),

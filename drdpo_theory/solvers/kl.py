@@ -1,4 +1,4 @@
-"""Exact KLDPO on the log-linear class (THEORY.md section 3, "KLDPO"; derivations in docs/theory_kl.md).
+"""Exact KLDPO on the log-linear class (docs/theory.md section 3.1; derivations in docs/theory_kl.md).
 
 The robust objective is the worst expected DPO loss over a KL ball around the data distribution,
 
@@ -257,7 +257,7 @@ def kl_inner_cvxpy(losses: ArrayLike, weights: ArrayLike, rho: float, solver: st
     .. math:: \\max_{r \\ge 0}\\ \\sum_i w_i r_i \\ell_i \\quad\\text{s.t.}\\quad
               \\sum_i w_i\\,\\mathrm{rel\\_entr}(r_i, 1) \\le \\rho,\\quad \\sum_i w_i r_i = 1.
 
-    This is the rescaling ``q = n p`` of THEORY.md section 6 generalised to weights (``r = n p`` when
+    This is the rescaling ``q = n p`` of docs/theory.md section 6 generalised to weights (``r = n p`` when
     ``w = 1/n``): the variables are O(1), which keeps Clarabel away from the ``rel_entr(p, 1/n)``
     failures. ``lam`` is the dual variable of the KL constraint.
     """
@@ -438,7 +438,7 @@ def kl_collapse_threshold(data: PreferenceData, radius: float | None = None) -> 
 
 def kl_collapse_small_rho(data: PreferenceData) -> float:
     """Small-``rho`` approximation ``mu^T Sigma^+ mu / 2`` of :func:`kl_collapse_threshold`
-    (``mu``, ``Sigma``: weighted mean and covariance of ``u_i = ytil_i x_i``; THEORY.md section 6).
+    (``mu``, ``Sigma``: weighted mean and covariance of ``u_i = ytil_i x_i``; docs/theory.md section 6, docs/theory_kl.md section 4).
     Exact to second order in ``mu`` (the second-order expansion of the Cramér function at the mean)."""
     u, w = data.u, data.weights
     mu = w @ u
@@ -550,7 +550,7 @@ def _newton_kldpo(J: "_Joint", theta0, lam0: float, radius: float, max_iter: int
     the Newton step of the reduced function ``L_KL(theta) = min_lam G`` (its Hessian is the Schur
     complement), so the iteration is Newton's method on ``L_KL`` itself: monotone in ``L_KL`` and
     locally quadratic. Without the reset, plain joint Newton is drawn to the kink
-    ``(theta_ref, lam -> 0)`` (THEORY.md section 6): its quadratic model asks for ``lam < 0``.
+    ``(theta_ref, lam -> 0)`` (docs/theory_kl.md section 3): its quadratic model asks for ``lam < 0``.
 
     Returns ``(v, iterations, converged, message)``.
     """
@@ -764,7 +764,7 @@ def solve_kldpo_native(data: PreferenceData, beta: float, radius: float, rho: fl
 
 
 def solve_kldpo_cvxpy(data: PreferenceData, beta: float, radius: float, rho: float) -> SolverResult:
-    """KLDPO as an exponential-cone program (THEORY.md section 3), solved with cvxpy.
+    """KLDPO as an exponential-cone program (docs/theory_kl.md section 5), solved with cvxpy.
 
     .. math::
 

@@ -1,6 +1,6 @@
 """Wasserstein distributionally robust DPO (WDPO) on the log-linear class: exact solvers.
 
-THEORY.md section 3 (WDPO) and docs/theory_wasserstein.md (every derivation used here).
+docs/theory.md section 3.2 (WDPO) and docs/theory_wasserstein.md (every derivation used here).
 The robust objective at ``theta`` is
 
 .. math:: L_W(\\theta; P) = \\sup_{Q:\\ W_p(Q, P) \\le \\varepsilon} E_Q\\, \\ell(z; \\theta),
@@ -1309,7 +1309,7 @@ def solve_wdpo_continuous_cvxpy(
               \\ \\text{s.t.}\\ \\xi_i \\ge 0,\\ \\xi_i \\ge t_i(\\theta) - \\lambda\\kappa,\\
               \\beta\\|\\theta - \\theta_{ref}\\| \\le \\lambda,\\ \\|\\theta\\| \\le B,
 
-    which is THEORY.md's program (``s_i >= l_i``, ``s_i >= l_i^flip - lam kappa``) with ``s_i = l_i + xi_i``
+    which is the program of docs/theory.md section 3.2 (``s_i >= l_i``, ``s_i >= l_i^flip - lam kappa``) with ``s_i = l_i + xi_i``
     (``l_i^flip = l_i + t_i``, ``t_i`` linear in ``theta``): ``n`` exponential cones instead of ``2n``.
     ``kappa = inf``: ``min sum_i w_i l_i + eps beta ||theta - theta_ref||``. The certificate uses the
     solver's multipliers of ``xi_i >= t_i - lam kappa`` as flip fractions (section 5 of the doc).
