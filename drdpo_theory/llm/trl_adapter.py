@@ -54,7 +54,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import DPOTrainer
+from trl.trainer.utils import add_fused_lm_head
 
 from drdpo_theory.llm.objectives import LossConfig, preference_backward, preference_eval, preference_loss
 
@@ -97,6 +99,10 @@ class _RobustDPOTrainer(DPOTrainer):
         super().__init__(*args, **kwargs)
         self._check_args(self.args)
         self.loss_config = LossConfig(**{**loss_config.__dict__, "beta": self.args.beta})
+        # TRL's head also computes entropy, mean logits and top-1 hits for its own metrics; our loss reads only the
+        # log-probs, so the head is patched again (outermost wrapper wins) with that one output: less work per call
+        target = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        add_fused_lm_head(target, outputs=("log_probs",))
 
     def _check_args(self, a: Any) -> None:
         problems = []
