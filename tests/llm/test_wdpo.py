@@ -386,8 +386,12 @@ def test_gradient_checkpointing_gives_the_same_gradient(llama_factory, batch_fac
         model = llama_factory().train()
         if frozen_table:
             model.get_input_embeddings().weight.requires_grad_(False)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        if checkpointing:  # transformers >= 5.x name; gradient_checkpointing_enable before (deprecated after)
+            kw = {"use_reentrant": reentrant}
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         if two_pass:
             preference_backward(model, batch, refs[0], refs[1], cfg)
         else:
