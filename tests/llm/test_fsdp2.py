@@ -8,7 +8,7 @@ over ranks) and the full gradient (``DTensor.full_tensor()`` of FSDP2's reduce-s
 shards) must equal those of one process on the whole batch. WDPO double backward must
 refuse FSDP2 with a message naming finite-diff.
 
-Marked ``distributed`` (run by ``make test-dist``): one spawn of two processes, about 20 s.
+Marked ``distributed`` (run by ``make test-dist``): one spawn of two processes, about 30 s.
 """
 
 from __future__ import annotations

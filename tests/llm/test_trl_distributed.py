@@ -17,7 +17,7 @@ shows in the later steps' values (measured up to 1.9e-4 under ZeRO-3). The first
 whose gradient norm compares the estimators before any update, is held to 1e-4.
 
 Marked ``distributed`` (``make test-dist``); needs ``deepspeed`` (extra ``distributed``).
-About 3-4 minutes on 2 CPU cores (measured errors: DPO, KLDPO <= 2.1e-6; WDPO step 1 <= 7.6e-6). The reference model is passed explicitly: with
+About 3 minutes on 2 CPU cores (measured errors: DPO, KLDPO <= 2.1e-6; WDPO step 1 <= 7.6e-6). The reference model is passed explicitly: with
 ``precompute_ref_log_probs=True`` TRL 1.16's own DPOTrainer fails under ZeRO-3 on CPU
 ("pop from an empty deque" in DeepSpeed's parameter trace, same with plain ``trl.DPOTrainer``).
 """
