@@ -522,7 +522,8 @@ def _summary_rows(r: _Results) -> list[str]:
                     f"{s['model']}, alpha0 = {s['alpha0']:g}, seed{'s' if len(s.get('seeds', [])) > 1 else ''} "
                     f"{', '.join(map(str, s.get('seeds', [])))}: {txt}; "
                     + "; ".join(sig) + (f"; {secs / 60:.0f} min of stages" if secs else "")
-                    + f" | `{STUDY_FILES[study][2]}` | `figures/llm_shift.png` |")
+                    + f" | `{STUDY_FILES[study][2]}` | "
+                    f"`figures/{'llm_shift_sweep' if study == 'llm-shift-sweep' else 'llm_shift'}.png` |")
     else:
         rows.append(f"| 10 | robustness under preference shift (LLM) | WDPO/KLDPO keep alignment under shift | "
                     f"{NOT_REGENERATED} (numbers quoted in the next table and section 10) | `drdpo llm-shift --model smollm2 --out runs/llm_shift` | "
