@@ -81,7 +81,8 @@ def test_config_fields_have_help_and_are_validated():
     for f in dataclasses.fields(TrainConfig):
         assert f.metadata.get("help"), f.name
     bad = [
-        ({"method": "rdpo"}, "method must be one of"),
+        ({"method": "robust"}, "method must be one of"),
+        ({"method": "rdpo"}, r"needs a flip rate eps in \[0, 0.5\)"),
         ({"lr": 0.0}, "lr must be a finite number > 0"),
         ({"max_steps": 0}, "max_steps must be an integer >= 1"),
         ({"max_prompt_length": 512, "max_length": 512}, "max_prompt_length must be < max_length"),
