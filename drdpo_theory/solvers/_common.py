@@ -11,7 +11,7 @@ import numpy as np
 
 from ..data import PreferenceData
 from ..losses import dpo_curvature, dpo_grad, dpo_loss
-from .result import SolverError
+from .result import CERTIFIED_GAP, SolverError
 
 __all__ = [
     "check_common",
@@ -220,3 +220,54 @@ def solve_cvxpy(problem, attempts=CONIC_ATTEMPTS, accept=None):
     if last is not None:
         return last[0], last[1], tried
     raise SolverError("all conic solvers failed: " + "; ".join(tried))
+
+
+def project_ball(theta, radius):
+    """A copy of ``theta`` scaled into the ball ``||theta||_2 <= radius`` (unchanged inside it)."""
+    theta = np.asarray(theta, float).copy()
+    nt = np.linalg.norm(theta)
+    if nt > radius:
+        theta *= radius / nt
+    return theta
+
+
+def solve_cvxpy_certified(problem, evaluate, gap_ok=CERTIFIED_GAP):
+    """Solve ``problem`` with each of ``CONIC_ATTEMPTS`` in turn, certifying every answer in numpy.
+
+    ``evaluate()`` returns ``(cert, theta)`` for the problem's current solution (``None`` when it
+    has none); ``cert.gap`` is the certified duality gap. One attempt runs at a time, so the label of
+    the certifying solver is known; the loop stops at the first answer with ``cert.gap <= gap_ok``.
+
+    Returns
+    -------
+    best : dict
+        ``{"cert", "theta", "solver"}`` of the smallest gap seen; empty when no attempt gave a solution.
+    status : str or None
+        cvxpy's status of the last solve.
+    tried : list of str
+        One entry per attempt (solver label and its status or error).
+    """
+    best: dict = {}
+    label = ""
+
+    def accept() -> bool:
+        got = evaluate()
+        if got is None:
+            return False
+        cert, theta = got
+        if "cert" not in best or cert.gap < best["cert"].gap:
+            best.update(cert=cert, theta=theta, solver=label)
+        return cert.gap <= gap_ok
+
+    tried, status = [], None
+    for attempt in CONIC_ATTEMPTS:
+        label = attempt[0] + ("(max_step_fraction=0.9)" if "max_step_fraction" in attempt[1] else "")
+        try:
+            _, status, t_ = solve_cvxpy(problem, attempts=(attempt,), accept=accept)
+        except SolverError as exc:
+            tried.append(str(exc).replace("all conic solvers failed: ", ""))
+            continue
+        tried += t_
+        if best.get("cert") is not None and best["cert"].gap <= gap_ok:
+            break
+    return best, status, tried

@@ -40,16 +40,16 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from ..data import PreferenceData
-from ..losses import signed_labels
 from ._common import (
-    CONIC_ATTEMPTS,
     Timer,
     ball_fw_gap,
     check_common,
     check_radius,
     curvature_floor,
+    project_ball as _project_ball,
     single_blas_thread,
     solve_cvxpy,
+    solve_cvxpy_certified,
     weighted_min_lower_bound,
 )
 from ._newton import _subproblem, newton_ball
@@ -198,14 +198,6 @@ class _Model:
         """``sum_i q_i grad l_i`` (d,)."""
         _, _, a, _ = self.parts(theta)
         return self.u.T @ (q * a)
-
-
-def _project_ball(theta, radius):
-    theta = np.asarray(theta, float).copy()
-    nt = np.linalg.norm(theta)
-    if nt > radius:
-        theta *= radius / nt
-    return theta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -771,31 +763,16 @@ def _newton_reset(fun, grad_hess, reset, v0, d, radius, max_iter=100, tol=1e-20)
 def _cvxpy_certified(method, data, radius, build, certify, tm, info):
     """Solve the conic program ``build()`` -> ``(problem, theta_var, dual_candidates_fn)`` with each
     of ``CONIC_ATTEMPTS`` in turn, certifying every answer in numpy with ``certify(theta, extra)``;
-    stops at the first certified one and returns the best."""
+    stops at the first certified one and returns the best (``_common.solve_cvxpy_certified``)."""
     prob, theta, duals = build()
-    state = {}
 
-    def accept() -> bool:
+    def evaluate():
         if theta.value is None:
-            return False
+            return None
         th = _project_ball(theta.value, radius)
-        cert = certify(th, duals())
-        if "cert" not in state or cert.gap < state["cert"].gap:
-            state.update(cert=cert, theta=th, solver=state["label"])
-        return cert.gap <= CERTIFIED_GAP
+        return certify(th, duals()), th
 
-    tried, status = [], None
-    for attempt in CONIC_ATTEMPTS:
-        label = attempt[0] + ("(max_step_fraction=0.9)" if "max_step_fraction" in attempt[1] else "")
-        state["label"] = label
-        try:
-            _, status, t_ = solve_cvxpy(prob, attempts=(attempt,), accept=accept)
-        except SolverError as exc:
-            tried.append(str(exc).replace("all conic solvers failed: ", ""))
-            continue
-        tried += t_
-        if state.get("cert") is not None and state["cert"].gap <= CERTIFIED_GAP:
-            break
+    state, status, tried = solve_cvxpy_certified(prob, evaluate)
     info.update(cvxpy_status=status, attempts="; ".join(tried))
     if "cert" not in state:
         info["message"] = "no solver returned a solution"
@@ -1084,6 +1061,37 @@ def _best_stage(best, certify, stage):
 
 
 
+def _finish_smoothing(method, stages, certify, run, info, tm, cone) -> SolverResult:
+    """Certify the continuation stages of a smoothed native solver and return its result.
+
+    ``stages`` yields ``(cheap_gap, theta, tau, q)`` for the stages with ``tau <= 1e-5``; a stage is
+    certified (``certify(theta, q)``) only when its cheap gap, a lower bound on the certified one, is
+    below ``SMOOTHING_TARGET_GAP``, and the loop stops at the first stage certified that tightly;
+    otherwise the stage with the smallest cheap gap is certified. ``run`` holds the Newton
+    ``iterations`` and last ``message`` the stages accumulated; ``cone()`` solves the cone program
+    when no stage certifies to ``CERTIFIED_GAP``.
+    """
+    best, seen = None, []
+    for stage in stages:
+        seen.append(stage)
+        if stage[0] <= SMOOTHING_TARGET_GAP:  # gap >= cheap gap: certify only then
+            best = _best_stage(best, certify, stage)
+            if best[0].gap <= SMOOTHING_TARGET_GAP:
+                break
+    if best is None or best[0].gap > CERTIFIED_GAP:
+        best = _best_stage(best, certify, min(seen, key=lambda st: st[0]))
+    cert, theta, tau = best
+    info.update(iterations=run["iterations"], path="smoothing", tau=tau, message=run["message"])
+    if cert.gap <= CERTIFIED_GAP:
+        return _result(method, theta, cert, "native-smoothing-newton", tm.elapsed, info)
+    r = cone()
+    info.update(r.info)
+    info["path"] = "cvxpy fallback"
+    info["message"] = (f"smoothing not certified (gap {cert.gap:.3g}); solved by the cone program. "
+                       + str(r.info.get("message", "")))
+    return SolverResult(**{**r.__dict__, "info": info, "seconds": tm.elapsed})
+
+
 @single_blas_thread
 def solve_cvardpo(data: PreferenceData, beta: float, radius: float, alpha: float, solver: str = "native",
                   max_iter: int = 60) -> SolverResult:
@@ -1124,36 +1132,26 @@ def solve_cvardpo(data: PreferenceData, beta: float, radius: float, alpha: float
                     info.update(path="collapse", iterations=0,
                                 message=f"alpha = {alpha:.6g} <= alpha_c = {alpha_c:.6g}: theta_ref is optimal")
                     return _result("cvardpo", theta, cert, "native-collapse", tm.elapsed, info, collapsed=True)
-        theta = _dpo_start(M, radius)
-        best, iters_total, message, stages = None, 0, "", []
-        for tau in TAU_SCHEDULE:
-            S = _CVaRSmooth(M, alpha, tau)
-            v0 = np.append(theta, S.reset(theta))
-            v, iters, _, message = _newton_reset(S.fun, S.grad_hess, S.reset, v0, data.d, radius, max_iter)
-            iters_total += iters
-            theta = _project_ball(v[: data.d], radius)
-            if tau > 1e-5:
-                continue
-            q_tau = _feasible_cvar(S.q(theta, v[-1]), M.w, alpha)
-            l = M.losses(theta)
-            stages.append((cvar_inner(l, M.w, alpha).value - float(q_tau @ l), theta, tau, q_tau))
-            if stages[-1][0] <= SMOOTHING_TARGET_GAP:  # gap >= U - E_q l(theta): certify only then
-                best = _best_stage(best, lambda th, q: _cvar_cert(th, M, radius, alpha, extra_q=(q,)), stages[-1])
-                if best[0].gap <= SMOOTHING_TARGET_GAP:
-                    break
-        if best is None or best[0].gap > CERTIFIED_GAP:
-            best = _best_stage(best, lambda th, q: _cvar_cert(th, M, radius, alpha, extra_q=(q,)),
-                               min(stages, key=lambda st: st[0]))
-        cert, theta, tau = best
-        info.update(iterations=iters_total, path="smoothing", tau=tau, message=message)
-        if cert.gap <= CERTIFIED_GAP:
-            return _result("cvardpo", theta, cert, "native-smoothing-newton", tm.elapsed, info)
-        r = _cvardpo_cvxpy(data, beta, radius, alpha)
-        info.update(r.info)
-        info["path"] = "cvxpy fallback"
-        info["message"] = (f"smoothing not certified (gap {cert.gap:.3g}); solved by the cone program. "
-                           + str(r.info.get("message", "")))
-        return SolverResult(**{**r.__dict__, "info": info, "seconds": tm.elapsed})
+        run = {"iterations": 0, "message": ""}
+
+        def stages():
+            theta = _dpo_start(M, radius)
+            for tau in TAU_SCHEDULE:
+                S = _CVaRSmooth(M, alpha, tau)
+                v0 = np.append(theta, S.reset(theta))
+                v, iters, _, run["message"] = _newton_reset(S.fun, S.grad_hess, S.reset, v0, data.d, radius, max_iter)
+                run["iterations"] += iters
+                theta = _project_ball(v[: data.d], radius)
+                if tau > 1e-5:
+                    continue
+                q_tau = _feasible_cvar(S.q(theta, v[-1]), M.w, alpha)
+                l = M.losses(theta)
+                yield cvar_inner(l, M.w, alpha).value - float(q_tau @ l), theta, tau, q_tau  # U - E_q l(theta)
+
+        return _finish_smoothing(
+            "cvardpo", stages(), lambda th, q: _cvar_cert(th, M, radius, alpha, extra_q=(q,)), run, info, tm,
+            lambda: _cvardpo_cvxpy(data, beta, radius, alpha),
+        )
 
 
 def _cvardpo_cvxpy(data, beta, radius, alpha) -> SolverResult:
@@ -1219,34 +1217,24 @@ def solve_groupdpo(data: PreferenceData, beta: float, radius: float, groups, sol
                     info.update(path="collapse", iterations=0,
                                 message="0 is in the hull of the group means of u: theta_ref is optimal")
                     return _result("groupdpo", theta, cert, "native-collapse", tm.elapsed, info, collapsed=True)
-        theta = _dpo_start(M, radius)
-        best, iters_total, message, stages = None, 0, "", []
-        for tau in TAU_SCHEDULE:
-            S = _GroupSmooth(M, Gs, tau)
-            res = newton_ball(S.fun, S.grad_hess, theta, data.d, radius, max_iter=max_iter)
-            iters_total += res.iterations
-            theta, message = _project_ball(res.v, radius), res.message
-            if tau > 1e-5:
-                continue
-            pi, L = S.pi(theta)
-            stages.append((float(L.max() - pi @ L), theta, tau, pi))
-            if stages[-1][0] <= SMOOTHING_TARGET_GAP:  # gap >= max L - pi.L: certify only then
-                best = _best_stage(best, lambda th, p: _group_cert(th, M, radius, Gs, extra_pi=(p,)), stages[-1])
-                if best[0].gap <= SMOOTHING_TARGET_GAP:
-                    break
-        if best is None or best[0].gap > CERTIFIED_GAP:
-            best = _best_stage(best, lambda th, p: _group_cert(th, M, radius, Gs, extra_pi=(p,)),
-                               min(stages, key=lambda st: st[0]))
-        cert, theta, tau = best
-        info.update(iterations=iters_total, path="smoothing", tau=tau, message=message)
-        if cert.gap <= CERTIFIED_GAP:
-            return _result("groupdpo", theta, cert, "native-smoothing-newton", tm.elapsed, info)
-        r = _groupdpo_cvxpy(data, beta, radius, Gs)
-        info.update(r.info)
-        info["path"] = "cvxpy fallback"
-        info["message"] = (f"smoothing not certified (gap {cert.gap:.3g}); solved by the cone program. "
-                           + str(r.info.get("message", "")))
-        return SolverResult(**{**r.__dict__, "info": info, "seconds": tm.elapsed})
+        run = {"iterations": 0, "message": ""}
+
+        def stages():
+            theta = _dpo_start(M, radius)
+            for tau in TAU_SCHEDULE:
+                S = _GroupSmooth(M, Gs, tau)
+                res = newton_ball(S.fun, S.grad_hess, theta, data.d, radius, max_iter=max_iter)
+                run["iterations"] += res.iterations
+                theta, run["message"] = _project_ball(res.v, radius), res.message
+                if tau > 1e-5:
+                    continue
+                pi, L = S.pi(theta)
+                yield float(L.max() - pi @ L), theta, tau, pi  # max L - pi.L
+
+        return _finish_smoothing(
+            "groupdpo", stages(), lambda th, p: _group_cert(th, M, radius, Gs, extra_pi=(p,)), run, info, tm,
+            lambda: _groupdpo_cvxpy(data, beta, radius, Gs),
+        )
 
 
 def _groupdpo_cvxpy(data, beta, radius, Gs: _Groups) -> SolverResult:

@@ -35,7 +35,8 @@ from numpy.typing import ArrayLike, NDArray
 
 from ..data import PreferenceData
 from ..losses import dpo_grad, dpo_loss, signed_labels
-from ._common import CONIC_ATTEMPTS, Timer, weighted_min_lower_bound, check_common, check_radius, solve_cvxpy, single_blas_thread
+from ._common import CONIC_ATTEMPTS, Timer, weighted_min_lower_bound, check_common, check_radius, single_blas_thread, solve_cvxpy_certified
+from ._common import project_ball as _project_ball
 from ._newton import _subproblem, newton_ball
 from .result import FAILED, INACCURATE, SolverError, SolverResult, status_from_gap
 
@@ -645,14 +646,6 @@ def _certificate(theta, data: PreferenceData, beta: float, radius: float, rho: f
     return _Certificate(upper, lower, upper - lower, inner, best_q)
 
 
-def _project_ball(theta, radius):
-    theta = np.asarray(theta, float).copy()
-    nt = np.linalg.norm(theta)
-    if nt > radius:
-        theta *= radius / nt
-    return theta
-
-
 def _result(theta, cert: _Certificate, solver: str, seconds: float, info: dict, collapsed=False,
             status=None) -> SolverResult:
     return SolverResult(
@@ -807,11 +800,9 @@ def solve_kldpo_cvxpy(data: PreferenceData, beta: float, radius: float, rho: flo
             cp.norm(theta, 2) <= radius,
         ]
         prob = cp.Problem(cp.Minimize(lam * rho + t), cons)
-        state = {}
-
-        def accept() -> bool:
+        def evaluate():
             if theta.value is None:
-                return False
+                return None
             th = _project_ball(theta.value, radius)
             extra = []
             if loss_con.dual_value is not None:
@@ -819,23 +810,9 @@ def solve_kldpo_cvxpy(data: PreferenceData, beta: float, radius: float, rho: flo
                 qd[supp] = np.maximum(np.asarray(loss_con.dual_value, float).reshape(-1), 0.0)
                 if qd.sum() > 0:
                     extra.append(qd / qd.sum())
-            cert = _certificate(th, data, beta, radius, rho, extra_q=extra)
-            if "cert" not in state or cert.gap < state["cert"].gap:
-                state.update(cert=cert, theta=th, solver=state["label"])
-            return cert.gap <= 1e-7
+            return _certificate(th, data, beta, radius, rho, extra_q=extra), th
 
-        tried, status = [], None
-        for attempt in CONIC_ATTEMPTS:  # one attempt at a time, so the certifying label is known
-            label = attempt[0] + ("(max_step_fraction=0.9)" if "max_step_fraction" in attempt[1] else "")
-            state["label"] = label
-            try:
-                _, status, t_ = solve_cvxpy(prob, attempts=(attempt,), accept=accept)
-            except SolverError as exc:
-                tried.append(str(exc).replace("all conic solvers failed: ", ""))
-                continue
-            tried += t_
-            if state.get("cert") is not None and state["cert"].gap <= 1e-7:
-                break
+        state, status, tried = solve_cvxpy_certified(prob, evaluate, gap_ok=1e-7)
         info.update(cvxpy_status=status, attempts="; ".join(tried), iterations=None,
                     lam_cvxpy=None if lam.value is None else float(lam.value))
         if "cert" not in state:
