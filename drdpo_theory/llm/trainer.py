@@ -644,6 +644,7 @@ class Trainer:
         self.eval_ref: tuple[torch.Tensor, torch.Tensor] | None = None
         self._eval_step: int | None = None
         self._stop_signal: str | None = None
+        self._metrics_header: list[str] | None = None  # metrics.csv's columns once read or written
         self.last_checkpoint: Path | None = None
         self._rng_snapshot = self._rng_state()
         self._tb = None
@@ -693,6 +694,23 @@ class Trainer:
             module.train(was_training)
             if self.sharded:
                 _reshard(module)
+
+    def _all_logps(self, pairs: Sequence[TokenizedPair], logps_of: Callable[[dict[str, torch.Tensor]], Any]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chosen, rejected) sequence log-probs of every pair, each (N,) float64 on the CPU.
+
+        Each rank runs ``logps_of(batch)`` on its share (:meth:`_rank_batches`, a collated batch on
+        the device); one all-reduce assembles the vectors (each entry is non-zero on one rank only).
+        """
+        out = torch.zeros(2, len(pairs), dtype=torch.float64, device=self.device)
+        for idx, real in self._rank_batches(len(pairs)):
+            batch = {k: v.to(self.device) for k, v in self.collate([pairs[i] for i in idx]).items()}
+            c, r = logps_of(batch)
+            if real:
+                out[0, idx], out[1, idx] = c.double(), r.double()
+        if self.world > 1:
+            dist.all_reduce(out)
+        return out[0].cpu(), out[1].cpu()
 
     def _reference_logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.ref_cache is not None:
@@ -745,20 +763,8 @@ class Trainer:
         cached = self._read_reference_cache(path, key, len(pairs))
         if cached is not None:
             return cached
-        n = len(pairs)
-        chosen = torch.zeros(n, dtype=torch.float64, device=self.device)
-        rejected = torch.zeros(n, dtype=torch.float64, device=self.device)
-        for idx, real in self._rank_batches(n):
-            batch = self.collate([pairs[i] for i in idx])
-            inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("index", "weight")}
-            c, r = self._policy_logps(self.base, inputs, adapters=False)
-            if real:
-                chosen[idx] = c.double()
-                rejected[idx] = r.double()
-        if self.world > 1:  # each entry is non-zero on exactly one rank
-            dist.all_reduce(chosen)
-            dist.all_reduce(rejected)
-        out = (chosen.float().cpu(), rejected.float().cpu())
+        chosen, rejected = self._all_logps(pairs, lambda b: self._policy_logps(self.base, b, adapters=False))
+        out = (chosen.float(), rejected.float())
         if self.rank == 0:
             tmp = path.with_name(f".tmp-{path.name}")
             save_file({"chosen": out[0], "rejected": out[1]}, str(tmp), metadata={"key": key})
@@ -786,18 +792,8 @@ class Trainer:
             if self.cfg.reference == "precompute":
                 self.precompute_reference()
             else:  # frozen reference model (or LoRA base): computed once, kept in memory
-                n = len(self.eval_pairs)
-                c_all = torch.zeros(n, dtype=torch.float64, device=self.device)
-                r_all = torch.zeros(n, dtype=torch.float64, device=self.device)
-                for idx, real in self._rank_batches(n):
-                    batch = self.collate([self.eval_pairs[i] for i in idx])
-                    c, r = self._reference_logps({k: v.to(self.device) for k, v in batch.items()})
-                    if real:
-                        c_all[idx], r_all[idx] = c.double(), r.double()
-                if self.world > 1:
-                    dist.all_reduce(c_all)
-                    dist.all_reduce(r_all)
-                self.eval_ref = (c_all.float().cpu(), r_all.float().cpu())
+                c_all, r_all = self._all_logps(self.eval_pairs, self._reference_logps)
+                self.eval_ref = (c_all.float(), r_all.float())
         return self.eval_ref
 
     # ------------------------------------------------------------ evaluation
@@ -823,16 +819,7 @@ class Trainer:
             return {}
         ref_c, ref_r = self._eval_reference()
         n = len(self.eval_pairs)
-        pol = torch.zeros(2, n, dtype=torch.float64, device=self.device)
-        for idx, real in self._rank_batches(n):
-            batch = self.collate([self.eval_pairs[i] for i in idx])
-            inputs = {k: v.to(self.device) for k, v in batch.items() if k not in ("index", "weight")}
-            c, r = self._policy_logps(self.base, inputs)
-            if real:
-                pol[0, idx], pol[1, idx] = c.double(), r.double()
-        if self.world > 1:
-            dist.all_reduce(pol)
-        pc, pr = pol[0].cpu(), pol[1].cpu()
+        pc, pr = self._all_logps(self.eval_pairs, lambda b: self._policy_logps(self.base, b))
         rc, rr = ref_c.double(), ref_r.double()
         beta = self.cfg.beta
         loss_fn = ipo_loss if self.cfg.method == "ipo" else dpo_loss
@@ -1038,6 +1025,13 @@ class Trainer:
             reader = csv.DictReader(fh)
             return list(reader.fieldnames or []), list(reader)
 
+    def _read_metrics_header(self) -> list[str]:
+        path = self.out / "metrics.csv"
+        if not path.is_file() or path.stat().st_size == 0:
+            return []
+        with path.open(newline="", encoding="utf-8") as fh:
+            return next(csv.reader(fh), [])
+
     def _rewrite_metrics(self, header: list[str], rows: list[dict[str, Any]]) -> None:
         path = self.out / "metrics.csv"
         tmp = path.with_name(".tmp-metrics.csv")
@@ -1053,13 +1047,21 @@ class Trainer:
         return base + sorted(k for k in keys if k not in BASE_COLUMNS)
 
     def _write_row(self, row: dict[str, Any]) -> None:
-        """Append one row to metrics.csv (rank 0); a row with new columns rewrites the file atomically."""
+        """Append one row to metrics.csv (rank 0); a row with new columns rewrites the file atomically.
+
+        The header is read once and then kept in memory, so a step appends one line and reads nothing.
+        """
         if self.rank != 0:
             return
         path = self.out / "metrics.csv"
-        header, rows = self._read_metrics()
+        if self._metrics_header is None:
+            self._metrics_header = self._read_metrics_header()
+        header = self._metrics_header
         if not header or any(k not in header for k in row):
-            self._rewrite_metrics(self._header_for(set(header) | set(row)), rows + [row])
+            _, rows = self._read_metrics()
+            header = self._header_for(set(header) | set(row))
+            self._rewrite_metrics(header, rows + [row])
+            self._metrics_header = header
         else:
             with path.open("a", newline="", encoding="utf-8") as fh:
                 csv.DictWriter(fh, fieldnames=header, extrasaction="ignore", restval="").writerow(row)
