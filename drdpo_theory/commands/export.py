@@ -12,7 +12,6 @@ full fine-tuning checkpoint).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 
 def register(sub) -> None:
@@ -30,13 +29,12 @@ def register(sub) -> None:
 def run(args) -> int:
     from ..cli import CLIError
 
-    out = Path(args.out)
-    for parent in [out, *out.parents]:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CLIError(f"OUT {args.out} {'is a file' if parent == out else f'lies under the file {parent}'}; "
-                               "expected a folder")
-            break
+    from ..io import OutputPathError, check_output_dir
+
+    try:
+        out = check_output_dir(args.out, "OUT")
+    except OutputPathError as exc:
+        raise CLIError(str(exc)) from None
     try:
         from ..llm.export import ExportError, export_checkpoint
         from ..llm.models import ModelLoadError

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -152,18 +151,17 @@ def _fail(msg: str, code: int = 2) -> int:
 def check_output_dir(out: str, resume: Any = None, overwrite: bool = False, flag: str = "--output") -> str | None:
     """Why ``out`` cannot take a run's files (one line), or None when it can.
 
-    Refused: a path that is a file or lies under a file, a folder that cannot be written, and a
-    non-empty folder unless ``resume`` or ``overwrite`` is given.
+    Refused: a path that is a file or lies under a file, a folder that cannot be written (the
+    studies' check, :func:`drdpo_theory.io.check_output_dir`), and a non-empty folder unless
+    ``resume`` or ``overwrite`` is given.
     """
+    from drdpo_theory.io import OutputPathError, check_output_dir as check_writable_dir
+
     path = Path(out).expanduser()
-    for parent in [path, *path.parents]:
-        if parent.exists() or parent.is_symlink():
-            if not parent.is_dir():
-                what = "is a file" if parent == path else f"lies under the file {parent}"
-                return f"{flag} {out} {what}; expected a directory"
-            if not os.access(parent, os.W_OK | os.X_OK):
-                return f"{flag} {out}: {parent} is not writable"
-            break
+    try:
+        check_writable_dir(path, flag)
+    except OutputPathError as exc:
+        return str(exc)
     if resume is not None and overwrite:
         return "--resume and --overwrite exclude each other: continue the run, or start over"
     if path.is_dir() and resume is None and not overwrite and any(path.iterdir()):

@@ -526,7 +526,7 @@ def test_output_folder_rules(tmp_path, capsys):
     # a file, a path under a file
     f = tmp_path / "file"
     f.write_text("x")
-    for bad, what in ((f, "is a file"), (f / "sub", "lies under the file")):
+    for bad, what in ((f, "is a file; expected a folder"), (f / "sub", "is a file, so no folder can be made under it")):
         capsys.readouterr()
         assert _cli(args + ["--output", str(bad)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
