@@ -866,9 +866,10 @@ def preference_eval(
         rc, rr = _refs(ref_chosen_logps, ref_rejected_logps, pc)
         l = dpo_loss(pc, pr, rc, rr, cfg.beta)  # (B,)
         (g,) = torch.autograd.grad(l.sum(), probe.e)  # (2B, T, D): with respect to the leaf e only
+    v = _nominal(batch, l)  # pair weights, as in preference_loss
     pair_sq = _pair_sq_norms(g)
-    penalty, metrics = _wdpo_metrics(l.detach(), pair_sq, cfg)
-    loss = (l.mean() + penalty).detach()
+    penalty, metrics = _wdpo_metrics(l.detach(), pair_sq, cfg, v)
+    loss = (_wmean(l.detach(), v) + penalty).detach()
     metrics["loss"] = float(loss)
     metrics.update(_reward_metrics(pc, pr, rc, rr, cfg.beta))
     return loss, metrics

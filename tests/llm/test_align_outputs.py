@@ -306,6 +306,11 @@ def test_weighted_loss_is_the_weighted_mean_of_pair_losses(method):
         want = want + m["wdpo/penalty"]
         np.testing.assert_allclose(m["dpo_loss"], float((v * l).mean()), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
     np.testing.assert_allclose(float(loss.detach()), float(want), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
+    # the evaluation path (no parameter gradients) gives the same weighted value
+    from drdpo_theory.llm.objectives import preference_eval
+
+    loss_eval, _ = preference_eval(model, {**batch, "weight": v}, rc, rr, cfg)
+    np.testing.assert_allclose(float(loss_eval), float(loss.detach()), rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL)
     # a pair of weight 2 counts as that pair twice: weights (2, 1) == the batch with pair 0 duplicated
     loss1, _ = preference_loss(model, {**batch, "weight": torch.tensor([2.0, 1.0, 1.0, 0.0], dtype=torch.float64)},
                                rc, rr, cfg)
