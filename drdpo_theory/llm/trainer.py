@@ -347,6 +347,10 @@ CHECKPOINT_KEYS = ("step", "consumed", "world_size", "param_names", "param_group
                    "scheduler", "python_rng", "numpy_rng", "config")
 
 
+RESUME_ELSEWHERE = "resume from another checkpoint or start over with --overwrite"
+RECOMPUTE_CACHE = "delete it to recompute it"
+
+
 def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     """Read and check ``path/trainer_state.json``.
 
@@ -366,8 +370,7 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
         state = json.loads(state_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(
-            f"{state_file}: corrupt checkpoint state ({type(exc).__name__}); resume from another checkpoint "
-            "or start over with --overwrite"
+            f"{state_file}: corrupt checkpoint state ({type(exc).__name__}); {RESUME_ELSEWHERE}"
         ) from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
@@ -375,15 +378,15 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def _check_safetensors(path: Path, what: str) -> None:
-    """Raise CheckpointError unless ``path`` has a readable safetensors header (reads the header only)."""
+def _check_safetensors(path: Path, what: str, remedy: str) -> None:
+    """Raise CheckpointError (naming ``what`` and the ``remedy``) unless ``path`` has a readable safetensors header."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as fh:
             fh.keys()
     except Exception as exc:  # safetensors raises its own error types on damaged files
-        raise CheckpointError(f"{path}: corrupt {what} ({type(exc).__name__}); {'delete it to recompute it' if 'cache' in what else 'resume from another checkpoint or start over with --overwrite'}") from None
+        raise CheckpointError(f"{path}: corrupt {what} ({type(exc).__name__}); {remedy}") from None
 
 
 def validate_run_dir(output_dir: str | os.PathLike, resume: str | os.PathLike | None) -> Path | None:
@@ -398,7 +401,7 @@ def validate_run_dir(output_dir: str | os.PathLike, resume: str | os.PathLike | 
     out = Path(output_dir)
     for name in ("ref_logps.safetensors", "ref_logps_eval.safetensors"):
         if (out / name).is_file():
-            _check_safetensors(out / name, "reference log-prob cache")
+            _check_safetensors(out / name, "reference log-prob cache", RECOMPUTE_CACHE)
     if resume is None:
         return None
     ckpt = latest_checkpoint(out) if str(resume) == "auto" else Path(resume)
@@ -406,7 +409,7 @@ def validate_run_dir(output_dir: str | os.PathLike, resume: str | os.PathLike | 
         return None
     read_checkpoint_state(ckpt)
     for f in sorted(ckpt.glob("*.safetensors")):
-        _check_safetensors(f, "checkpoint file")
+        _check_safetensors(f, "checkpoint file", RESUME_ELSEWHERE)
     for name in ("trainable.safetensors", "optimizer.safetensors"):
         if not (ckpt / name).is_file():
             raise CheckpointError(f"{ckpt / name}: missing checkpoint file")
@@ -748,11 +751,11 @@ class Trainer:
                 t = {name: fh.get_tensor(name) for name in ("chosen", "rejected")}
         except Exception as exc:  # safetensors raises its own error types on damaged files
             raise CheckpointError(
-                f"{path}: corrupt reference log-prob cache ({type(exc).__name__}); delete it to recompute it"
+                f"{path}: corrupt reference log-prob cache ({type(exc).__name__}); {RECOMPUTE_CACHE}"
             ) from None
         if any(v.shape != (n,) or not torch.isfinite(v).all() for v in t.values()):
             raise CheckpointError(f"{path}: corrupt reference log-prob cache (expected {n} finite values per answer); "
-                                  "delete it to recompute it")
+                                  f"{RECOMPUTE_CACHE}")
         return t["chosen"], t["rejected"]
 
     def _compute_reference(self, pairs: Sequence[TokenizedPair], path: Path) -> tuple[torch.Tensor, torch.Tensor]:
