@@ -96,3 +96,21 @@ def quick_figures(out_given: str | None, figures: str | None, quick: bool, defau
     if not quick:
         return default_full
     return os.path.join(out_given, "figures") if out_given else os.path.join("figures", "quick")
+
+
+def study_outputs(args, study: str, default_out: str, tables: dict | None = None) -> tuple[str, str]:
+    """The ``(out, figures)`` folders of a study command, checked and claimed (exit 2 otherwise).
+
+    ``out`` is ``--out`` or ``default_out`` ("" keeps tables in memory only); ``figures`` follows
+    :func:`quick_figures`. Both must be writable folders (:func:`output_dir`), and ``out`` becomes
+    ``study``'s folder (:func:`claim_output_dir`, refusing ``tables`` the study did not write).
+    """
+    out = args.out if args.out is not None else default_out
+    figures = quick_figures(args.out or None, args.figures, args.quick)
+    if out:
+        output_dir(out, "--out")
+    if figures:
+        output_dir(figures, "--figures")
+    if out:
+        claim_output_dir(out, study, tables=tables)
+    return out, figures

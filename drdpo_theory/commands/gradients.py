@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import time
 
-from ._args import claim_output_dir as _claim, n_jobs as _n_jobs, number as _float, output_dir as _output_dir
-from ._args import quick_figures as _quick_figures
+from ._args import n_jobs as _n_jobs, number as _float
+from ._args import study_outputs as _study_outputs
 from ..cli import EXIT_OK, CLIError, emit_summary
 
 
@@ -78,14 +78,8 @@ def run(args) -> int:
     from ..experiments.gradients import TABLES, GradientStudyConfig, run_study, summarize
 
     n_jobs = _n_jobs(args.jobs)
-    out = args.out if args.out is not None else ("results/gradients_quick" if args.quick else "results/gradients")
-    figures = _quick_figures(args.out or None, args.figures, args.quick)
-    if out:
-        _output_dir(out, "--out")
-    if figures:
-        _output_dir(figures, "--figures")
-    if out:
-        _claim(out, "gradients", tables={f"{name}.csv": ("instance",) for name in TABLES})
+    default_out = "results/gradients_quick" if args.quick else "results/gradients"
+    out, figures = _study_outputs(args, "gradients", default_out, tables={f"{name}.csv": ("instance",) for name in TABLES})
     cfg = GradientStudyConfig.quick() if args.quick else GradientStudyConfig()
     t0 = time.perf_counter()
     res = run_study(cfg, out_dir=out or None, n_jobs=n_jobs, progress=not args.json)

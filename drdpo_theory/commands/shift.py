@@ -15,8 +15,8 @@ import json
 import time
 from dataclasses import replace
 
-from ._args import claim_output_dir as _claim, n_jobs as _n_jobs, output_dir as _output_dir
-from ._args import quick_figures as _quick_figures
+from ._args import n_jobs as _n_jobs
+from ._args import study_outputs as _study_outputs
 from ..cli import EXIT_OK, CLIError
 
 
@@ -60,14 +60,7 @@ def run(args) -> int:
         raise CLIError(str(exc)) from None
     n_jobs = _n_jobs(args.jobs)
     default_out = "results/shift" + ("_reward" if cfg.mixture == "reward" else "") + ("_quick" if args.quick else "")
-    out = args.out if args.out is not None else default_out
-    figures = _quick_figures(args.out or None, args.figures, args.quick)
-    if out:
-        _output_dir(out, "--out")
-    if figures:
-        _output_dir(figures, "--figures")
-    if out:
-        _claim(out, "shift", tables={"shift.csv": ("seed", "method", "alpha", "reward")})
+    out, figures = _study_outputs(args, "shift", default_out, tables={"shift.csv": ("seed", "method", "alpha", "reward")})
     t0 = time.perf_counter()
     res = run_shift(cfg, out_dir=out or None, n_jobs=n_jobs, progress=not args.json)
     summary = summarize_shift(res)

@@ -19,8 +19,8 @@ from __future__ import annotations
 import json
 import time
 
-from ._args import claim_output_dir as _claim, n_jobs as _n_jobs, output_dir as _output_dir
-from ._args import quick_figures as _quick_figures
+from ._args import n_jobs as _n_jobs
+from ._args import study_outputs as _study_outputs
 from ..cli import EXIT_OK
 
 #: tables of the study and the columns that identify them (a foreign file of that name is refused)
@@ -56,14 +56,8 @@ def run(args) -> int:
 
     cfg = ShiftMapConfig.quick() if args.quick else ShiftMapConfig()
     n_jobs = _n_jobs(args.jobs)
-    out = args.out if args.out is not None else ("results/shift_map_quick" if args.quick else "results/shift_map")
-    figures = _quick_figures(args.out or None, args.figures, args.quick)
-    if out:
-        _output_dir(out, "--out")
-    if figures:
-        _output_dir(figures, "--figures")
-    if out:
-        _claim(out, "shift-map", tables=TABLES)
+    default_out = "results/shift_map_quick" if args.quick else "results/shift_map"
+    out, figures = _study_outputs(args, "shift-map", default_out, tables=TABLES)
     t0 = time.perf_counter()
     res = run_shift_map(cfg, out_dir=out or None, n_jobs=n_jobs, progress=not args.json)
     summ = summarize_regret(res, cfg)
