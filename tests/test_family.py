@@ -46,6 +46,7 @@ from drdpo_theory.solvers.family import (
     solve_rdpo,
 )
 from drdpo_theory.solvers.result import CERTIFIED_GAP
+from tests.helpers import bt_instance as _instance
 
 #: inner worst case vs a conic / LP primal (Clarabel's accuracy is ~1e-9 here)
 RTOL_INNER = 1e-7
@@ -59,19 +60,6 @@ RTOL_FD = 1e-5
 ATOL_FD = 1e-7
 
 pytestmark = pytest.mark.filterwarnings("ignore:Solution may be inaccurate")
-
-
-def _instance(n, d, seed, ref_norm=0.0, signal=6.0, uniform=False):
-    """Random data: ``||x|| <= 1``, Bradley-Terry labels with a ``signal``-norm truth, random weights."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d))
-    x /= np.maximum(1.0, np.linalg.norm(x, axis=1))[:, None]
-    ts = rng.standard_normal(d)
-    ts *= signal / np.linalg.norm(ts)
-    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-x @ ts))).astype(int)
-    w = None if uniform else rng.random(n) + 0.05
-    r = rng.standard_normal(d)
-    return PreferenceData(x, y, w, ref_norm * r / np.linalg.norm(r))
 
 
 def _groups(data):

@@ -35,6 +35,7 @@ from drdpo_theory.solvers.kl import (
     solve_kldpo_native,
 )
 from drdpo_theory.solvers.result import CERTIFIED_GAP
+from tests.helpers import bt_instance as _instance
 
 #: kl_inner vs a conic primal (Clarabel's accuracy is ~1e-9 on these).
 RTOL_INNER = 1e-6
@@ -52,19 +53,6 @@ RTOL_FD = 1e-6
 ATOL_FD = 1e-9
 
 pytestmark = pytest.mark.filterwarnings("ignore:Solution may be inaccurate")
-
-
-def _instance(n, d, seed, ref_norm=0.0, signal=6.0, uniform=False):
-    """Random data: ``||x|| <= 1``, Bradley-Terry labels with a ``signal``-norm truth, random weights."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, d))
-    x /= np.maximum(1.0, np.linalg.norm(x, axis=1))[:, None]
-    ts = rng.standard_normal(d)
-    ts *= signal / np.linalg.norm(ts)
-    y = (rng.random(n) < 1.0 / (1.0 + np.exp(-x @ ts))).astype(int)
-    w = None if uniform else rng.random(n) + 0.05
-    r = rng.standard_normal(d)
-    return PreferenceData(x, y, w, ref_norm * r / np.linalg.norm(r))
 
 
 def _assert_certified(res, data, beta, radius, rho):
