@@ -45,6 +45,7 @@ import argparse
 import ctypes
 import gc
 import json
+import os
 import platform
 import re
 import resource
@@ -58,6 +59,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _meta import run_info  # noqa: E402  (benchmarks/_meta.py, next to this script)
 from drdpo_theory.llm.attention import attention_implementation  # noqa: E402
 from drdpo_theory.llm.logprobs import concatenated_logps  # noqa: E402
 from drdpo_theory.llm.objectives import LossConfig, preference_backward, preference_loss  # noqa: E402
@@ -72,7 +75,9 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--gpu", action="store_true", help="Llama-3.2-1B-shaped config on CUDA in bf16, 8 pairs x 512 tokens")
-    p.add_argument("--json", action="store_true", help="print one JSON line with all numbers at the end")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="PATH",
+                   help="all numbers as JSON: one line at the end of stdout, or written to PATH "
+                        "(what `drdpo reproduce --collect --only bench-train-step` reads from results/bench/train_step.json)")
     for k in CPU_PRESET:
         p.add_argument("--" + k.replace("_", "-"), default=None, type=str if k in ("dtype", "device") else int,
                        help=f"override the preset (CPU default {CPU_PRESET[k]}, --gpu {GPU_PRESET[k]})")
@@ -248,6 +253,7 @@ def cosine(u, v):
 
 def main(argv=None):
     a = parse_args(argv)
+    load0 = os.getloadavg()[0]
     if a.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--gpu/--device cuda requested but CUDA is not available")
     torch.set_grad_enabled(True)
@@ -311,10 +317,16 @@ def main(argv=None):
     for k, (cf, cp) in cos.items():
         print(f"gradient cosine {k} vs double-backward: {cf:.6f} (whole), {cp:.6f} (penalty part)")
     if a.json:
-        print(json.dumps(dict(device=dev, torch=torch.__version__, config=vars(a), n_params=n_params,
-                              memory_kind=meter.kind, rows=rows, cos_fd_db=cos_full, cos_fd_db_penalty=cos_pen,
-                              cos_fd_surrogate_db=cos["WDPO fd surrogate"][0],
-                              cos_fd_surrogate_db_penalty=cos["WDPO fd surrogate"][1])))
+        doc = dict(device=dev, torch=torch.__version__, config=vars(a), n_params=n_params,
+                   memory_kind=meter.kind, rows=rows, cos_fd_db=cos_full, cos_fd_db_penalty=cos_pen,
+                   cos_fd_surrogate_db=cos["WDPO fd surrogate"][0],
+                   cos_fd_surrogate_db_penalty=cos["WDPO fd surrogate"][1], **run_info("train_step.py", argv, load0))
+        if a.json == "-":
+            print(json.dumps(doc))
+        else:
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
+            print(f"wrote {a.json}")
 
 
 if __name__ == "__main__":

@@ -64,6 +64,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _meta  # noqa: E402  (benchmarks/_meta.py, next to this script)
+
 ROOT = Path(__file__).resolve().parents[1]
 TOY = ROOT / "drdpo_theory" / "data" / "toy_preferences.jsonl"
 LORA = dict(r=16, alpha=32.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -317,37 +320,11 @@ def add_ratios(rows: list[dict]) -> None:
 
 
 def check_goals(rows: list[dict]) -> list[dict]:
-    """The CPU goals of issue 15 that the run's rows can decide (each: goal, value, met)."""
-    by = {r["config"]: r for r in rows if "error" not in r}
-    goals = []
+    """The CPU goals of issue 15 that the run's rows can decide (each: goal, value, met); the same
+    function renders them in paper_repro.md from the committed JSON."""
+    from drdpo_theory.report_bench import trl_goals
 
-    def add(goal, value, met):
-        goals.append({"goal": goal, "value": value, "met": bool(met)})
-
-    for sfx, tag in (("", "full"), ("-lora", "LoRA")):
-        trl = by.get("trl-dpo" + sfx)
-        for m in ("dpo", "kldpo"):
-            r = by.get(f"align-{m}{sfx}")
-            if trl and r:
-                x = r["s_per_step"] / trl["s_per_step"]
-                add(f"drdpo align {m.upper()} ({tag}) <= 0.90x TRL DPO s/step", f"{x:.2f}x", x <= 0.90)
-                if r.get("peak_rss_mib") and trl.get("peak_rss_mib"):
-                    add(f"drdpo align {m.upper()} ({tag}) peak RSS <= TRL DPO's",
-                        f"{r['peak_rss_mib']:.0f} vs {trl['peak_rss_mib']:.0f} MiB",
-                        r["peak_rss_mib"] <= trl["peak_rss_mib"])
-        tw, aw = by.get("trl-wdpo" + sfx), by.get("align-wdpo" + sfx)
-        if tw and aw:
-            x = tw["s_per_step"] / aw["s_per_step"]
-            add(f"TRL adapter WDPO ({tag}) <= 1.05x drdpo align WDPO s/step", f"{x:.2f}x", x <= 1.05)
-        if tw and trl and tw.get("peak_rss_mib") and trl.get("peak_rss_mib"):
-            x = tw["peak_rss_mib"] / trl["peak_rss_mib"]
-            add(f"TRL adapter WDPO ({tag}) peak RSS <= 1.12x TRL DPO's", f"{x:.2f}x", x <= 1.12)
-        for p in ("trl", "align"):
-            w, dpo = by.get(f"{p}-wdpo{sfx}"), by.get(f"{p}-dpo{sfx}")
-            if w and dpo:
-                x = w["s_per_step"] / dpo["s_per_step"]
-                add(f"{p} WDPO finite-diff ({tag}) <= 2.0x {p} DPO s/step", f"{x:.2f}x", x <= 2.0)
-    return goals
+    return trl_goals(rows)
 
 
 def _fmt(v, spec):
@@ -368,16 +345,6 @@ def format_table(rows: list[dict]) -> str:
             _fmt(r["peak_rss_mib"], ".0f") + " MiB", _fmt(r["process_peak_rss_mib"], ".0f") + " MiB",
         ]) + " |")
     return "\n".join(lines)
-
-
-def _cpu_name() -> str:
-    try:
-        for ln in Path("/proc/cpuinfo").read_text().splitlines():
-            if ln.startswith("model name"):
-                return ln.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None) -> int:
@@ -409,7 +376,7 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()[0]
     trl_version = next((r["trl_version"] for r in rows if "trl_version" in r), None)
     header = (f"{a.model}, fp32, {a.threads} torch thread(s), {a.batch_size} pairs/step, max_length {a.max_length}, "
-              f"median of steps {a.warmup + 1}-{a.steps}, TRL {trl_version or '-'}, {_cpu_name()}, "
+              f"median of steps {a.warmup + 1}-{a.steps}, TRL {trl_version or '-'}, {_meta.cpu_name()}, "
               f"load avg {load0:.2f} -> {load1:.2f}")
     print(header)
     print(format_table(rows))
@@ -423,11 +390,13 @@ def main(argv=None) -> int:
         doc = {
             "model": a.model, "steps": a.steps, "warmup": a.warmup, "batch_size": a.batch_size,
             "max_length": a.max_length, "lr": a.lr, "beta": a.beta, "threads": a.threads, "dtype": "fp32",
-            "n_pairs": n_pairs, "trl_version": trl_version, "cpu": _cpu_name(), "python": platform.python_version(),
+            "n_pairs": n_pairs, "trl_version": trl_version, "cpu": _meta.cpu_name(), "python": platform.python_version(),
             "load_avg_before": load0, "load_avg_after": load1,
             "command": shlex.join(["python", "benchmarks/vs_trl.py", *(sys.argv[1:] if argv is None else argv)]),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": _meta.git_commit(),
             "columns": list(COLUMNS), "rows": rows, "goals": goals,
         }
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(doc, indent=1) + "\n")
     if tmp is not None:
         tmp.cleanup()

@@ -29,6 +29,8 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from . import report_bench as _bench
+
 __all__ = ["RESULTS_DIR", "DOCUMENTS", "STUDY_FILES", "collect", "render_blocks", "update_document",
            "check_documents", "write_documents", "regenerate_figures", "NOT_REGENERATED"]
 
@@ -65,9 +67,18 @@ STUDY_FILES: dict[str, tuple[str, list[tuple[str, list[str] | None]], str]] = {
     "llm-shift-sweep": ("results/llm_shift", [("sweep_results.json", None)],
                         "drdpo llm-shift --model smollm2 --out runs/llm_shift --tau 0.1,1 --rho0 0.005,0.05 "
                         "--results-json results/llm_shift/sweep_results.json"),
+    "shift-map": ("results/shift_map", [("shift_map_compact.json", None), ("shift_map_best.csv", None)],
+                  "drdpo shift-map --n-jobs 2 --json"),
+    # benchmarks (drdpo_theory.report_bench): each script writes one JSON with --json
+    **{name: ("results/bench", [(file, None)], cmd) for name, (file, cmd) in _bench.BENCH.items()},
 }
 
-_DEST = {"llm-shift-seeds01": "llm-shift", "llm-shift-sweep": "llm-shift"}
+_DEST = {"llm-shift-seeds01": "llm-shift", "llm-shift-sweep": "llm-shift",
+         **{name: "bench" for name in _bench.BENCH}}
+
+
+#: a source file committed under another name (the shift map's compact summary is its shift_map.json)
+_DEST_NAME = {"shift_map_compact.json": "shift_map.json"}
 
 
 def _dest(study: str) -> str:
@@ -113,21 +124,23 @@ def collect(studies=None, root: str | Path = ".", dest: str | Path | None = None
         out = dest / _dest(study)
         for name, cols in files:
             p = src / name
+            to = out / _DEST_NAME.get(name, name)
             if name.endswith(".csv"):
                 df = pd.read_csv(p)
                 if cols:
                     df = df[[c for c in cols if c in df.columns]]
-                write_text(out / name, df.to_csv(index=False, lineterminator="\n", float_format=_SIG))
+                write_text(to, df.to_csv(index=False, lineterminator="\n", float_format=_SIG))
             elif name == "summary.json" and not p.is_file():
-                write_json(out / name, _computed_summary(study, src))
+                write_json(to, _computed_summary(study, src))
             else:
-                write_json(out / name, _slim_json(study, name, json.loads(p.read_text())))
+                write_json(to, _slim_json(study, name, json.loads(p.read_text())))
         if study == "solver-check":
             from .experiments.solver_check import summarise
 
             write_json(out / "summary.json", summarise(pd.read_csv(src / "solver_check.csv")))
         manifest[study] = {"command": command, "collected": time.strftime("%Y-%m-%d", time.gmtime()),
-                           "commit": _git_commit(root), "files": [f"{_dest(study)}/{f}" for f, _ in files]}
+                           "commit": _git_commit(root),
+                           "files": [f"{_dest(study)}/{_DEST_NAME.get(f, f)}" for f, _ in files]}
         log(f"[done] {study} -> {out}/")
     write_json(manifest_path, dict(sorted(manifest.items())))
     return manifest
@@ -422,6 +435,7 @@ def _summary_rows(r: _Results) -> list[str]:
     else:
         rows.append(f"| 1 | exact robust solvers | KLDPO = exp-cone dual; W1-WDPO = convex program | "
                     f"{NOT_REGENERATED} | `drdpo solver-check --json` | - |")
+    rows.append(_bench.row_solvers(r))
     got = _sc_main(r)
     if got is not None:
         head, srows, grid, inst = got
@@ -480,19 +494,7 @@ def _summary_rows(r: _Results) -> list[str]:
                         f"`figures/gradients_sgd_endpoints.png` |")
     else:
         rows.append(f"| 6-8 | gradient approximations | - | {NOT_REGENERATED} | {gcmd} | - |")
-    sh = r.json("shift/summary.json")
-    if sh is not None:
-        w = sh["worst_alpha_reward"]
-        rob = {k: v for k, v in w.items() if k not in ("dpo", "dpo_sgd")}
-        wins = all(w["dpo"] > v for v in rob.values())
-        verdict = ("not here: under a label-mixture shift every exact and approximate robust method has a lower "
-                   "worst-case reward than DPO" if wins else "under a label-mixture shift some robust method beats DPO")
-        rows.append(f"| 9 | robustness under preference shift (log-linear) | robust DPO keeps reward when preferences "
-                    f"shift | {verdict} (worst-case reward DPO {w['dpo']:.3f} vs {min(rob.values()):.3f}-"
-                    f"{max(rob.values()):.3f}) | `{STUDY_FILES['shift'][2]}` | `figures/shift_reward_vs_alpha.png` |")
-    else:
-        rows.append(f"| 9 | robustness under preference shift (log-linear) | robust DPO keeps reward | {NOT_REGENERATED} "
-                    f"| `{STUDY_FILES['shift'][2]}` | - |")
+    rows.append(_row_robustness_loglinear(r))
     got = _llm_best(r)
     if got is not None:
         study, rel, s = got
@@ -501,7 +503,7 @@ def _summary_rows(r: _Results) -> list[str]:
         best = [max((n for n in pol if n != "reference"), key=lambda n: pol[n]["mean"][i]) for i in idx]
         dpo_best = all(b == "dpo" for b in best)
         d = pol.get("dpo")
-        txt = (f"DPO has the highest mean reward at alpha = 0 / 0.5 / 1 ("
+        txt = ("DPO has the highest mean reward at alpha = 0 / 0.5 / 1 ("
                + " / ".join(f"{d['mean'][i]:+.2f}" for i in idx) + ")") if dpo_best and d else (
             "highest mean reward at alpha = 0 / 0.5 / 1: " + " / ".join(_llm_label(b) for b in best))
         sig = []
@@ -528,7 +530,99 @@ def _summary_rows(r: _Results) -> list[str]:
         rows.append(f"| 10 | robustness under preference shift (LLM) | WDPO/KLDPO keep alignment under shift | "
                     f"{NOT_REGENERATED} (numbers quoted in the next table and section 10) | `drdpo llm-shift --model smollm2 --out runs/llm_shift` | "
                     f"`figures/llm_shift.png` |")
+    rows += [_bench.row_train_step(r), _bench.row_vs_trl(r)]
     return rows
+
+
+# ----------------------------------------------------------------------------- the shift map (row 9, section 9b)
+def _shift_map_numbers(r: _Results) -> dict | None:
+    """The numbers section 9b and row 9 quote, from the committed shift-map summary (None: not committed)."""
+    d = r.json("shift-map/shift_map.json")
+    best = r.csv("shift-map/shift_map_best.csv")
+    if d is None or best is None:
+        return None
+    shifts = d["grid"]["shifts"]
+    regions = [(sh, x) for sh in shifts for x in d["regions"].get(sh, {}).get("reward", [])]
+    pop = [(sh, x) for sh, x in regions if str(x["n"]) == "inf"]
+    cells = d["cells_per_shift"] * len(shifts)
+    wins_n = d["wins_by_n"]
+    ns = [str(n) for n in d["grid"]["ns"]]
+
+    def share(metric: str, n: str, only=None) -> float:
+        use = [sh for sh in shifts if only is None or sh == only]
+        return sum(wins_n[sh][metric][n] for sh in use) / (len(use) * d["cells_per_shift"] / len(ns))
+
+    pb = best[best["n"].astype(str) == "inf"].delta_reward
+    m = d["mechanism"]
+    return {
+        "cells": cells, "wins": len(regions), "per_shift": {sh: len(d["regions"].get(sh, {}).get("reward", []))
+                                                            for sh in shifts},
+        "wins_120": sum(x["angle"] >= 120 for _, x in regions),
+        "pop_wins": len(pop), "pop_angles": sorted({x["angle"] for _, x in pop}),
+        "pop_best": max((x["delta"] for _, x in pop), default=float("nan")),
+        "adversarial": len(d["regions"].get("adversarial", {}).get("reward", [])),
+        "agree_pop": (round(m["population_sign_agreement"] * m["population_cells"]), m["population_cells"]),
+        "agree_fin": (m["finite_n_sign_agreement_significant"], m["finite_n_significant_cells"]),
+        "pop_median": float(pb.median()), "pop_worst": float(pb.min()),
+        "n_small": ns[0], "loss_small": share("dpo_loss", ns[0]), "reg_small": share("reg_reward", ns[0]),
+        "loss_pop": share("dpo_loss", ns[-1]), "reg_pop": share("reg_reward", ns[-1]),
+        "adv_small": share("dpo_loss", ns[0], "adversarial"), "adv_pop": share("dpo_loss", ns[-1], "adversarial"),
+        "seconds": d.get("seconds"),
+    }
+
+
+def block_shift_map(r: _Results) -> str:
+    """Section 9b's measured verdict (the reasoning around it is prose; these are its numbers)."""
+    k = _shift_map_numbers(r)
+    if k is None:
+        return _missing("shift-map")
+    per = ", ".join(f"{sh} {v}" for sh, v in k["per_shift"].items())
+    ang = ", ".join(f"{a:g}" for a in k["pop_angles"]) or "none"
+    return "\n".join([
+        f"Measured ({_src(r, 'shift-map', 'shift_map.json')} and `shift_map_best.csv`):", "",
+        f"* expected true reward: robust DPO beats DPO with its interval in **{k['wins']} of {k['cells']}** cells "
+        f"({per}); {k['wins_120']} of the {k['wins']} at angles of 120 degrees or more; at the population "
+        f"{k['pop_wins']} cells (angles {ang} degrees; best regret {_f(k['pop_best'], '+.3f')}); "
+        f"under the adversarial test {k['adversarial']};",
+        f"* the first-order criterion of docs/shift_map.md section 2 predicts the sign of the measured regret in "
+        f"{k['agree_pop'][0]} of {k['agree_pop'][1]} population cells and in {100 * k['agree_fin'][0]:.2f}% of the "
+        f"{k['agree_fin'][1]} significant finite-`n` regrets;",
+        f"* the best robust setting per population cell: median regret {k['pop_median']:+.3f}, worst "
+        f"{k['pop_worst']:+.3f};",
+        f"* test DPO loss / KL-regularised reward: robust wins in {100 * k['loss_small']:.0f}% / "
+        f"{100 * k['reg_small']:.0f}% of the cells at `n = {k['n_small']}`, {100 * k['loss_pop']:.0f}% / "
+        f"{100 * k['reg_pop']:.0f}% at the population; loss under the adversarial test: "
+        f"{100 * k['adv_small']:.0f}% at `n = {k['n_small']}`, {100 * k['adv_pop']:.0f}% at the population.",
+    ])
+
+
+def _row_robustness_loglinear(r: _Results) -> str:
+    """Row 9: the verdict with its conditions (shift map), and the label-mixture study's worst case."""
+    k = _shift_map_numbers(r)
+    sh = r.json("shift/summary.json")
+    parts = []
+    if k is not None:
+        a, n = k["agree_pop"]
+        iff = ("robust DPO raises the expected true reward iff the DPO estimate points against the test reward "
+               f"(first-order criterion, docs/shift_map.md; sign right in {a} of {n} population cells): "
+               if a >= 0.99 * n else "")
+        parts.append(f"{iff}measured in {k['wins']} of {k['cells']} cells of the shift map ({k['wins_120']} at angles "
+                     f">= 120 degrees between the two rewards, {k['pop_wins']} at the population, {k['adversarial']} "
+                     f"under the adversarial test); robust training lowers the test DPO loss in "
+                     f"{100 * k['loss_small']:.0f}% of the cells at n = {k['n_small']}")
+    if sh is not None:
+        w = sh["worst_alpha_reward"]
+        rob = {kk: v for kk, v in w.items() if kk not in ("dpo", "dpo_sgd")}
+        lose = all(w["dpo"] > v for v in rob.values())
+        parts.append(("label-mixture study: every robust method has a lower worst-case reward than DPO" if lose
+                      else "label-mixture study: some robust method beats DPO's worst-case reward")
+                     + f" ({w['dpo']:.3f} vs {min(rob.values()):.3f}-{max(rob.values()):.3f})")
+    if not parts:
+        return (f"| 9 | robustness under preference shift (log-linear) | robust DPO keeps reward | {NOT_REGENERATED} "
+                f"| `{STUDY_FILES['shift-map'][2]}` | - |")
+    cmds = " and ".join(f"`{STUDY_FILES[s][2]}`" for s, v in (("shift-map", k), ("shift", sh)) if v is not None)
+    return (f"| 9 | robustness under preference shift (log-linear) | robust DPO keeps reward when preferences shift | "
+            f"{'; '.join(parts)} | {cmds} | `figures/shift_map.png`, `figures/shift_reward_vs_alpha.png` |")
 
 
 def _wall_times(r: _Results) -> str:
@@ -559,6 +653,10 @@ BLOCKS: dict[str, Callable[[_Results], str]] = {
     "approximations": block_approximations,
     "shift": block_shift,
     "llm-shift": block_llm_shift,
+    "shift-map": block_shift_map,
+    "bench-solvers": _bench.block_solvers,
+    "bench-train-step": _bench.block_train_step,
+    "bench-vs-trl": _bench.block_vs_trl,
 }
 
 

@@ -30,6 +30,9 @@ STUDIES = [
     ("shift", ["shift"],
      "robust DPO keeps reward under preference shift (log-linear world)",
      "figures/shift_reward_vs_alpha.png"),
+    ("shift-map", ["shift-map"],
+     "where robustness pays: regret of exact robust DPO vs DPO over shift type, reward angle, n and radius",
+     "figures/shift_map.png"),
     ("llm-shift", ["llm-shift"],
      "robust DPO keeps alignment under preference shift (LLM, emotion-style rewards)",
      "figures/llm_shift.png"),
@@ -44,7 +47,9 @@ def register(sub) -> None:
     mode.add_argument("--full", action="store_true",
                       help="full grids, and the real SmolLM2 run of llm-shift (about an hour or more on 2 cores)")
     p.add_argument("--out", default="results/reproduce", help="where study summaries go, in a quick/ or full/ subfolder (default results/reproduce)")
-    p.add_argument("--only", nargs="+", choices=[s[0] for s in STUDIES], help="run only these studies")
+    p.add_argument("--only", nargs="+", metavar="NAME",
+                   help="run only these studies (" + ", ".join(s[0] for s in STUDIES) + "); with --collect: these "
+                        "summaries (also bench, or one of bench-solvers, bench-train-step, bench-vs-trl)")
     p.add_argument("--force", action="store_true", help="rerun studies whose summary is already on disk")
     docs = p.add_argument_group("committed summaries (docs/results/) and paper_repro.md; no study is run")
     docs.add_argument("--collect", action="store_true",
@@ -57,6 +62,21 @@ def register(sub) -> None:
     docs.add_argument("--redraw", action="store_true",
                       help="redraw the committed figures in figures/ from the committed tables in docs/results/")
     p.set_defaults(func=run)
+
+
+def _check_only(args) -> None:
+    """``--only`` names: studies to run, or (with ``--collect``) summaries to collect; exit 2 otherwise."""
+    from .. import report as R
+
+    if not args.only:
+        return
+    known = [s[0] for s in STUDIES]
+    if args.collect:
+        known = sorted(set(known) | set(R.STUDY_FILES) | {"bench"})
+    bad = [o for o in args.only if o not in known]
+    if bad:
+        raise CLIError(f"--only: unknown {'name' if len(bad) == 1 else 'names'} {', '.join(bad)}; "
+                       f"choose from {', '.join(known)}")
 
 
 def _docs(args) -> int:
@@ -117,6 +137,7 @@ def _run_study(name: str, argv: list[str], log_path: Path) -> dict:
 
 
 def run(args) -> int:
+    _check_only(args)
     if args.collect or args.report or args.redraw or args.check:
         return _docs(args)
     from tqdm import tqdm
@@ -185,6 +206,15 @@ def _headline(name: str, s: dict) -> str | None:
         if name == "shift":
             w = s["worst_alpha_reward"]
             return "worst-case reward over alpha: " + ", ".join(f"{k} {v:.3f}" for k, v in w.items())
+        if name == "shift-map":
+            per = {sh: len(v.get("reward", [])) for sh, v in s["regions"].items()}
+            m = s.get("mechanism", {})
+            line = (f"robust > DPO in expected reward (with its interval) in {sum(per.values())} of "
+                    f"{s['cells_per_shift'] * len(per)} cells (" + ", ".join(f"{k} {v}" for k, v in per.items()) + ")")
+            if "population_sign_agreement" in m:
+                line += (f"; first-order criterion right in {100 * m['population_sign_agreement']:.1f}% of "
+                         f"{m['population_cells']} population cells")
+            return line
         if name == "llm-shift":
             alphas = s["alphas"]
             cells = [f"{m} " + "/".join(f"{x:+.2f}" for x in v["mean"]) for m, v in s["methods"].items()]
