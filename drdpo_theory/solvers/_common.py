@@ -10,12 +10,13 @@ import warnings
 import numpy as np
 
 from ..data import PreferenceData
-from ..losses import dpo_curvature, dpo_grad, dpo_loss
+from ..losses import signed_labels
 from .result import CERTIFIED_GAP, SolverError
 
 __all__ = [
     "check_common",
     "single_blas_thread",
+    "logistic_loss_and_sigma",
     "weighted_loss",
     "weighted_grad_hess",
     "ball_fw_gap",
@@ -51,17 +52,47 @@ def check_radius(name: str, value: float) -> float:
     return v
 
 
+def logistic_loss_and_sigma(t, sigma: bool = True):
+    """``l = log(1 + exp(-t))`` and ``sigma(-t)`` (or ``None`` unless ``sigma``) from one ``exp``, (n,) each.
+
+    ``l = log1p(e) + max(-t, 0)`` and ``sigma(-t) = e / (1 + e)`` (``t >= 0``) or ``1 / (1 + e)`` (``t < 0``)
+    with ``e = exp(-|t|)``: stable for large ``|t|`` and about 10x faster than ``np.logaddexp``.
+    """
+    t = np.asarray(t, float)
+    e = np.exp(-np.abs(t))
+    loss = np.log1p(e)
+    loss += np.maximum(-t, 0.0)
+    if not sigma:
+        return loss, None
+    r = 1.0 / (1.0 + e)
+    return loss, np.where(t >= 0, e * r, r)
+
+
+def _signed_margins(theta, data: PreferenceData, beta: float):
+    """``ytil`` (n,) and ``t = ytil beta (theta - theta_ref).x`` (n,)."""
+    ytil = signed_labels(data.y)
+    return ytil, ytil * (beta * (data.x @ (np.asarray(theta, float) - data.theta_ref)))
+
+
 def weighted_loss(theta, data: PreferenceData, beta: float) -> float:
     """``sum_i w_i l(z_i; theta)``."""
-    return float(data.weights @ dpo_loss(theta, data.x, data.y, beta, data.theta_ref))
+    _, t = _signed_margins(theta, data, beta)
+    return float(data.weights @ logistic_loss_and_sigma(t, sigma=False)[0])
 
 
 def weighted_grad_hess(theta, data: PreferenceData, beta: float, weights=None):
-    """Gradient (d,) and Hessian (d, d) of ``sum_i w_i l(z_i; theta)``."""
-    w = data.weights if weights is None else weights
-    g = w @ dpo_grad(theta, data.x, data.y, beta, data.theta_ref)
-    c = w * dpo_curvature(theta, data.x, data.y, beta, data.theta_ref)
-    H = (data.x * c[:, None]).T @ data.x
+    """Gradient (d,) and Hessian (d, d) of ``sum_i w_i l(z_i; theta)``.
+
+    ``grad = -beta sum_i w_i ytil_i sigma(-t_i) x_i`` and ``hess = beta^2 sum_i w_i sigma(t_i) sigma(-t_i)
+    x_i x_i^T`` (``losses.dpo_grad``, ``losses.dpo_curvature``), without the (n, d) per-sample gradients.
+    """
+    w = data.weights if weights is None else np.asarray(weights, float)
+    ytil, t = _signed_margins(theta, data, beta)
+    _, sm = logistic_loss_and_sigma(t)
+    g = -beta * ((w * ytil * sm) @ data.x)
+    c = (beta * beta) * (w * sm * (1.0 - sm))
+    xT = data.x.T
+    H = (xT * c) @ data.x
     return g, H
 
 
@@ -99,12 +130,11 @@ def curvature_floor(data: PreferenceData, beta: float, radius: float, weights=No
     ``|t|`` and ``|t_i| <= beta ||x_i|| (B + ||theta_ref||)`` on the ball, so
     ``mu = beta^2 lambda_min(sum_i w_i s(t_i^max) x_i x_i^T)`` (docs/theory.md section 2: c_B; section 7, T2.3).
     """
-    from ..losses import sigmoid
-
     w = data.weights if weights is None else np.asarray(weights, float)
     tmax = beta * np.linalg.norm(data.x, axis=1) * (radius + np.linalg.norm(data.theta_ref))
-    c = w * sigmoid(tmax) * sigmoid(-tmax)
-    M = (data.x * c[:, None]).T @ data.x
+    e = np.exp(-tmax)  # tmax >= 0: sigma(t) sigma(-t) = e / (1 + e)^2
+    c = w * (e / ((1.0 + e) * (1.0 + e)))
+    M = (data.x.T * c) @ data.x
     return max(0.0, float(beta**2 * np.linalg.eigvalsh(M)[0]) * (1 - 1e-9))
 
 
@@ -123,7 +153,7 @@ def weighted_min_lower_bound(data: PreferenceData, beta: float, radius: float, w
     mu = curvature_floor(data, beta, radius, weights=w)
 
     def fun(t):
-        return float(w @ dpo_loss(t, data.x, data.y, beta, data.theta_ref))
+        return float(w @ logistic_loss_and_sigma(_signed_margins(t, data, beta)[1], sigma=False)[0])
 
     def bound_at(t):
         g, _ = weighted_grad_hess(t, data, beta, weights=w)

@@ -49,6 +49,7 @@ from scipy import sparse
 from ..data import PreferenceData
 from ..losses import dpo_grad, dpo_loss, signed_labels
 from ._common import (
+    logistic_loss_and_sigma,
     single_blas_thread,
     Timer,
     ball_fw_gap,
@@ -145,7 +146,7 @@ def w1_collapse_threshold(data: PreferenceData) -> float:
     ``eps beta ||theta - theta_ref||`` there is the ball of radius ``eps beta``.
     For smaller finite ``kappa`` the collapse radius is at most ``eps_c``.
     """
-    return float(np.linalg.norm(data.weights @ data.u)) / 2.0
+    return float(np.linalg.norm((data.weights * signed_labels(data.y)) @ data.x)) / 2.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,12 +197,37 @@ class WInner:
 def _margins_losses(theta, x, y, beta, theta_ref):
     """``t = ytil beta (theta - theta_ref).x`` and ``l = log(1 + exp(-t))``, both (n,)."""
     a = np.asarray(theta, float) - theta_ref
-    t = signed_labels(y) * beta * (np.asarray(x, float) @ a)
-    return t, -_log_sigmoid(t)
+    t = signed_labels(y) * (beta * (np.asarray(x, float) @ a))
+    return t, logistic_loss_and_sigma(t, sigma=False)[0]
 
 
-def _log_sigmoid(t):
-    return -np.logaddexp(0.0, -t)  # stable for large |t|
+def _flip_threshold(t, w, cap: float) -> float:
+    """``t_(k)``: the margins sorted in decreasing order (ties by index), ``k`` the first position whose
+    cumulative weight exceeds ``cap``; ``-inf`` when the total weight does not.
+
+    Only the largest margins are sorted (``np.argpartition``, then a stable sort of those), more of
+    them while their weight does not exceed ``cap``: O(n) instead of a full O(n log n) sort, with the
+    same partial sums in the same order as the full sort.
+    """
+    n = len(t)
+    if not (cap < math.inf) or n == 0:
+        return -math.inf
+    wmax = float(w.max())
+    # at least cap / max(w) margins are needed; start with 4x that (uniform weights: enough)
+    K = n if wmax <= 0 else int(min(n, 4.0 * cap / wmax + 256))
+    while True:
+        if K >= n:
+            top = np.arange(n)
+        else:
+            top = np.sort(np.argpartition(-t, K - 1)[:K])
+        order = top[np.argsort(-t[top], kind="stable")]
+        cum = np.cumsum(w[order])
+        k = int(np.searchsorted(cum, cap, side="right"))  # first position with cum > cap
+        if k < len(order):
+            return float(t[order[k]])
+        if K >= n:
+            return -math.inf
+        K = min(n, 4 * K)
 
 
 def wdpo_inner_continuous(theta, data: PreferenceData, beta: float, eps: float, kappa: float = math.inf) -> WInner:
@@ -234,10 +260,8 @@ def wdpo_inner_continuous(theta, data: PreferenceData, beta: float, eps: float, 
     # g'(lam) = eps - kappa * W(lam kappa), W(tau) = sum_{t_i > tau} w_i (non-increasing in tau):
     # the optimal tau = lam kappa is the smallest tau >= lam0 kappa with kappa W(tau) <= eps.
     cap = math.inf if kappa == 0 else eps / kappa  # flip mass the budget can pay for
-    order = np.argsort(-t, kind="stable")
-    cum = np.cumsum(w[order])
-    k = int(np.searchsorted(cum, cap, side="right"))  # first position with cum > cap
-    tau_star = t[order[k]] if k < data.n else -math.inf  # W(t_(k)) <= cum[k-1] <= cap; W(tau) > cap below
+    # W(t_(k)) <= cum[k-1] <= cap; W(tau) > cap below t_(k) (t sorted decreasingly, k first with cum > cap)
+    tau_star = _flip_threshold(t, w, cap)
     tau0 = lam0 * kappa
     if kappa > 0 and tau_star > tau0:
         tau, lam = float(tau_star), float(tau_star) / kappa
@@ -712,18 +736,17 @@ def _local_curvature_bound(theta, data, beta, f_theta, g, max_tries: int = 6) ->
     large ``beta B``; this one is of the size of the Hessian at the solution. ``-inf`` if no ``R`` of
     the ``max_tries`` tried (``4x`` apart) is consistent.
     """
-    from ..losses import sigmoid
-
     gn = float(np.linalg.norm(g))
     if gn == 0:
         return f_theta
-    t = np.abs(beta * (data.u @ (np.asarray(theta, float) - data.theta_ref)))  # (n,)
-    xn = beta * np.linalg.norm(data.x, axis=1)  # (n,)
+    t = np.abs(beta * (data.x @ (np.asarray(theta, float) - data.theta_ref)))  # |t_i| (n,)
+    xn = beta * np.sqrt(np.einsum("ij,ij->i", data.x, data.x))  # beta ||x_i|| (n,)
+    xT = data.x.T
     R = 0.0
     for _ in range(max_tries):
-        tmax = t + xn * R
-        cw = data.weights * sigmoid(tmax) * sigmoid(-tmax)
-        mu_R = beta**2 * float(np.linalg.eigvalsh((data.x * cw[:, None]).T @ data.x)[0]) * (1 - 1e-9)
+        e = np.exp(-(t + xn * R))  # sigma(s) sigma(-s) = e / (1 + e)^2 at s = |t_i| + beta ||x_i|| R >= 0
+        cw = data.weights * (e / ((1.0 + e) * (1.0 + e)))
+        mu_R = beta**2 * float(np.linalg.eigvalsh((xT * cw) @ data.x)[0]) * (1 - 1e-9)
         if mu_R <= 0:
             return -math.inf
         need = 2.0 * gn / mu_R
@@ -769,7 +792,7 @@ def _lower_bound_continuous(theta, data, beta, radius, eps, kappa, alpha, mu):
         alpha = alpha * (eps / spent)
         spent = eps
     nu = max(0.0, eps - spent)
-    b = beta * ((w * alpha) @ data.u)
+    b = beta * ((w * alpha * signed_labels(data.y)) @ data.x)  # beta sum_i w_i alpha_i u_i
     return _lower_bound_norm_model(theta, data, beta, radius, b, beta * nu, mu)
 
 
@@ -880,28 +903,40 @@ class _TrustModel:
     """
 
     def __init__(self, v, gL, HL, eps, Zw, sw, ww, cA, beta, theta_ref, r):
+        d = len(theta_ref)
         self.v, self.gL, self.HL, self.eps = v, gL, HL, eps
         self.Zw, self.sw, self.ww, self.cA = Zw, sw, ww, cA
         self.beta, self.tr, self.r2 = beta, theta_ref, r * r
-        self.d = len(theta_ref)
+        self.d = d
         self.mu = 1.0
+        # the smooth part in Delta: c.Delta + Delta^T Q Delta / 2, Q = diag(HL, 0)
+        self.c = np.array(cA, float)
+        self.c[:d] += gL
+        self.c[d] += eps
+        self.Q = np.zeros((d + 1, d + 1))
+        self.Q[:d, :d] = HL
+        self.ZwT = np.ascontiguousarray(Zw.T)  # (d + 1, |W|)
+        self.b2 = beta * beta
+        # the cone constraint lam^2 - beta^2 ||a||^2 has the constant Hessian diag(-2 beta^2, ..., 2)
+        self.hc = np.full(d + 1, -2.0 * self.b2)
+        self.hc[d] = 2.0
 
     def exact(self, y) -> float:
         """``m(y)`` without barriers (the model decrease is measured with it)."""
         D = y - self.v
-        dt = D[: self.d]
-        val = float(self.gL @ dt + 0.5 * dt @ self.HL @ dt + self.eps * D[self.d] + self.cA @ D)
+        val = float(self.c @ D + 0.5 * (D @ (self.Q @ D)))
         return val + float(self.ww @ np.maximum(self.sw + self.Zw @ D, 0.0))
 
     def fun(self, y) -> float:
+        d = self.d
         D = y - self.v
-        a = y[: self.d] - self.tr
-        cone = y[self.d] ** 2 - self.beta**2 * float(a @ a)
+        a = y[:d] - self.tr
+        lam = float(y[d])
+        cone = lam * lam - self.b2 * float(a @ a)
         room = self.r2 - float(D @ D)
-        if not (y[self.d] > 0 and cone > 0 and room > 0):
+        if not (lam > 0 and cone > 0 and room > 0):
             return math.inf
-        dt = D[: self.d]
-        val = float(self.gL @ dt + 0.5 * dt @ self.HL @ dt + self.eps * D[self.d] + self.cA @ D)
+        val = float(self.c @ D + 0.5 * (D @ (self.Q @ D)))
         if len(self.ww):
             val += float(self.ww @ _hinge_barrier(self.sw + self.Zw @ D, self.mu, value_only=True))
         return val - self.mu * (math.log(cone) + math.log(room))
@@ -910,26 +945,24 @@ class _TrustModel:
         d, mu = self.d, self.mu
         D = y - self.v
         a = y[:d] - self.tr
-        g = np.empty(d + 1)
-        g[:d] = self.gL + self.HL @ D[:d]
-        g[d] = self.eps
-        g += self.cA
-        H = np.zeros((d + 1, d + 1))
-        H[:d, :d] = self.HL
+        QD = self.Q @ D
+        g = self.c + QD
+        H = self.Q.copy()
         if len(self.ww):
-            _, al, h2 = _hinge_barrier(self.sw + self.Zw @ D, mu)
-            g += (self.ww * al) @ self.Zw
-            H += (self.Zw * (self.ww * h2)[:, None]).T @ self.Zw
+            al, h2 = _hinge_barrier_derivatives(self.sw + self.Zw @ D, mu)
+            g += self.ZwT @ (self.ww * al)
+            H += (self.ZwT * (self.ww * h2)) @ self.Zw
         # cone barrier -mu log(lam^2 - beta^2 ||a||^2) and trust-region barrier -mu log(r^2 - ||Delta||^2)
-        cone = y[d] ** 2 - self.beta**2 * float(a @ a)
-        gc = np.concatenate([-2.0 * self.beta**2 * a, [2.0 * y[d]]])
-        hc = np.full(d + 1, -2.0 * self.beta**2)
-        hc[d] = 2.0
+        lam = float(y[d])
+        cone = lam * lam - self.b2 * float(a @ a)
+        gc = np.empty(d + 1)
+        gc[:d] = (-2.0 * self.b2) * a
+        gc[d] = 2.0 * lam
         room = self.r2 - float(D @ D)
         gr = -2.0 * D
-        g -= mu * (gc / cone + gr / room)
-        H += mu * (np.outer(gc, gc) / cone**2 - np.diag(hc) / cone + np.outer(gr, gr) / room**2
-                   + 2.0 * np.eye(d + 1) / room)
+        g -= (mu / cone) * gc + (mu / room) * gr
+        H += (mu / (cone * cone)) * np.outer(gc, gc) + (mu / (room * room)) * np.outer(gr, gr)
+        H.flat[:: d + 2] += (2.0 * mu / room) - (mu / cone) * self.hc
         return g, H
 
 
@@ -939,18 +972,28 @@ def _hinge_barrier(s, mu, value_only=False):
     Closed form (section 8): ``xi = (s + 2 mu + q)/2``, ``q = sqrt(s^2 + 4 mu^2)``; returns ``h`` (up to
     the constant ``-mu log mu``), ``alpha = h' = mu/(xi - s)`` in (0, 1) and ``h'' = alpha (1 - alpha)/q``,
     all shaped like ``s``. ``q + s`` and ``q - s`` are formed without cancellation
-    (``(q + s)(q - s) = 4 mu^2``).
+    (``(q + s)(q - s) = 4 mu^2``): ``xi = mu + s_+ + 2 mu^2 / (q + |s|)``.
     """
     q = np.sqrt(s * s + 4.0 * mu * mu)
-    a = np.abs(s)
-    small = 4.0 * mu * mu / (q + a)  # q - |s| without cancellation; q + |s| has none
+    small = (2.0 * mu * mu) / (q + np.abs(s))  # (q - |s|)/2 without cancellation
+    small += np.maximum(s, 0.0)
+    small -= mu * np.log(2.0 * mu + q)
+    h = small + mu  # xi - mu log(2 mu + q)
     if value_only:
-        # xi = (2 mu + q + s)/2 and h = xi - mu log(2 mu + q)
-        return 0.5 * (2.0 * mu + np.where(s >= 0, q + a, small)) - mu * np.log(2.0 * mu + q)
-    q_minus = np.where(s >= 0, small, q + a)  # q - s
-    h = 0.5 * (2.0 * mu + np.where(s >= 0, q + a, small)) - mu * np.log(2.0 * mu + q)
-    alpha = 2.0 * mu / (2.0 * mu + q_minus)
-    return h, alpha, alpha * (1.0 - alpha) / q
+        return h
+    alpha, h2 = _hinge_barrier_derivatives(s, mu)
+    return h, alpha, h2
+
+
+def _hinge_barrier_derivatives(s, mu):
+    """``h'(s) = alpha = (q + s)/(q + s + 2 mu)`` and ``h''(s) = alpha (1 - alpha)/q`` of :func:`_hinge_barrier`
+    (``1 - alpha = 2 mu/(q + s + 2 mu)``, without cancellation when ``alpha ~ 1``)."""
+    q = np.sqrt(s * s + 4.0 * mu * mu)
+    big = q + np.abs(s)
+    qps = np.where(s >= 0, big, (4.0 * mu * mu) / big)  # q + s without cancellation
+    den = 1.0 / (qps + 2.0 * mu)
+    alpha = qps * den
+    return alpha, alpha * ((2.0 * mu) * den) / q
 
 
 def _solve_trust_model(model: _TrustModel, radius: float, mu0: float, mu_end: float = TR_MU_FINAL):
@@ -997,41 +1040,55 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
     """
     d, w, tr = data.d, data.weights, data.theta_ref
     U = beta * data.u  # (n, d)
+    UT = np.ascontiguousarray(U.T)  # (d, n): the weighted sums over the data are (d, n) products
     flips = math.isfinite(kappa)  # kappa = inf: no flip terms, the model is smooth but for the cone
     k = kappa if flips else 0.0
-    Z_norm = np.sqrt(np.einsum("ij,ij->i", U, U) + k**2)  # ||z_i||, z_i = (beta u_i, -kappa)
+    with np.errstate(divide="ignore"):  # z_i = 0 (x_i = 0, kappa = 0): a constant term, never in the window
+        inv_z = 1.0 / np.sqrt(np.einsum("ij,ij->i", U, U) + k**2)  # 1/||z_i||, z_i = (beta u_i, -kappa)
     theta = np.asarray(theta0, float).copy()
     nt = float(np.linalg.norm(theta))
     if nt > radius:
         theta *= radius / nt
-    inner0 = wdpo_inner_continuous(theta, data, beta, eps, kappa)
-    lam = max(inner0.lam, inner0.lam0) + 1e-3 * (1.0 + inner0.lam0)
 
     def parts(theta, lam):
-        a = theta - tr
-        t = U @ a
+        """Margins t, e = exp(-|t|), the objective and the flip terms' arguments s at (theta, lam)."""
+        t = U @ (theta - tr)
         e = np.exp(-np.abs(t))
-        loss = np.log1p(e) + np.maximum(-t, 0.0)
+        loss = np.log1p(e)
+        loss += np.maximum(-t, 0.0)
         if not flips:
             return t, e, lam * eps + float(w @ loss), None
         s = t - lam * kappa
-        return t, e, lam * eps + float(w @ loss) + float(w @ np.maximum(s, 0.0)), s
+        loss += np.maximum(s, 0.0)
+        return t, e, lam * eps + float(w @ loss), s
 
+    # lam: just above the inner problem's optimum at theta (section 1: the threshold of the sorted margins)
+    t = U @ (theta - tr)
+    lam0 = beta * float(np.linalg.norm(theta - tr))
+    lam_star = lam0
+    if flips and kappa > 0:
+        lam_star = max(lam0, _flip_threshold(t, w, eps / kappa) / kappa)
+    lam = lam_star + 1e-3 * (1.0 + lam0)
     t, e, phi, s = parts(theta, lam)
     r, inner_its, message, last_step, last_pred = 1.0, 0, "max_outer reached", math.inf, math.inf
     for outer in range(1, max_outer + 1):
-        sm = np.where(t >= 0, e, 1.0) / (1.0 + e)  # sigma(-t)
-        gL = -(w * sm) @ U
-        HL = (U * (w * sm * (1.0 - sm))[:, None]).T @ U
+        rec = 1.0 / (1.0 + e)
+        sm = np.where(t >= 0, e * rec, rec)  # sigma(-t)
+        wsm = w * sm
+        gL = -(UT @ wsm)
+        wsm *= 1.0 - sm
+        HL = (UT * wsm) @ U
         v = np.concatenate([theta, [lam]])
         if flips:
-            with np.errstate(divide="ignore", invalid="ignore"):  # z_i = 0 (x_i = 0, kappa = 0): constant
-                ratio = np.abs(s) / Z_norm  # how far each flip term is from its kink, in step length
-            if np.count_nonzero(ratio <= r) > TR_MAX_WINDOW:  # keep the window small: shrink the region
+            with np.errstate(invalid="ignore"):  # z_i = 0 and s_i = 0: nan, in neither set below
+                ratio = np.abs(s) * inv_z  # how far each flip term is from its kink, in step length
+            inside = ratio <= r
+            if np.count_nonzero(inside) > TR_MAX_WINDOW:  # keep the window small: shrink the region
                 r = float(np.partition(ratio, TR_MAX_WINDOW)[TR_MAX_WINDOW]) * (1 - 1e-12)
-            win = np.flatnonzero(ratio <= r)
-            above = (s > 0) & (ratio > r)
-            cA = np.concatenate([w[above] @ U[above], [-kappa * float(w[above].sum())]])
+                inside = ratio <= r
+            win = np.flatnonzero(inside)
+            wa = w * ((s > 0) & (ratio > r))  # the flip terms above the window: linear in the model
+            cA = np.concatenate([UT @ wa, [-kappa * float(wa.sum())]])
             Zw = np.concatenate([U[win], np.full((len(win), 1), -kappa)], axis=1)
             sw, ww = s[win], w[win]
         else:
@@ -1111,13 +1168,14 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
         # (kappa/2 <= eps; with kappa = 0 always), else scaled into it (section 8)
         spend = 0.5 * kappa * float(w.sum())
         return np.full(data.n, 0.5 if spend <= eps else 0.5 * eps / spend)
-    t = beta * (data.u @ a)
+    ytil = signed_labels(data.y)
+    t = ytil * (beta * (data.x @ a))
     inner = wdpo_inner_continuous(theta, data, beta, eps, kappa)
     tau = inner.lam * kappa
     dist = np.abs(t - tau)
     ties = np.flatnonzero(dist <= TIE_TOL * (1.0 + abs(tau)))
     # identical tuples tie together and share one fraction (discrete data holds many copies)
-    groups, inv = np.unique(data.u[ties], axis=0, return_inverse=True)  # (G, d), (|T|,)
+    groups, inv = np.unique(ytil[ties, None] * data.x[ties], axis=0, return_inverse=True)  # (G, d), (|T|,)
     inv = inv.reshape(-1)
     wg = np.bincount(inv, weights=w[ties], minlength=len(groups))  # (G,)
     if len(groups) > MAX_TIES:
@@ -1130,7 +1188,7 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
         ties, inv, groups, wg = ties[member], remap[inv[member]], groups[kept], wg[kept]
     above = t > tau
     above[ties] = False
-    g_base = weighted_grad_hess(theta, data, beta)[0] + beta * (w[above] @ data.u[above])  # (d,)
+    g_base = weighted_grad_hess(theta, data, beta)[0] + beta * ((w * above * ytil) @ data.x)  # (d,)
     # complementary slackness: the far budget nu may be positive only when lam* = lam0 (otherwise a
     # nu > 0 with the ball's eta can also zero the gradient, at a smaller value F(theta) < L_W(theta))
     # (lam* - lam0 of the order of theta's error counts as equal: the cone is active there)
