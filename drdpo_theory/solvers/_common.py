@@ -18,6 +18,7 @@ __all__ = [
     "single_blas_thread",
     "logistic_loss_and_sigma",
     "weighted_loss",
+    "weighted_grad",
     "weighted_grad_hess",
     "ball_fw_gap",
     "weighted_min_lower_bound",
@@ -80,6 +81,14 @@ def weighted_loss(theta, data: PreferenceData, beta: float) -> float:
     return float(data.weights @ logistic_loss_and_sigma(t, sigma=False)[0])
 
 
+def weighted_grad(theta, data: PreferenceData, beta: float, weights=None):
+    """Gradient (d,) of ``sum_i w_i l(z_i; theta)`` (:func:`weighted_grad_hess` without the Hessian)."""
+    w = data.weights if weights is None else np.asarray(weights, float)
+    ytil, t = _signed_margins(theta, data, beta)
+    _, sm = logistic_loss_and_sigma(t)
+    return -beta * ((w * ytil * sm) @ data.x)
+
+
 def weighted_grad_hess(theta, data: PreferenceData, beta: float, weights=None):
     """Gradient (d,) and Hessian (d, d) of ``sum_i w_i l(z_i; theta)``.
 
@@ -131,7 +140,7 @@ def curvature_floor(data: PreferenceData, beta: float, radius: float, weights=No
     ``mu = beta^2 lambda_min(sum_i w_i s(t_i^max) x_i x_i^T)`` (docs/theory.md section 2: c_B; section 7, T2.3).
     """
     w = data.weights if weights is None else np.asarray(weights, float)
-    tmax = beta * np.linalg.norm(data.x, axis=1) * (radius + np.linalg.norm(data.theta_ref))
+    tmax = beta * np.sqrt(np.einsum("ij,ij->i", data.x, data.x)) * (radius + np.linalg.norm(data.theta_ref))
     e = np.exp(-tmax)  # tmax >= 0: sigma(t) sigma(-t) = e / (1 + e)^2
     c = w * (e / ((1.0 + e) * (1.0 + e)))
     M = (data.x.T * c) @ data.x

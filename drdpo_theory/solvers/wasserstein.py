@@ -58,6 +58,7 @@ from ._common import (
     check_radius,
     curvature_floor,
     solve_cvxpy,
+    weighted_grad,
     weighted_grad_hess,
     weighted_loss,
 )
@@ -668,7 +669,7 @@ def _norm_model(data, beta, b, c):
         return weighted_loss(theta, data, beta) + float(b @ a) + c * float(np.linalg.norm(a))
 
     def grad(theta):
-        return _add_norm_term(weighted_grad_hess(theta, data, beta)[0] + b, theta - tr, c)
+        return _add_norm_term(weighted_grad(theta, data, beta) + b, theta - tr, c)
 
     def grad_hess(theta):
         g, H = weighted_grad_hess(theta, data, beta)
@@ -704,7 +705,7 @@ def _lower_bound_norm_model(theta, data, beta, radius, b, c, mu, refine_above: f
         if f_theta - best > refine_above and np.linalg.norm(theta - tr) > 0:
             best = max(best, _local_curvature_bound(theta, data, beta, f_theta, g))
     if f_theta - best > refine_above and np.linalg.norm(tr) <= radius * (1 + 1e-12):
-        g0 = weighted_grad_hess(tr, data, beta)[0] + b
+        g0 = weighted_grad(tr, data, beta) + b
         f_ref = fun(tr)
         for g in _subgradients_at_ref(g0, c, tr, radius):
             best = max(best, f_ref - ball_fw_gap(g, tr, radius, mu))
@@ -819,16 +820,19 @@ def _check_all(data, beta, radius, eps, kappa, p=1):
 
 
 def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, info, alpha_candidates=(),
-                       snap=True):
+                       snap=True, polish=False):
     """Exact value, certificate and worst case at ``theta`` (``alpha_candidates``: flip fractions, (n,)).
 
     ``snap``: a ``theta`` within ``1e-6 B`` of ``theta_ref`` is also certified at ``theta_ref`` itself,
-    and the better certificate is returned."""
+    and the better certificate is returned. ``polish`` (finite ``kappa``): the flip fractions of
+    :func:`_polish_flip_fraction` at ``theta`` are tried first."""
     theta = np.asarray(theta, float)
     nt = np.linalg.norm(theta)
     if nt > radius:
         theta = theta * (radius / nt)
     inner = wdpo_inner_continuous(theta, data, beta, eps, kappa)
+    if polish and math.isfinite(kappa):
+        alpha_candidates = (_polish_flip_fraction(theta, data, beta, radius, eps, kappa, inner), *alpha_candidates)
     mu = curvature_floor(data, beta, radius)
     if math.isfinite(kappa) and not np.any(theta - data.theta_ref):  # at theta_ref: every tuple ties
         alpha_candidates = (*alpha_candidates, _polish_flip_fraction(theta, data, beta, radius, eps, kappa))
@@ -841,7 +845,7 @@ def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, i
     tr = data.theta_ref
     # kappa = inf: the exact collapse test (section 2) decides whether theta_ref is *the* optimum
     inf_collapse = math.isinf(kappa) and _kappa_inf_collapses(
-        weighted_grad_hess(tr, data, beta)[0], eps * beta, tr, radius)
+        weighted_grad(tr, data, beta), eps * beta, tr, radius)
     dist_ref = float(np.linalg.norm(theta - tr))
     # a solver stopping near theta_ref: 1e-6 B is its tolerance; up to 1e-3 B is tried when uncertified
     near_ref = 0 < dist_ref <= (1e-6 if gap <= CERTIFIED_GAP else 1e-3) * max(1.0, radius)
@@ -1029,22 +1033,24 @@ def _solve_trust_model(model: _TrustModel, radius: float, mu0: float, mu_end: fl
 
 
 def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: float, kappa: float, theta0,
-                     max_outer: int = 50, tol: float = TR_TOL):
+                     max_outer: int = 50, tol: float = TR_TOL, confirm: bool = True):
     """Trust-region Newton on ``min_{theta, lam} lam eps + sum_i w_i [l_i + (t_i - lam kappa)_+]``
     s.t. ``lam >= beta ||theta - theta_ref||``, ``||theta|| <= B`` (section 8).
 
     Each outer step costs one pass over the data (loss, gradient and Hessian of ``L``); the flip terms
     that can change sign within the trust region (the window, at most ``TR_MAX_WINDOW``) stay exact
     in the model, so the step is a Newton step for the nonsmooth objective. Steps are accepted by
-    the ratio of actual to predicted decrease. Returns ``(theta, lam, outer, inner, message)``.
+    the ratio of actual to predicted decrease. ``confirm``: before stopping on a promised decrease
+    ``<= tol``, re-solve the model along the full barrier path (whose bias might hide a decrease);
+    a warm start needs no such confirmation. Returns ``(theta, lam, outer, inner, message)``.
     """
     d, w, tr = data.d, data.weights, data.theta_ref
-    U = beta * data.u  # (n, d)
-    UT = np.ascontiguousarray(U.T)  # (d, n): the weighted sums over the data are (d, n) products
+    UT = np.empty((d, data.n))  # beta u_i as columns: the sums over the data are (d, n) products
+    np.multiply(data.x.T, beta * signed_labels(data.y), out=UT)
     flips = math.isfinite(kappa)  # kappa = inf: no flip terms, the model is smooth but for the cone
     k = kappa if flips else 0.0
     with np.errstate(divide="ignore"):  # z_i = 0 (x_i = 0, kappa = 0): a constant term, never in the window
-        inv_z = 1.0 / np.sqrt(np.einsum("ij,ij->i", U, U) + k**2)  # 1/||z_i||, z_i = (beta u_i, -kappa)
+        inv_z = 1.0 / np.sqrt(np.einsum("ji,ji->i", UT, UT) + k**2)  # 1/||z_i||, z_i = (beta u_i, -kappa)
     theta = np.asarray(theta0, float).copy()
     nt = float(np.linalg.norm(theta))
     if nt > radius:
@@ -1052,7 +1058,7 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
 
     def parts(theta, lam):
         """Margins t, e = exp(-|t|), the objective and the flip terms' arguments s at (theta, lam)."""
-        t = U @ (theta - tr)
+        t = (theta - tr) @ UT
         e = np.exp(-np.abs(t))
         loss = np.log1p(e)
         loss += np.maximum(-t, 0.0)
@@ -1063,7 +1069,7 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         return t, e, lam * eps + float(w @ loss), s
 
     # lam: just above the inner problem's optimum at theta (section 1: the threshold of the sorted margins)
-    t = U @ (theta - tr)
+    t = (theta - tr) @ UT
     lam0 = beta * float(np.linalg.norm(theta - tr))
     lam_star = lam0
     if flips and kappa > 0:
@@ -1077,7 +1083,7 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         wsm = w * sm
         gL = -(UT @ wsm)
         wsm *= 1.0 - sm
-        HL = (UT * wsm) @ U
+        HL = (UT * wsm) @ UT.T
         v = np.concatenate([theta, [lam]])
         if flips:
             with np.errstate(invalid="ignore"):  # z_i = 0 and s_i = 0: nan, in neither set below
@@ -1089,7 +1095,9 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
             win = np.flatnonzero(inside)
             wa = w * ((s > 0) & (ratio > r))  # the flip terms above the window: linear in the model
             cA = np.concatenate([UT @ wa, [-kappa * float(wa.sum())]])
-            Zw = np.concatenate([U[win], np.full((len(win), 1), -kappa)], axis=1)
+            Zw = np.empty((len(win), d + 1))
+            Zw[:, :d] = UT[:, win].T
+            Zw[:, d] = -kappa
             sw, ww = s[win], w[win]
         else:
             cA, Zw, sw, ww = np.zeros(d + 1), np.zeros((0, d + 1)), np.zeros(0), np.zeros(0)
@@ -1103,7 +1111,7 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
         y, its = _solve_trust_model(model, radius, mu0, mu_end)
         inner_its += its
         pred = model.exact(v) - model.exact(y)
-        if pred <= tol and mu_end > TR_MU_FINAL:  # the barrier's bias may hide a small decrease
+        if confirm and pred <= tol and mu_end > TR_MU_FINAL:  # the barrier's bias may hide a small decrease
             y, its = _solve_trust_model(model, radius, mu0, TR_MU_FINAL)
             inner_its += its
             pred = model.exact(v) - model.exact(y)
@@ -1144,7 +1152,8 @@ TIE_TOL = 1e-7
 MAX_TIES = 200
 
 
-def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: float, eps: float, kappa: float):
+def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: float, eps: float, kappa: float,
+                          inner: WInner | None = None):
     """Flip fractions making ``theta`` a minimiser of the certificate's model ``F`` (section 8), or None.
 
     At a saddle point the tuples with ``t_i > tau`` flip (``alpha_i = 1``), those below stay, and the
@@ -1153,7 +1162,7 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
     ``grad F(theta) + eta theta = 0``, ``kappa sum_i w_i alpha_i + nu = eps`` with bounds
     ``alpha in [0, 1]``, ``nu, eta >= 0``. Solved in the least-squares sense (bounded-variable least
     squares, the budget row weighted heavily); the certificate accepts any result since every such
-    ``alpha`` is a feasible adversary.
+    ``alpha`` is a feasible adversary. ``inner``: :func:`wdpo_inner_continuous` at ``theta``, if known.
     """
     from scipy.optimize import lsq_linear
 
@@ -1170,7 +1179,8 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
         return np.full(data.n, 0.5 if spend <= eps else 0.5 * eps / spend)
     ytil = signed_labels(data.y)
     t = ytil * (beta * (data.x @ a))
-    inner = wdpo_inner_continuous(theta, data, beta, eps, kappa)
+    if inner is None:
+        inner = wdpo_inner_continuous(theta, data, beta, eps, kappa)
     tau = inner.lam * kappa
     dist = np.abs(t - tau)
     ties = np.flatnonzero(dist <= TIE_TOL * (1.0 + abs(tau)))
@@ -1188,7 +1198,7 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
         ties, inv, groups, wg = ties[member], remap[inv[member]], groups[kept], wg[kept]
     above = t > tau
     above[ties] = False
-    g_base = weighted_grad_hess(theta, data, beta)[0] + beta * ((w * above * ytil) @ data.x)  # (d,)
+    g_base = weighted_grad(theta, data, beta) + beta * ((w * above * ytil) @ data.x)  # (d,)
     # complementary slackness: the far budget nu may be positive only when lam* = lam0 (otherwise a
     # nu > 0 with the ball's eta can also zero the gradient, at a smaller value F(theta) < L_W(theta))
     # (lam* - lam0 of the order of theta's error counts as equal: the cone is active there)
@@ -1225,14 +1235,14 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
 #: this size (a warm start; the answer and its certificate come from the full data).
 TR_SUBSAMPLE = 4096
 #: The subsample's trust-region iteration stops when the model promises less than this.
-TR_SUBSAMPLE_TOL = 1e-6
+TR_SUBSAMPLE_TOL = 1e-5
 
 
 def _trust_region_solve(data: PreferenceData, beta: float, radius: float, eps: float, kappa: float):
     """Warm start (DPO, then a subsample for large ``n``) and :func:`_trust_region_w1` on the data.
 
-    Returns ``(theta (d,), alpha (n,) or None, info)``: ``alpha`` the polished flip fractions
-    (:func:`_polish_flip_fraction`) for the certificate.
+    Returns ``(theta (d,), alpha, info)``; ``alpha`` (n,): extra flip fractions for the certificate, or
+    None (the certificate polishes its own at ``theta``, :func:`_polish_flip_fraction`).
     """
     from .dpo import solve_dpo_native
 
@@ -1247,12 +1257,12 @@ def _trust_region_solve(data: PreferenceData, beta: float, radius: float, eps: f
     theta = solve_dpo_native(start, beta, radius, max_iter=12).theta
     if start is not data:
         # a warm start: its statistical distance to the full-data optimum dwarfs TR_SUBSAMPLE_TOL
-        theta, _, outer, inner, _ = _trust_region_w1(start, beta, radius, eps, kappa, theta, tol=TR_SUBSAMPLE_TOL)
+        theta, _, outer, inner, _ = _trust_region_w1(start, beta, radius, eps, kappa, theta, tol=TR_SUBSAMPLE_TOL,
+                                                     confirm=False)
         info.update(subsample=start.n, subsample_outer=outer, subsample_inner=inner)
     theta, lam, outer, inner, message = _trust_region_w1(data, beta, radius, eps, kappa, theta)
     info.update(iterations=outer, inner_iterations=inner, message=message)
-    alpha = _polish_flip_fraction(theta, data, beta, radius, eps, kappa) if math.isfinite(kappa) else None
-    return theta, alpha, info
+    return theta, None, info
 @single_blas_thread
 def solve_wdpo_continuous_native(
     data: PreferenceData, beta: float, radius: float, eps: float, kappa: float = math.inf, max_iter: int = 200,
@@ -1294,7 +1304,7 @@ def solve_wdpo_continuous_native(
         if res is None or not res.optimal:
             theta, alpha, info = _trust_region_solve(data, beta, radius, eps, kappa)
             res_tr = _continuous_result(theta, data, beta, radius, eps, kappa, "native-trust-region", tm.elapsed,
-                                        info, (alpha,) if alpha is not None else ())
+                                        info, (alpha,) if alpha is not None else (), polish=True)
             tries.append(f"native-trust-region: gap {res_tr.duality_gap:.3g} ({info.get('message')})")
             if res is None or res_tr.duality_gap < res.duality_gap:
                 res = res_tr
@@ -1322,7 +1332,7 @@ def _newton_kappa_inf(data, beta, radius, eps, max_iter):
     c = eps * beta
     tr = data.theta_ref
     fun, _, grad_hess = _norm_model(comp, beta, np.zeros(data.d), c)
-    g0 = weighted_grad_hess(tr, comp, beta)[0]
+    g0 = weighted_grad(tr, comp, beta)
     info = {"eps_c": w1_collapse_threshold(data), "collapse_test": "0 in subdifferential at theta_ref"}
     if _kappa_inf_collapses(g0, c, tr, radius):
         info.update(iterations=0, message="collapsed: 0 is in the subdifferential at theta_ref")
