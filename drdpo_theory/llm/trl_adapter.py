@@ -1,10 +1,28 @@
-r"""TRL integration: ``trl.DPOTrainer`` subclasses whose loss is KLDPO or WDPO.
+r"""TRL integration: ``trl.DPOTrainer`` subclasses whose loss is KLDPO, WDPO or a robust-family member.
 
 A TRL script switches method by changing one import::
 
     from trl import DPOTrainer                                          # DPO
     from drdpo_theory.llm.trl_adapter import KLDPOTrainer as DPOTrainer  # KLDPO
     from drdpo_theory.llm.trl_adapter import WDPOTrainer as DPOTrainer   # WDPO
+
+and, for the robust family (docs/theory_family.md), with the member's hyper-parameter as a
+constructor keyword (the ``drdpo align`` flag of the same name)::
+
+    RDPOTrainer(..., eps=0.1)         # rdpo: known label-flip rate
+    CDPOTrainer(..., eps=0.1)         # cdpo: label smoothing
+    Chi2DPOTrainer(..., rho=0.5)      # chi2dpo: chi2 ball of radius rho
+    CVaRDPOTrainer(..., alpha=0.5)    # cvardpo: CVaR at level alpha
+    GroupDPOTrainer(...)              # groupdpo: needs an integer 'group' column in the datasets;
+                                      #   group_weights="eg" (default; group_step, group_init) or "worst"
+    DrDPOTrainer(..., beta_prime=1.0) # dr_dpo: Dr.DPO soft minimum
+
+``GroupDPOTrainer`` keeps the dataset's ``group`` column through TRL's column pruning and
+collator (the batch gains a ``group`` tensor) and refuses datasets without one. With
+``group_weights="eg"`` its online group weights (:class:`~drdpo_theory.llm.family.GroupEGState`,
+``trainer.group_state``) start from the groups of ``train_dataset``, are updated once per
+training micro-batch, are written to ``group_weights.json`` in every TRL checkpoint and are
+restored by ``trainer.train(resume_from_checkpoint=...)``; evaluation uses them without updating.
 
 Everything else (``DPOConfig``, datasets, PEFT, accelerate/DeepSpeed launch, logging,
 checkpointing) stays TRL's. What is overridden:
@@ -33,7 +51,7 @@ checkpointing) stays TRL's. What is overridden:
 
 ``eval_loss`` is the objective of the method on the evaluation batch: the DPO loss for
 DPO; :math:`\frac1B\sum_i w_i\ell_i` for KLDPO (weights from the gathered evaluation
-losses); for WDPO the penalised objective :math:`\frac1B\sum_i[\ell_i +
+losses); for a family member its batch objective (groupdpo eg: with the current q); for WDPO the penalised objective :math:`\frac1B\sum_i[\ell_i +
 \rho_0\|\nabla_e\ell_i\|^2]`, with its parts logged as ``eval_dpo_loss`` and
 ``eval_wdpo/penalty``.
 
@@ -46,11 +64,14 @@ pieces used here (``_metrics``, ``precompute_ref_logps``, ``compute_ref_log_prob
 ``maybe_activation_offload_context``, the fused LM head's ``fused_lm_head`` keyword).
 DPOConfig options that change TRL's own loss (``loss_type`` other than ``sigmoid``,
 ``ld_alpha``, ``f_divergence_type``, ``use_weighting``, ``padding_free``) and
-``use_liger_kernel=True`` are rejected.
+``label_smoothing`` other than 0 (TRL's smoothing of its own loss; use ``CDPOTrainer(eps=...)``)
+and ``use_liger_kernel=True`` are rejected.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
 
 import torch
@@ -58,9 +79,23 @@ from accelerate.utils import is_peft_model
 from trl import DPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
+from drdpo_theory.llm.family import GroupEGState
 from drdpo_theory.llm.objectives import LossConfig, preference_backward, preference_eval, preference_loss
 
-__all__ = ["KLDPOTrainer", "TESTED_TRL_VERSION", "WDPOTrainer"]
+__all__ = [
+    "CDPOTrainer",
+    "CVaRDPOTrainer",
+    "Chi2DPOTrainer",
+    "DrDPOTrainer",
+    "GroupDPOTrainer",
+    "KLDPOTrainer",
+    "RDPOTrainer",
+    "TESTED_TRL_VERSION",
+    "WDPOTrainer",
+]
+
+GROUP_STATE_FILE = "group_weights.json"
+"""File of a TRL checkpoint folder holding ``GroupDPOTrainer``'s EG group weights (``GroupEGState.state_dict()``)."""
 
 TESTED_TRL_VERSION = "1.16.0"
 """The TRL version whose ``DPOTrainer`` internals these subclasses were checked against."""
@@ -85,10 +120,11 @@ _RMS_METRICS = frozenset({"wdpo/grad_emb_norm"})
 
 
 class _RobustDPOTrainer(DPOTrainer):
-    """Shared ``compute_loss`` / ``training_step`` / ``prediction_step`` of :class:`KLDPOTrainer` and :class:`WDPOTrainer`."""
+    """Shared ``compute_loss`` / ``training_step`` / ``prediction_step`` of the adapter's trainers."""
 
     _method = "dpo"
     _options: tuple[str, ...] = ()
+    group_state: GroupEGState | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         options = {k: kwargs.pop(k) for k in self._options if k in kwargs}
@@ -96,6 +132,8 @@ class _RobustDPOTrainer(DPOTrainer):
         if config is not None:  # fail before TRL loads a reference model or tokenises
             self._check_args(config)
         loss_config = LossConfig(method=self._method, beta=config.beta if config is not None else 0.1, **options)
+        self._check_datasets(kwargs.get("train_dataset", args[4] if len(args) > 4 else None),
+                             kwargs.get("eval_dataset", args[5] if len(args) > 5 else None))
         super().__init__(*args, **kwargs)
         self._check_args(self.args)
         self.loss_config = LossConfig(**{**loss_config.__dict__, "beta": self.args.beta})
@@ -116,6 +154,9 @@ class _RobustDPOTrainer(DPOTrainer):
             problems.append("use_weighting=True (need False)")
         if getattr(a, "padding_free", False):
             problems.append("padding_free=True (need False)")
+        if getattr(a, "label_smoothing", 0.0):
+            problems.append(f"label_smoothing={a.label_smoothing!r} (need 0: TRL's smoothing of its own loss; "
+                            "label smoothing is CDPOTrainer(eps=...))")
         if getattr(a, "use_liger_kernel", False):
             problems.append(
                 "use_liger_kernel=True (need False: the loss already uses TRL's fused LM head, which never builds "
@@ -123,6 +164,9 @@ class _RobustDPOTrainer(DPOTrainer):
             )
         if problems:
             raise ValueError(f"{type(self).__name__} replaces TRL's loss; unsupported DPOConfig: {'; '.join(problems)}")
+
+    def _check_datasets(self, train_dataset: Any, eval_dataset: Any) -> None:
+        """Checks of the raw datasets before TRL processes them (none here; GroupDPOTrainer: the 'group' column)."""
 
     # ------------------------------------------------------------------ pieces
 
@@ -178,7 +222,8 @@ class _RobustDPOTrainer(DPOTrainer):
         if return_outputs:
             raise NotImplementedError(f"{type(self).__name__} does not return model outputs")
         batch, ref_c, ref_r = self._batch_and_refs(inputs)
-        loss, metrics = preference_loss(model, batch, ref_c, ref_r, self.loss_config, logps_fn=fused_lm_head_logps)
+        loss, metrics = preference_loss(model, batch, ref_c, ref_r, self.loss_config, logps_fn=fused_lm_head_logps,
+                                        group_state=self.group_state)
         self._log_metrics(metrics, "train" if self.model.training else "eval")
         return loss
 
@@ -233,7 +278,8 @@ class _RobustDPOTrainer(DPOTrainer):
         inputs = self._prepare_inputs(inputs)
         batch, ref_c, ref_r = self._batch_and_refs(inputs)
         with self.compute_loss_context_manager():
-            loss, metrics = preference_eval(model, batch, ref_c, ref_r, self.loss_config, logps_fn=fused_lm_head_logps)
+            loss, metrics = preference_eval(model, batch, ref_c, ref_r, self.loss_config, logps_fn=fused_lm_head_logps,
+                                            group_state=self.group_state)
         self._log_metrics(metrics, "eval")
         return loss.detach(), None, None
 
@@ -255,8 +301,186 @@ class WDPOTrainer(_RobustDPOTrainer):
 
     Extra keyword arguments (all optional): ``rho0``, ``wdpo_impl``
     (``"double-backward"`` switches the model to eager attention; ``"finite-diff"`` keeps
-    fused attention), ``fd_step``; see :class:`~drdpo_theory.llm.objectives.LossConfig`.
+    fused attention), ``fd_step``, ``wdpo_penalty`` (``"rows"`` or ``"tuple"``); see
+    :class:`~drdpo_theory.llm.objectives.LossConfig`.
     """
 
     _method = "wdpo"
-    _options = ("rho0", "wdpo_impl", "fd_step")
+    _options = ("rho0", "wdpo_impl", "fd_step", "wdpo_penalty")
+
+
+# ---------------------------------------------------------------------- the robust family
+
+
+class RDPOTrainer(_RobustDPOTrainer):
+    """``trl.DPOTrainer`` with the rDPO loss (Chowdhury et al. 2024), known label-flip rate ``eps`` in [0, 0.5).
+
+    Per pair :math:`[(1-\\epsilon)\\ell(h) - \\epsilon\\ell(-h)]/(1-2\\epsilon)`
+    (:func:`~drdpo_theory.llm.family.flip_loss`). Keyword ``eps`` (required).
+    """
+
+    _method = "rdpo"
+    _options = ("eps",)
+
+
+class CDPOTrainer(_RobustDPOTrainer):
+    """``trl.DPOTrainer`` with the cDPO loss (label smoothing): per pair :math:`(1-\\epsilon)\\ell(h) + \\epsilon\\ell(-h)`.
+
+    Keyword ``eps`` in [0, 0.5) (required). TRL's own ``DPOConfig.label_smoothing`` must stay 0.
+    """
+
+    _method = "cdpo"
+    _options = ("eps",)
+
+
+class Chi2DPOTrainer(_RobustDPOTrainer):
+    """``trl.DPOTrainer`` with the chi2-robust DPO loss: the worst case over the chi2 ball of radius ``rho``.
+
+    Exact batch worst case from the 1-D dual on the all-gathered losses, detached multipliers
+    (Danskin). Keyword ``rho`` >= 0 (required); metrics ``chi2dpo/eta``, ``chi2dpo/weight_max``.
+    """
+
+    _method = "chi2dpo"
+    _options = ("rho",)
+
+
+class CVaRDPOTrainer(_RobustDPOTrainer):
+    """``trl.DPOTrainer`` with the CVaR-robust DPO loss at level ``alpha`` in (0, 1] (the worst alpha-fraction).
+
+    Exact batch CVaR on the all-gathered losses, detached multipliers. Keyword ``alpha``
+    (required); metrics ``cvardpo/eta``, ``cvardpo/weight_max``.
+    """
+
+    _method = "cvardpo"
+    _options = ("alpha",)
+
+
+class DrDPOTrainer(_RobustDPOTrainer):
+    """``trl.DPOTrainer`` with the Dr.DPO loss (Wu et al. 2024): :math:`-\\beta'\\log E_p e^{-\\ell/\\beta'}` on the batch.
+
+    Keyword ``beta_prime`` > 0 (default 1.0).
+    """
+
+    _method = "dr_dpo"
+    _options = ("beta_prime",)
+
+
+def _group_values(ds: Any, name: str) -> list[int] | None:
+    """The 'group' column of a map-style dataset as ints (None for an iterable one); ValueError if absent or not integer."""
+    cols = getattr(ds, "column_names", None)
+    if cols is None:  # IterableDataset without known features: look at the first row
+        try:
+            first = next(iter(ds))
+        except (StopIteration, TypeError):
+            return None
+        if not (isinstance(first, dict) and "group" in first):
+            raise ValueError(f"GroupDPOTrainer needs an integer 'group' column in {name} (the pair's group label); "
+                             f"its first row has the keys {sorted(first) if isinstance(first, dict) else type(first)}")
+        return None
+    if "group" not in cols:
+        raise ValueError(f"GroupDPOTrainer needs an integer 'group' column in {name} (the pair's group label); "
+                         f"it has the columns {list(cols)}")
+    values = list(ds["group"])
+    for i, g in enumerate(values):
+        if isinstance(g, bool) or not isinstance(g, int):
+            raise ValueError(f"GroupDPOTrainer: {name}['group'] must hold one integer per pair; row {i} has {g!r}")
+    return values
+
+
+class _GroupCollator:
+    """Wraps TRL's preference collator: the batch gains ``group`` (B,) long from the examples' 'group' values."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        missing = [i for i, ex in enumerate(examples) if ex.get("group") is None]
+        if missing:
+            raise ValueError(f"GroupDPOTrainer: example {missing[0]} of the batch has no 'group' value (an integer "
+                             "group label per pair is needed; give the dataset a 'group' column)")
+        out = self.inner(examples)
+        out["group"] = torch.tensor([int(ex["group"]) for ex in examples], dtype=torch.long)
+        return out
+
+
+class GroupDPOTrainer(_RobustDPOTrainer):
+    """``trl.DPOTrainer`` with group-robust DPO (Ramesh et al. 2024); the datasets need an integer ``group`` column.
+
+    Keywords: ``group_weights`` (``"eg"``, default: online exponentiated-gradient weights q over
+    the groups of ``train_dataset``; ``"worst"``: the exact worst group of each batch),
+    ``group_step`` (EG step, default 0.01), ``group_init`` (``"uniform"`` or
+    ``"proportional"``). ``trainer.group_state`` holds q (:class:`~drdpo_theory.llm.family.GroupEGState`);
+    it is saved as ``group_weights.json`` in each checkpoint folder and restored by
+    ``train(resume_from_checkpoint=...)``. Metrics: ``groupdpo/q_max`` and ``groupdpo/q_<label>``
+    (eg), ``groupdpo/worst_group`` (worst), ``groupdpo/weight_max``.
+    """
+
+    _method = "groupdpo"
+    _options = ("group_weights", "group_step", "group_init")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.data_collator = _GroupCollator(self.data_collator)
+        if self.loss_config.group_weights == "eg":
+            groups = None if self.train_dataset is None else _group_values(self.train_dataset, "train_dataset")
+            if groups is None:
+                raise ValueError("GroupDPOTrainer with group_weights='eg' needs a map-style train_dataset with a 'group' "
+                                 "column (the groups and their sizes are read before training)")
+            self.group_state = GroupEGState.from_data(groups, step=self.loss_config.group_step,
+                                                      init=self.loss_config.group_init)
+
+    def _check_datasets(self, train_dataset: Any, eval_dataset: Any) -> None:
+        if train_dataset is not None:
+            _group_values(train_dataset, "train_dataset")
+        sets = eval_dataset.items() if isinstance(eval_dataset, dict) else [("eval_dataset", eval_dataset)]
+        for name, ds in sets:
+            if ds is not None:
+                _group_values(ds, name if name == "eval_dataset" else f"eval_dataset[{name!r}]")
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if "group" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "group"]  # kept by remove_unused_columns
+
+    def _batch_and_refs(self, inputs: dict[str, Any]):
+        if "group" not in inputs:
+            raise ValueError("GroupDPOTrainer: the batch has no 'group' tensor (a custom data_collator must pass the "
+                             "examples' integer 'group' values on)")
+        batch, ref_c, ref_r = super()._batch_and_refs(inputs)
+        batch["group"] = inputs["group"]
+        return batch, ref_c, ref_r
+
+    def _save_rng_state(self, output_dir: str) -> None:
+        """TRL's RNG state, and the EG group weights as ``group_weights.json`` (main process) in the checkpoint."""
+        super()._save_rng_state(output_dir)
+        if self.group_state is not None and self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, GROUP_STATE_FILE), "w", encoding="utf-8") as fh:
+                json.dump(self.group_state.state_dict(), fh)
+
+    def load_group_state(self, checkpoint: str | os.PathLike) -> None:
+        """Restore the EG group weights from a checkpoint folder's ``group_weights.json``."""
+        path = os.path.join(checkpoint, GROUP_STATE_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{path}: missing; the checkpoint holds no groupdpo group weights (group_weights='eg')")
+        with open(path, encoding="utf-8") as fh:
+            try:
+                state = json.load(fh)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: corrupt group weights ({exc})") from None
+        try:
+            self.group_state.load_state_dict(state)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """TRL's ``train``; resuming also restores the EG group weights of the checkpoint."""
+        if self.group_state is not None and resume_from_checkpoint not in (None, False):
+            ckpt = resume_from_checkpoint
+            if ckpt is True:
+                from transformers.trainer_utils import get_last_checkpoint
+
+                ckpt = get_last_checkpoint(self.args.output_dir)
+            if ckpt is not None:  # None: TRL raises its own error
+                self.load_group_state(ckpt)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
