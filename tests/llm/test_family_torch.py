@@ -7,7 +7,8 @@ gradient. Then each member trains the tiny Llama through `drdpo align`.
 
 groupdpo's online exponentiated-gradient group weights (GroupEGState) follow a direct numpy
 rewrite of the update over several batches; `drdpo align` checkpoints them and a resumed run
-equals the uninterrupted one bit for bit; `--group-weights worst` is the batch's exact worst group.
+equals the uninterrupted one bit for bit; two gloo ranks, each with part of every batch, hold the
+single-process q; `--group-weights worst` is the batch's exact worst group.
 """
 
 from __future__ import annotations
@@ -359,3 +360,56 @@ def test_align_groupdpo_worst_and_eg_train_from_the_command_line(tmp_path):
         with open(out / "metrics.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
         assert len(rows) == 2 and all(r[key] != "" for r in rows)
+
+
+def _eg_batches():
+    rng = np.random.default_rng(11)
+    return [(rng.exponential(1.0, size=5), rng.uniform(0.5, 2.0, size=5), rng.integers(0, 3, size=5))
+            for _ in range(4)]
+
+
+def _eg_run(split=None):
+    """q after each of four EG steps and the per-pair multipliers; ``split`` = this rank's pair slice."""
+    from drdpo_theory.llm.family import GroupEGState
+
+    state = GroupEGState([0, 1, 2], step=0.8)
+    out = []
+    for l, v, g in _eg_batches():
+        sl = slice(None) if split is None else split
+        m, value, _ = family_multipliers(torch.as_tensor(l[sl]), "groupdpo", groups=torch.as_tensor(g[sl]),
+                                         weights=torch.as_tensor(v[sl]), group_weights="eg", group_state=state)
+        out.append((state.q.copy(), m.numpy().copy(), value))
+    return out
+
+
+def _eg_worker(rank, world, init_file, out_dir):
+    import datetime
+    import pickle
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        res = _eg_run(slice(0, 3) if rank == 0 else slice(3, 5))  # unequal halves: 3 and 2 pairs
+        with open(f"{out_dir}/rank{rank}.pkl", "wb") as fh:
+            pickle.dump(res, fh)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_group_eg_weights_are_the_same_on_every_rank_and_equal_one_process(tmp_path):
+    """2 gloo processes, each with part of every batch: both hold the single-process q after every step."""
+    import pickle
+
+    import torch.multiprocessing as mp
+
+    mp.spawn(_eg_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    two = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in range(2)]
+    one = _eg_run()
+    for (q0, m0, v0), (q1, m1, v1), (q, m, v) in zip(*two, one):
+        np.testing.assert_array_equal(q0, q1)  # every rank holds the same q
+        np.testing.assert_array_equal(q0, q)  # computed from the same gathered batch as one process
+        np.testing.assert_array_equal(np.concatenate([m0, m1]), m)
+        assert v0 == v1 == v
+    assert np.ptp(one[-1][0]) > 1e-3
