@@ -37,10 +37,18 @@ __all__ = [
     "kl_dual_temperature",
     "kldpo_weights",
     "effective_sample_size",
+    "WDPO_PENALTIES",
+    "prompt_alignment",
+    "wdpo_tuple_cross",
+    "wdpo_tuple_direction",
 ]
 
 KLDPOVariant = Literal["clamped", "normalized", "calibrated"]
 KLDPO_VARIANTS = ("clamped", "normalized", "calibrated")
+WDPO_PENALTIES = ("rows", "tuple")
+"""What WDPO's squared gradient norm treats as the input (docs/llm_losses.md, "Rows or tuple"):
+``"rows"`` the chosen and rejected rows as two inputs (the prompt counted twice, independently),
+``"tuple"`` the preference tuple z = (s, a_w, a_l) with its prompt s one shared input."""
 
 
 def implicit_rewards(
@@ -380,3 +388,119 @@ def kldpo_weights(
         w = _worst_case_weights(all_l, temp)
     w = w[offset : offset + local.shape[0]]
     return (w, temp) if return_temperature else w
+
+
+# --------------------------------------------------------------------------- WDPO: rows or tuple
+
+
+def prompt_alignment(
+    attention_mask: torch.Tensor, loss_mask: torch.Tensor, input_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Positions of each pair's shared prompt tokens in its chosen and rejected rows.
+
+    The prompt of a row is its real tokens (``attention_mask`` 1) before its first answer
+    token (``loss_mask`` 1), so left padding, right padding and a prompt that starts at
+    another offset in the two rows are all handled: the k-th prompt token of chosen row i is
+    paired with the k-th prompt token of rejected row B+i.
+
+    Parameters
+    ----------
+    attention_mask, loss_mask : torch.Tensor, shape (2B, T)
+        Rows ``0..B-1`` chosen, ``B..2B-1`` rejected (the batch layout of
+        :func:`drdpo_theory.llm.logprobs.concatenated_logps`).
+    input_ids : torch.Tensor, shape (2B, T), optional
+        When given, the two rows of every pair must hold the same prompt token ids.
+
+    Returns
+    -------
+    index : torch.Tensor, shape (2B, T), long
+        ``index[r, k]`` the position of the k-th prompt token of row r for ``k < n_r``
+        (then the row's other positions, unused).
+    valid : torch.Tensor, shape (B, T), bool
+        ``valid[i, k]`` is True for ``k < n_i``, the prompt length of pair i.
+
+    Raises
+    ------
+    ValueError
+        If the two rows of a pair have prompts of different lengths or (with
+        ``input_ids``) different tokens: they do not share one prompt.
+    """
+    if attention_mask.shape != loss_mask.shape or attention_mask.ndim != 2 or attention_mask.shape[0] % 2:
+        raise ValueError(
+            f"attention_mask and loss_mask must have the same shape (2B, T); got {tuple(attention_mask.shape)} "
+            f"and {tuple(loss_mask.shape)}"
+        )
+    b = attention_mask.shape[0] // 2
+    t = attention_mask.shape[1]
+    prompt = (attention_mask > 0) & (loss_mask.long().cumsum(dim=1) == 0)  # (2B, T)
+    n = prompt.sum(dim=1)  # (2B,)
+    if not torch.equal(n[:b], n[b:]):
+        bad = (n[:b] != n[b:]).nonzero().flatten().tolist()
+        raise ValueError(
+            f"wdpo_penalty='tuple' needs one prompt per pair, but the chosen and rejected rows of pair(s) {bad} "
+            f"have prompts of {n[:b][bad].tolist()} and {n[b:][bad].tolist()} tokens"
+        )
+    pos = torch.arange(t, device=attention_mask.device)
+    key = torch.where(prompt, pos, pos + t)  # prompt positions first, in order
+    index = key.argsort(dim=1)  # (2B, T)
+    valid = pos[None, :] < n[:b, None]  # (B, T)
+    if input_ids is not None:
+        ids = input_ids.gather(1, index)
+        if not torch.equal(ids[:b][valid], ids[b:][valid]):
+            raise ValueError(
+                "wdpo_penalty='tuple' needs one prompt per pair, but the chosen and rejected rows of some pair "
+                "hold different prompt tokens"
+            )
+    return index, valid
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x (N, T, D) at positions index (N, T) -> (N, T, D)."""
+    return x.gather(1, index[:, :, None].expand(-1, -1, x.shape[-1]))
+
+
+def wdpo_tuple_cross(g: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    r"""Per pair :math:`\sum_k \langle g_{c,k}, g_{r,k}\rangle` over the shared prompt tokens k.
+
+    With g the embedding gradient (2B, T, D) (chosen rows then rejected rows) and the
+    alignment of :func:`prompt_alignment`, the tuple penalty of pair i is
+
+    .. math:: \|g_{c,s} + g_{r,s}\|^2 + \|g_{c,a}\|^2 + \|g_{r,a}\|^2
+              = \|g_c\|^2 + \|g_r\|^2 + 2\sum_k \langle g_{c,k}, g_{r,k}\rangle,
+
+    (s: prompt tokens, a: the other tokens), i.e. the rows penalty plus twice this term.
+    Differentiable in g (double backward).
+
+    Returns
+    -------
+    torch.Tensor, shape (B,)
+    """
+    b = g.shape[0] // 2
+    gc = _gather_rows(g[:b], index[:b])  # (B, T, D), prompt tokens first
+    gr = _gather_rows(g[b:], index[b:])
+    return ((gc * gr).sum(dim=-1) * valid.to(g.dtype)).sum(dim=-1)
+
+
+def wdpo_tuple_direction(g: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    r"""The gradient with respect to the tuple z = (s, a_w, a_l), written on the 2B rows.
+
+    At every prompt token of pair i both rows get :math:`g_{c,k} + g_{r,k}` (the gradient
+    with respect to the one shared prompt embedding); answer and padding positions keep
+    their row's gradient. Moving the rows by h times this tensor moves z by h times its
+    gradient, with the prompt still shared.
+
+    Returns
+    -------
+    torch.Tensor, shape (2B, T, D)
+        :math:`\sum_{rows}\langle g, d\rangle` equals the tuple penalty
+        (``||g_c||^2 + ||g_r||^2 + 2 wdpo_tuple_cross``).
+    """
+    b = g.shape[0] // 2
+    v = valid.to(g.dtype)[:, :, None]
+    gc = _gather_rows(g[:b], index[:b]) * v  # (B, T, D), zero beyond the prompt
+    gr = _gather_rows(g[b:], index[b:]) * v
+    extra = torch.zeros_like(g)
+    d = g.shape[-1]
+    extra[:b].scatter_add_(1, index[:b, :, None].expand(-1, -1, d), gr)  # chosen prompt += rejected's
+    extra[b:].scatter_add_(1, index[b:, :, None].expand(-1, -1, d), gc)
+    return g + extra

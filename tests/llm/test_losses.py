@@ -331,7 +331,7 @@ def test_loss_config_validation(kwargs, match):
 
 def test_loss_config_every_field_has_help():
     helps = LossConfig.help()
-    assert set(helps) == {"method", "beta", "kldpo_variant", "tau", "rho", "clamp", "wdpo_impl", "rho0", "fd_step",
+    assert set(helps) == {"method", "beta", "kldpo_variant", "tau", "rho", "clamp", "wdpo_impl", "rho0", "fd_step", "wdpo_penalty",
                           "alpha", "eps", "beta_prime"}
     assert all(len(h) > 20 for h in helps.values())
 
@@ -371,3 +371,79 @@ def test_llm_package_import_is_light_and_independent_of_solvers():
         "bad = [m for m in sys.modules if m.startswith('drdpo_theory.solvers')]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# --------------------------------------------------------------------------- WDPO rows / tuple pieces
+
+
+def _hand_layout():
+    """B = 2 pairs, T = 7, hand-written masks: pair 0 chosen left-padded (prompt at 2..4), rejected
+    right-padded (prompt at 0..2); pair 1 both right-padded (prompt 2 tokens at 0..1)."""
+    am = torch.tensor([
+        [0, 0, 1, 1, 1, 1, 1],  # pair 0 chosen: pad pad p p p a a
+        [1, 1, 1, 1, 1, 0, 0],  # pair 1 chosen: p p a a a pad pad
+        [1, 1, 1, 1, 0, 0, 0],  # pair 0 rejected: p p p a pad pad pad
+        [1, 1, 1, 0, 0, 0, 0],  # pair 1 rejected: p p a pad ...
+    ])
+    lm = torch.tensor([
+        [0, 0, 0, 0, 0, 1, 1],
+        [0, 0, 1, 1, 1, 0, 0],
+        [0, 0, 0, 1, 0, 0, 0],
+        [0, 0, 1, 0, 0, 0, 0],
+    ])
+    ids = torch.tensor([
+        [0, 0, 7, 8, 9, 3, 4],
+        [5, 6, 1, 2, 3, 0, 0],
+        [7, 8, 9, 2, 0, 0, 0],
+        [5, 6, 9, 0, 0, 0, 0],
+    ])
+    prompt_pos = {0: ([2, 3, 4], [0, 1, 2]), 1: ([0, 1], [0, 1])}  # pair -> (chosen, rejected) positions
+    return am, lm, ids, prompt_pos
+
+
+def test_prompt_alignment_hand_layout():
+    from drdpo_theory.llm.losses import prompt_alignment
+
+    am, lm, ids, pos = _hand_layout()
+    index, valid = prompt_alignment(am, lm, ids)
+    assert valid.tolist() == [[True] * 3 + [False] * 4, [True] * 2 + [False] * 5]
+    for i, (pc, pr) in pos.items():
+        assert index[i, : len(pc)].tolist() == pc
+        assert index[2 + i, : len(pr)].tolist() == pr
+    bad = ids.clone()
+    bad[2, 1] = 42  # pair 0's rejected prompt differs from its chosen prompt
+    with pytest.raises(ValueError, match="different prompt tokens"):
+        prompt_alignment(am, lm, bad)
+    lm2 = lm.clone()
+    lm2[2, 2] = 1  # pair 0's rejected prompt one token shorter
+    with pytest.raises(ValueError, match=r"pair\(s\) \[0\] have prompts of \[3\] and \[2\] tokens"):
+        prompt_alignment(am, lm2)
+
+
+def test_tuple_cross_and_direction_by_hand():
+    """Against explicit sums over the hand-listed prompt positions."""
+    from drdpo_theory.llm.losses import prompt_alignment, wdpo_tuple_cross, wdpo_tuple_direction
+
+    am, lm, ids, pos = _hand_layout()
+    g = torch.randn(4, 7, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    index, valid = prompt_alignment(am, lm, ids)
+    cross = wdpo_tuple_cross(g, index, valid)
+    d = wdpo_tuple_direction(g, index, valid)
+    for i, (pc, pr) in pos.items():
+        c, r = i, 2 + i
+        expected_cross = sum(float(g[c, a] @ g[r, b]) for a, b in zip(pc, pr))
+        assert_allclose(float(cross[i]), expected_cross, rtol=1e-13)
+        # tuple squared norm: ||g_c,s + g_r,s||^2 + the non-prompt parts of both rows
+        others_c = [t for t in range(7) if t not in pc]
+        others_r = [t for t in range(7) if t not in pr]
+        tuple_sq = (sum(float((g[c, a] + g[r, b]).pow(2).sum()) for a, b in zip(pc, pr))
+                    + float(g[c, others_c].pow(2).sum()) + float(g[r, others_r].pow(2).sum()))
+        rows_sq = float(g[c].pow(2).sum() + g[r].pow(2).sum())
+        assert_allclose(rows_sq + 2 * float(cross[i]), tuple_sq, rtol=1e-13)
+        # the direction: the prompt gradient g_c,s + g_r,s on both rows' prompt tokens, g elsewhere
+        for a, b in zip(pc, pr):
+            assert torch.equal(d[c, a], d[r, b])
+            assert_close(d[c, a], g[c, a] + g[r, b], rtol=1e-15, atol=0)
+        assert torch.equal(d[c, others_c], g[c, others_c]) and torch.equal(d[r, others_r], g[r, others_r])
+        # sum over the rows of <g, d> is the tuple squared norm (what the finite difference differentiates)
+        assert_allclose(float((g[c] * d[c]).sum() + (g[r] * d[r]).sum()), tuple_sq, rtol=1e-13)
