@@ -1,7 +1,8 @@
 """Reward objectives of the preference-shift experiment, on hand-written sentences.
 
 Expected values are derived from the lexicon entries themselves (VADER's compound score is
-S / sqrt(S^2 + 15) for the summed valence S, rounded to 4 decimals), not copied from a run.
+S / sqrt(S^2 + 15) for the summed valence S, rounded to 4 decimals; NRC shares are hand counts
+of the tagged words, whose tags the tests first check in the lexicon), not copied from a run.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def test_score_texts_shape_and_unknown_objective():
     assert s.shape == (2, 3)
     assert_allclose(s[1], [0.5, 1.0, 1 - 4 / R.BREVITY_WORDS], atol=ATOL)
     with pytest.raises(ValueError, match="unknown objective"):
-        R.score_texts(["x"], ["joy"])
+        R.score_texts(["x"], ["happiness"])
 
 
 def test_normalizer_standardises_and_handles_constant_objective():
@@ -130,3 +131,82 @@ def test_shipped_prompt_set_matches_its_builder():
     assert [p.id for p in P.load_prompts("test", 5)] == [p.id for p in test[:5]]
     with pytest.raises(ValueError):
         P.load_prompts("dev")
+
+
+# --------------------------------------------------------------------------- NRC emotion lexicon
+
+# the tags of the words the sentences below use, as listed in nrclex's nrc_en.json
+TAGS = {
+    "love": {"joy", "positive"},
+    "happy": {"anticipation", "joy", "positive", "trust"},
+    "sunny": {"anticipation", "joy", "positive", "surprise"},
+    "angry": {"anger", "disgust", "negative"},
+    "fight": {"anger", "fear", "negative"},
+    "storm": {"anger", "negative"},
+    "hate": {"anger", "disgust", "fear", "negative", "sadness"},
+    "joy": {"joy", "positive"},
+    "friend": {"joy", "positive", "trust"},
+}
+UNTAGGED = ["i", "this", "day", "the", "man", "will", "and", "weather", "today", "is", "a", "don't", "my"]
+
+
+def test_nrc_lexicon_is_the_file_shipped_in_nrclex():
+    pytest.importorskip("nrclex")
+    import importlib.util
+    from pathlib import Path
+
+    lex = R.nrc_lexicon()
+    path = Path(importlib.util.find_spec("nrclex").origin).parent / "data" / "nrc_en.json"
+    assert {w: frozenset(c) for w, c in json.loads(path.read_text(encoding="utf-8")).items()} == dict(lex)
+    assert len(lex) == 6468
+    for w, tags in TAGS.items():
+        assert lex[w] == tags, w
+    for w in UNTAGGED:
+        assert w not in lex, w
+    assert set().union(*lex.values()) == set(R.NRC_CATEGORIES)
+
+
+def test_nrc_shares_and_rates_equal_hand_counts():
+    pytest.importorskip("nrclex")
+    # words: i love this happy sunny day -> 6 words; tagged: love, happy, sunny
+    s1 = "I love this happy, sunny day!"
+    # joy: love, happy, sunny = 3; all tags: 2 + 4 + 4 = 10
+    assert_allclose(R.nrc_share(s1, "joy"), 3 / 10, atol=ATOL)
+    assert R.nrc_share(s1, "anger") == 0.0
+    assert_allclose(R.nrc_share(s1, "anticipation"), 2 / 10, atol=ATOL)
+    assert_allclose(R.nrc_rate(s1, "joy"), 3 / 6, atol=ATOL)
+    # the angry man will fight the storm: 7 words; tags: angry 3, fight 3, storm 2 = 8
+    s2 = "The ANGRY man will fight the storm."
+    assert_allclose(R.nrc_share(s2, "anger"), 3 / 8, atol=ATOL)
+    assert_allclose(R.nrc_share(s2, "negative"), 3 / 8, atol=ATOL)
+    assert_allclose(R.nrc_share(s2, "fear"), 1 / 8, atol=ATOL)
+    assert R.nrc_share(s2, "joy") == 0.0
+    assert_allclose(R.nrc_rate(s2, "anger"), 3 / 7, atol=ATOL)
+    # joy, and, hate, don't (one untagged word), my, friend -> 6 words; tags: joy 2, hate 5, friend 3
+    s3 = "Joy and hate, don't my friend"
+    n, counts = R.nrc_counts(s3)
+    assert n == 6 and counts["joy"] == 2 and counts["anger"] == 1 and counts["trust"] == 1
+    assert sum(counts.values()) == 2 + 5 + 3
+    assert_allclose(R.nrc_share(s3, "joy"), 2 / 10, atol=ATOL)
+    assert_allclose(R.nrc_share(s3, "anger"), 1 / 10, atol=ATOL)
+    # no tagged word, and no word at all
+    for text in ("The weather today.", "", "42 ... !!"):
+        assert R.nrc_share(text, "joy") == R.nrc_rate(text, "joy") == 0.0
+    with pytest.raises(ValueError, match="unknown NRC category"):
+        R.nrc_share("x", "happiness")
+    # the objectives are the shares
+    raw = R.score_texts([s1, s2], ["joy", "anger"])
+    assert_allclose(raw, [[3 / 10, 0.0], [0.0, 3 / 8]], atol=ATOL)
+
+
+def test_reward_presets_and_correlation():
+    pytest.importorskip("nrclex")
+    assert R.REWARD_PRESETS == {"vader": ("positivity", "calm"), "emotion": ("joy", "anger")}
+    assert all(o in R.OBJECTIVES for pair in R.REWARD_PRESETS.values() for o in pair)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50)
+    raw = np.stack([x, -0.5 * x + rng.normal(size=50)], axis=1)
+    xc, yc = raw[:, 0] - raw[:, 0].mean(), raw[:, 1] - raw[:, 1].mean()
+    assert_allclose(R.objective_correlation(raw), (xc @ yc) / np.sqrt((xc @ xc) * (yc @ yc)), atol=ATOL)
+    assert R.objective_correlation(np.array([[0.1, 0.0], [0.3, 0.0], [0.2, 0.0]])) is None  # constant column
+    assert R.objective_correlation(np.array([[0.1, 0.2]])) is None

@@ -1,9 +1,11 @@
 r"""Transparent, offline reward objectives for the preference-shift experiment.
 
-Every objective maps a completion (a string) to a number in [0, 1] and is computed from the
-VADER lexicon (Hutto & Gilbert 2014) that the PyPI package ``vaderSentiment`` ships as
-``vader_lexicon.txt`` next to its module: the analyzer reads that file at construction and
-needs no download (no NLTK data, no network).
+Every objective maps a completion (a string) to a number in [0, 1] and is computed from a
+lexicon shipped inside a PyPI package, with no download (no NLTK data, no network): the VADER
+lexicon (Hutto & Gilbert 2014) that ``vaderSentiment`` ships as ``vader_lexicon.txt`` (read by
+its analyzer at construction), and the NRC emotion lexicon (Mohammad & Turney 2013) that
+``nrclex`` ships as ``nrclex/data/nrc_en.json``, read here directly (nrclex's own text path,
+``load_raw_text``, needs TextBlob corpora, which are not installed).
 
 Objectives (:data:`OBJECTIVES`)
 -------------------------------
@@ -19,6 +21,22 @@ Objectives (:data:`OBJECTIVES`)
 ``brevity``
     :math:`r_{brev}(y) = \max(0, 1 - w(y)/W)` with :math:`w` the number of
     whitespace-separated words and :math:`W` = :data:`BREVITY_WORDS`.
+``anger``, ``anticipation``, ``disgust``, ``fear``, ``joy``, ``sadness``, ``surprise``, ``trust``
+    NRC emotion shares (:func:`nrc_share`): with :math:`n_c(y)` the number of words of
+    :math:`y` (lower-cased runs of letters, apostrophes inside a word kept; no lemmatisation:
+    the lexicon lists inflected forms) that the lexicon tags with category c, over its ten
+    categories (the eight emotions plus ``positive`` and ``negative``),
+
+    .. math:: r_e(y) = n_e(y) \,/\, \textstyle\sum_c n_c(y), \qquad 0 \text{ when no word is tagged}.
+
+    This is nrclex's ``affect_frequencies`` on our tokenisation: the lexicon's distribution over
+    affect categories, the counterpart of an emotion classifier's class probabilities (the
+    paper's emotion rewards). The raw rate per word, :func:`nrc_rate`
+    (:math:`n_e(y)/w(y)`), is also provided; on the 384 SmolLM2-135M-Instruct samples of the
+    VADER run its joy and anger rates are uncorrelated (Pearson -0.02: most completions hold
+    no tagged word and both rates are 0), while the shares are negatively correlated (-0.18):
+    affect words compete for the same mass. Hence the ``emotion`` preset
+    (:data:`REWARD_PRESETS`) pairs the joy and anger shares.
 
 Mixture and normalisation
 -------------------------
@@ -36,20 +54,32 @@ of the other (:class:`Normalizer`).
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
 __all__ = [
     "BREVITY_WORDS",
+    "NRC_CATEGORIES",
+    "NRC_EMOTIONS",
     "OBJECTIVES",
+    "REWARD_PRESETS",
     "Normalizer",
     "brevity",
     "calm",
     "mixture_reward",
+    "nrc_counts",
+    "nrc_lexicon",
+    "nrc_rate",
+    "nrc_share",
+    "objective_correlation",
     "positivity",
     "score_texts",
     "vader_analyzer",
@@ -95,8 +125,91 @@ def brevity(text: str, max_words: int = BREVITY_WORDS) -> float:
     return max(0.0, 1.0 - len(text.split()) / max_words)
 
 
-OBJECTIVES: dict[str, Callable[[str], float]] = {"positivity": positivity, "calm": calm, "brevity": brevity}
+NRC_EMOTIONS = ("anger", "anticipation", "disgust", "fear", "joy", "sadness", "surprise", "trust")
+"""Plutchik's eight emotions of the NRC lexicon."""
+NRC_CATEGORIES = NRC_EMOTIONS + ("negative", "positive")
+"""All ten NRC categories (the emotions and the two sentiments): the denominator of :func:`nrc_share`."""
+
+_WORD = re.compile(r"[a-z]+(?:'[a-z]+)*")
+
+
+@lru_cache(maxsize=1)
+def nrc_lexicon() -> Mapping[str, frozenset[str]]:
+    """word -> NRC categories, read from ``nrc_en.json`` inside the installed ``nrclex`` package.
+
+    The file is located with ``importlib.util.find_spec`` and parsed as JSON; no nrclex code runs.
+    """
+    spec = importlib.util.find_spec("nrclex")
+    if spec is None or spec.origin is None:  # pragma: no cover - the llm extra installs it
+        raise ImportError("the emotion rewards need the PyPI package 'nrclex' (pip install nrclex==4.1.0 --no-deps)")
+    path = Path(spec.origin).parent / "data" / "nrc_en.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return {str(w).lower(): frozenset(cats) for w, cats in data.items()}
+
+
+def nrc_counts(text: str) -> tuple[int, dict[str, int]]:
+    """``(words, {category: tagged words})`` of ``text`` (all ten categories present, 0 if none).
+
+    Words are the lower-cased runs of letters (``don't`` is one word); a word tagged with k
+    categories counts once in each of them.
+    """
+    lex = nrc_lexicon()
+    words = _WORD.findall(text.lower())
+    counts = {c: 0 for c in NRC_CATEGORIES}
+    for w in words:
+        for c in lex.get(w, ()):
+            counts[c] += 1
+    return len(words), counts
+
+
+def nrc_share(text: str, emotion: str) -> float:
+    """Tagged words of ``emotion`` over tagged words of all ten categories, in [0, 1] (0 without tagged words)."""
+    if emotion not in NRC_CATEGORIES:
+        raise ValueError(f"unknown NRC category {emotion!r}; choose from {NRC_CATEGORIES}")
+    _, counts = nrc_counts(text)
+    total = sum(counts.values())
+    return counts[emotion] / total if total else 0.0
+
+
+def nrc_rate(text: str, emotion: str) -> float:
+    """Tagged words of ``emotion`` per word of the text, in [0, 1] (0 for text without words)."""
+    if emotion not in NRC_CATEGORIES:
+        raise ValueError(f"unknown NRC category {emotion!r}; choose from {NRC_CATEGORIES}")
+    n, counts = nrc_counts(text)
+    return counts[emotion] / n if n else 0.0
+
+
+def _share(emotion: str) -> Callable[[str], float]:
+    def f(text: str) -> float:
+        return nrc_share(text, emotion)
+
+    f.__name__ = emotion
+    f.__doc__ = f"NRC share of {emotion} (:func:`nrc_share`)."
+    return f
+
+
+VADER_OBJECTIVES = ("positivity", "calm", "brevity")
+"""The VADER-lexicon objectives (and brevity): scored for every sample whatever the preset."""
+
+OBJECTIVES: dict[str, Callable[[str], float]] = {
+    "positivity": positivity, "calm": calm, "brevity": brevity, **{e: _share(e) for e in NRC_EMOTIONS},
+}
 """Objective name -> function ``str -> [0, 1]``."""
+
+REWARD_PRESETS: dict[str, tuple[str, str]] = {"vader": ("positivity", "calm"), "emotion": ("joy", "anger")}
+"""``drdpo llm-shift --preset``: the objective pair (r_1, r_2). ``vader`` is the original experiment
+(positivity vs calm, which mostly agree: Pearson +0.33 on the SmolLM2 train pool); ``emotion`` the NRC
+joy and anger shares (-0.18 there)."""
+
+
+def objective_correlation(raw: np.ndarray) -> float | None:
+    """Pearson correlation of the two columns of ``raw`` (n, 2); None when a column is constant or n < 2."""
+    raw = np.asarray(raw, dtype=np.float64)
+    if raw.ndim != 2 or raw.shape[1] != 2:
+        raise ValueError(f"expected raw scores of shape (n, 2); got {raw.shape}")
+    if raw.shape[0] < 2 or np.any(raw.std(axis=0) < 1e-12):
+        return None
+    return float(np.corrcoef(raw[:, 0], raw[:, 1])[0, 1])
 
 
 def score_texts(texts: Sequence[str], objectives: Sequence[str]) -> np.ndarray:
