@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from . import report_approx as _approx
 from . import report_bench as _bench
 
 __all__ = ["RESULTS_DIR", "DOCUMENTS", "STUDY_FILES", "collect", "render_blocks", "update_document",
@@ -37,7 +38,7 @@ __all__ = ["RESULTS_DIR", "DOCUMENTS", "STUDY_FILES", "collect", "render_blocks"
 #: where the committed summaries live (relative to the repository root)
 RESULTS_DIR = Path("docs/results")
 #: the documents whose generated blocks come from RESULTS_DIR
-DOCUMENTS = (Path("paper_repro.md"), Path("docs/sample_complexity_results.md"))
+DOCUMENTS = (Path("paper_repro.md"), Path("docs/sample_complexity_results.md"), Path("docs/approximations.md"))
 #: the marker every unverified number carries
 NOT_REGENERATED = "not regenerated in this checkout"
 
@@ -657,6 +658,7 @@ BLOCKS: dict[str, Callable[[_Results], str]] = {
     "bench-solvers": _bench.block_solvers,
     "bench-train-step": _bench.block_train_step,
     "bench-vs-trl": _bench.block_vs_trl,
+    **_approx.BLOCKS,  # docs/approximations.md
 }
 
 
