@@ -218,3 +218,18 @@ def test_native_falls_back_to_cvxpy_and_says_so(monkeypatch):
     # without the fallback the honest native answer is reported, uncertified
     res = solve_wdpo_continuous_native(data, beta, radius, 0.05, 0.5, fallback=False)
     assert res.status == "inaccurate" and res.duality_gap > GAP
+
+
+def test_finite_kappa_early_stop_resumes_natively_before_any_fallback(monkeypatch):
+    """The trust region may stop right after an accepted step that promised little (TR_EARLY, one pass
+    over the data less); when the certificate does not accept that point, the native path resumes to
+    the model-decrease test before it would fall back to cvxpy. Forced here with TR_EARLY = 1: every
+    accepted step stops the iteration."""
+    rng = np.random.default_rng(501)
+    data, beta, radius = random_instance(rng, on_sphere=False)
+    monkeypatch.setattr(W, "TR_EARLY", 1.0)
+    res = solve_wdpo_continuous_native(data, beta, radius, 0.05, 0.5)
+    assert res.optimal and res.solver == "native-trust-region", (res.duality_gap, res.info.get("attempts"))
+    assert "resumed" in res.info["attempts"] and res.info["resumed_iterations"] >= 1
+    ref = solve_wdpo_continuous_native(data, beta, radius, 0.05, 0.5)
+    assert_allclose(res.objective, ref.objective, rtol=0, atol=2 * GAP)
