@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["plot_kl_cosine_tau", "plot_kl_lam_path", "plot_value_error", "plot_sgd_endpoints",
-           "plot_shift_reward", "plot_all_gradients", "ESTIMATOR_LABELS", "SHIFT_METHOD_LABELS"]
+           "plot_shift_reward", "plot_shift_family", "plot_family_gradients", "plot_all_gradients",
+           "ESTIMATOR_LABELS", "SHIFT_METHOD_LABELS", "FAMILY_METHOD_LABELS", "FAMILY_MEMBER_LABELS"]
 
 #: reader-facing names of the gradient estimators of the SGD study (tick labels)
 ESTIMATOR_LABELS = {
@@ -41,6 +42,28 @@ SHIFT_METHOD_LABELS = {
     "w2_sq_penalty_sgd": ("WDPO squared penalty (SGD)", "#e7298a", (0, (4, 3)), ">"),
     "w2_adversarial_sgd": ("WDPO one-step adversarial (SGD)", "#66a61e", (0, (1, 1.5)), "P"),
 }
+
+#: the robust family in the family shift figure: method -> (label, colour, line style, marker);
+#: an exact solver and its batch version (SGD) share the colour, solid vs dashed
+FAMILY_METHOD_LABELS = {
+    "chi2dpo": ("χ²-DPO (exact)", "#e31a1c", "-", "h"),
+    "cvardpo": ("CVaR-DPO (exact)", "#ff7f00", "-", "p"),
+    "groupdpo": ("group DPO, groups = label source (exact)", "#6a3d9a", "-", "*"),
+    "rdpo": ("rDPO (exact)", "#b15928", "-", "d"),
+    "cdpo": ("cDPO (exact)", "#737373", "-", "X"),
+    "dr_dpo": ("Dr.DPO (local solver)", "#17becf", "-", "8"),
+    "chi2_batch_sgd": ("χ²-DPO batch worst case (SGD)", "#e31a1c", (0, (4, 3)), "h"),
+    "cvar_batch_sgd": ("CVaR-DPO batch worst case (SGD)", "#ff7f00", (0, (4, 3)), "p"),
+    "group_batch_sgd": ("group DPO batch worst group (SGD)", "#6a3d9a", (0, (4, 3)), "*"),
+    "rdpo_sgd": ("rDPO (SGD)", "#b15928", (0, (4, 3)), "d"),
+    "cdpo_sgd": ("cDPO (SGD)", "#737373", (0, (4, 3)), "X"),
+    "dr_dpo_batch_sgd": ("Dr.DPO batch soft-min (SGD)", "#17becf", (0, (4, 3)), "8"),
+}
+
+#: family member -> (label, colour) in the gradient-study family figure
+FAMILY_MEMBER_LABELS = {m: (FAMILY_METHOD_LABELS[m][0].replace(" (exact)", "").replace(" (local solver)", "")
+                            .replace(", groups = label source", ""), FAMILY_METHOD_LABELS[m][1])
+                        for m in ("chi2dpo", "cvardpo", "groupdpo", "rdpo", "cdpo", "dr_dpo")}
 
 #: distinct colours for the radius fractions rho/rho_c (qualitative, colour-blind safe)
 _FRAC_COLORS = ["#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00"]
@@ -320,6 +343,133 @@ def plot_shift_reward(shift: pd.DataFrame, out_dir="figures", name="shift_reward
     return _save(fig, out_dir, name)
 
 
+def _family_style(m: str):
+    return FAMILY_METHOD_LABELS.get(m) or SHIFT_METHOD_LABELS.get(m) or (m, "k", "-", "o")
+
+
+def _family_takeaway(worst: pd.Series, norms: pd.Series | None = None) -> str:
+    """One line from the worst-case rewards: how many robust methods fall below DPO, which are above
+    it, and (with ``norms``, mean ``||theta||`` per method) whether those above moved away from theta_ref."""
+    if "dpo" not in worst:
+        return ""
+    others = worst.drop([m for m in ("dpo", "dpo_sgd") if m in worst])
+    below = others[others < worst["dpo"]]
+    above = others[others >= worst["dpo"]]
+    line = f"Worst-case reward over α: {len(below)} of {len(others)} robust methods fall below DPO ({worst['dpo']:.3f})"
+    if len(above):
+        names = sorted({_family_style(m)[0].split(" (")[0].split(" batch")[0] for m in above.index})
+        line += f"; above it: {', '.join(names)}"
+        if norms is not None and "dpo" in norms:
+            line += (f", which move away from θ_ref (mean ‖θ‖ {norms[above.index].min():.2f}–{norms[above.index].max():.2f} "
+                     f"vs DPO {norms['dpo']:.2f}; those below: {norms[below.index].min():.2f}–{norms[below.index].max():.2f})"
+                     if len(below) else "")
+    return line
+
+
+def plot_shift_family(shift: pd.DataFrame, out_dir="figures", name="shift_family", stated: str = "") -> list[Path]:
+    """DPO, KLDPO, WDPO (exact and approximate) and the robust family under the label-mixture shift.
+
+    Left: expected true reward ``E r_alpha`` vs the test alpha (mean ± s.e. over seeds; exact solvers
+    solid, SGD with approximate or batch gradients dashed/dotted, one colour per objective). Right: the
+    worst-case reward over alpha (per seed, then mean ± s.e. over seeds), sorted, DPO's marked.
+    ``stated``: a line with the radii (drawn under the title). Legend below the panels, takeaway as title.
+    """
+    plt = _plt()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 6.2), gridspec_kw={"width_ratios": [1.25, 1]})
+    alpha0 = float(shift.alpha0.iloc[0])
+    runs = shift[shift.method != "reference"]
+    for m, g in runs.groupby("method", sort=False):
+        lab, col, ls, mk = _family_style(m)
+        exact = ls == "-"
+        by = g.groupby("alpha").reward
+        mean, se = by.mean(), by.std(ddof=1) / np.sqrt(by.count())
+        ax.errorbar(mean.index, mean.values, yerr=se.fillna(0).values, ls=ls, marker=mk, ms=4.5, markevery=2,
+                    lw=2.0 if exact else 1.3, capsize=1.5, color=col, mfc=col if exact else "none",
+                    zorder=2 if exact else 3, label=lab)
+    ref = shift[shift.method == "reference"].sort_values("alpha")
+    if len(ref):
+        ax.plot(ref.alpha, ref.reward, "k:", lw=1.8, label=r"reference: optimal policy $\pi_{\theta^*_\alpha}$ for each α")
+    ax.axvline(alpha0, color="k", lw=0.8, ls="-.", label=f"training mixture α₀ = {alpha0:g}")
+    ax.set_xlabel(r"test mixture weight $\alpha$ (1 = all labels from reward 1, 0 = all from reward 2)")
+    ax.set_ylabel(r"expected true reward $E\,r_\alpha$ (reward units)")
+    ax.grid(True, alpha=0.25)
+    worst_seed = runs.groupby(["method", "seed"], sort=False).reward.min()
+    worst = worst_seed.groupby("method", sort=False).mean()
+    norms = runs.groupby(["method", "seed"], sort=False).theta_norm.first().groupby("method", sort=False).mean() \
+        if "theta_norm" in runs else None
+    wse = worst_seed.groupby("method", sort=False).std(ddof=1) / np.sqrt(worst_seed.groupby("method", sort=False).count())
+    order = worst.sort_values().index
+    for i, m in enumerate(order):
+        lab, col, ls, mk = _family_style(m)
+        exact = ls == "-"
+        ax2.errorbar(worst[m], i, xerr=float(np.nan_to_num(wse[m])), marker=mk, ms=7, color=col,
+                     mfc=col if exact else "none", capsize=2, ls="none")
+    if "dpo" in worst:
+        ax2.axvline(worst["dpo"], color="#1f4e99", lw=0.9, ls="--")
+    ax2.set_yticks(range(len(order)))
+    ax2.set_yticklabels([_family_style(m)[0] for m in order], fontsize=8)
+    ax2.set_xlabel("worst-case expected reward over α ∈ [0, 1] (reward units)")
+    ax2.grid(True, axis="x", alpha=0.25)
+    ax2.set_title("filled: exact solver, hollow: SGD; dashed line: DPO (exact)", fontsize=8.5)
+    n_seeds = runs.seed.nunique()
+    fig.suptitle(f"Robust preference-optimisation family under the label-mixture shift, mean ± s.e. over {n_seeds} "
+                 f"seeds\n{_family_takeaway(worst, norms)}" + (f"\n{stated}" if stated else ""), fontsize=10)
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=7.5, frameon=False)
+    fig.tight_layout()
+    return _save(fig, out_dir, name)
+
+
+def plot_family_gradients(res: dict, out_dir="figures", name="gradients_family") -> list[Path]:
+    """Left: relative mini-batch bias of each family member's batch gradient vs batch size (mean over
+    instances and points, bars = mean Monte-Carlo s.e.). Right: SGD end-point error against the exact
+    optimum (mean ± sd over instances and seeds) with DPO's SGD error as the noise floor."""
+    plt = _plt()
+    fb, fs = res.get("family_batch"), res.get("family_sgd")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    ax, ax2 = axes
+    worst = None
+    if fb is not None and len(fb):
+        agg = fb.groupby(["member", "batch_size"], sort=False).agg(bias=("bias", "mean"), se=("mc_se", "mean"))
+        for m, g in agg.groupby(level=0, sort=False):
+            lab, col = FAMILY_MEMBER_LABELS.get(m, (m, None))
+            b = g.index.get_level_values(1)
+            ax.errorbar(b, g.bias, yerr=g.se, marker="o", ms=4, lw=1.6, capsize=2, color=col, label=lab)
+        small = agg.xs(agg.index.get_level_values(1).min(), level=1).bias
+        worst = small.idxmax()
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("mini-batch size b (pairs)")
+        ax.set_ylabel("relative bias ‖E g_b − g*‖ / ‖g*‖ (dimensionless)")
+        ax.grid(True, which="both", alpha=0.25)
+    if fs is not None and len(fs):
+        g = fs.groupby("member", sort=False).err
+        mean, sd = g.mean(), g.std(ddof=1).fillna(0.0)
+        x = np.arange(len(mean))
+        for i, m in enumerate(mean.index):
+            lab, col = FAMILY_MEMBER_LABELS.get(m, (m, None))
+            ax2.errorbar(i, mean[m], yerr=sd[m], marker="o", ms=6, color=col, capsize=3, ls="none")
+        floor = float(fs.drop_duplicates(["instance", "sgd_seed"]).dpo_err.mean())
+        ax2.axhline(floor, color="0.3", ls="--", lw=1, label=f"DPO SGD noise floor ({floor:.3f})")
+        ax2.set_xticks(x)
+        ax2.set_xticklabels([FAMILY_MEMBER_LABELS.get(m, (m,))[0] for m in mean.index], rotation=20, fontsize=8)
+        ax2.set_yscale("log")
+        ax2.set_ylabel("‖θ_SGD − θ_exact‖ (parameter units)")
+        ax2.set_xlabel("family member, SGD with its batch gradient")
+        ax2.grid(True, axis="y", which="both", alpha=0.25)
+    title = "Robust family: batch gradients against the exact ones (group DPO: groups = prompts)"
+    if worst is not None:
+        b0 = int(fb.batch_size.min())
+        title += (f"\nlargest bias at b = {b0}: {FAMILY_MEMBER_LABELS.get(worst, (worst,))[0]} "
+                  f"({agg.xs(b0, level=1).bias[worst]:.2f}); rDPO/cDPO are per-pair losses, unbiased up to Monte-Carlo error")
+    fig.suptitle(title, fontsize=10)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    fig.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout()
+    return _save(fig, out_dir, name)
+
+
 def plot_all_gradients(res: dict, out_dir="figures") -> list[Path]:
     """Every figure of the gradient study that its tables allow."""
     paths: list[Path] = []
@@ -331,4 +481,6 @@ def plot_all_gradients(res: dict, out_dir="figures") -> list[Path]:
         paths += plot_value_error(res["value_error"], out_dir)
     if "sgd" in res:
         paths += plot_sgd_endpoints(res["sgd"], out_dir)
+    if "family_batch" in res or "family_sgd" in res:
+        paths += plot_family_gradients(res, out_dir)
     return paths

@@ -8,6 +8,10 @@ with ``--out``, else ``figures/quick/``, never over the committed full-run figur
 ``drdpo gradients --calibrate --data FILE.npz --beta BETA --radius B [--rho RHO] [--eps EPS]
 [--space {z,x}] [--theta T1,T2,...] [--json]`` prints the calibration of tau / rho0 and the
 collapse radii instead (:func:`drdpo_theory.calibration.calibrate`).
+``drdpo gradients --family [--quick] [--json] [--out DIR] [--figures DIR] [--jobs N]`` runs the robust
+family's tables instead (``family_batch``: each member's exact gradient against its mini-batch
+version; ``family_sgd``: SGD with that version against the exact optimum) to
+``results/gradients_family[_quick]/``, figure ``gradients_family.png``.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ def register(sub) -> None:
                         "else figures/quick; '' = none)")
     p.add_argument("--n-jobs", "--jobs", dest="jobs", type=int, default=1,
                    help="joblib processes (default 1; -1: all cores; capped at the CPU count)")
+    p.add_argument("--family", action="store_true",
+                   help="the robust family's tables instead (chi2dpo, cvardpo, groupdpo, rdpo, cdpo, dr_dpo: exact "
+                        "gradient vs its mini-batch version, and SGD end points); default out results/gradients_family")
     g = p.add_argument_group("calibration (with --calibrate)")
     g.add_argument("--calibrate", action="store_true", help="calibrate tau and rho0 on --data instead of the study")
     g.add_argument("--data", metavar="FILE.npz", help="data: x (n,d), y (n,), [theta_ref (d,)], [weights (n,)]")
@@ -75,14 +82,17 @@ def _calibrate(args) -> int:
 def run(args) -> int:
     if args.calibrate:
         return _calibrate(args)
-    from ..experiments.gradients import TABLES, GradientStudyConfig, run_study, summarize
+    from ..experiments.gradients import FAMILY_TABLES, TABLES, GradientStudyConfig, run_study, summarize
 
     n_jobs = _n_jobs(args.jobs)
-    default_out = "results/gradients_quick" if args.quick else "results/gradients"
-    out, figures = _study_outputs(args, "gradients", default_out, tables={f"{name}.csv": ("instance",) for name in TABLES})
+    family = bool(getattr(args, "family", False))
+    names = tuple(FAMILY_TABLES if family else TABLES)
+    default_out = "results/gradients" + ("_family" if family else "") + ("_quick" if args.quick else "")
+    out, figures = _study_outputs(args, "gradients-family" if family else "gradients", default_out,
+                                  tables={f"{name}.csv": ("instance",) for name in names})
     cfg = GradientStudyConfig.quick() if args.quick else GradientStudyConfig()
     t0 = time.perf_counter()
-    res = run_study(cfg, out_dir=out or None, n_jobs=n_jobs, progress=not args.json)
+    res = run_study(cfg, out_dir=out or None, n_jobs=n_jobs, tables=names, progress=not args.json)
     summary = summarize(res)
     if figures:
         from ..plots_approx import plot_all_gradients
@@ -90,7 +100,7 @@ def run(args) -> int:
         summary["figures"] = [str(p) for p in plot_all_gradients(res, figures)]
     summary["seconds"] = time.perf_counter() - t0
     summary["quick"] = bool(args.quick)
-    summary["config_key"] = cfg.key()
+    summary["config_key"] = cfg.key(family=family)
     if out:
         from ..io import write_json
 

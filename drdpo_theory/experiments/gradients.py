@@ -13,7 +13,11 @@ this study measures how good the approximations are:
 * :func:`w_radius_table` — WDPO estimators (first-order form, squared penalty, one-step adversarial)
   against the exact continuous-support W2 gradient as functions of ``eps / eps_c``;
 * :func:`value_error_table` — first-order W2 value vs the exact W2 value, and :func:`fit_loglog_slope`;
-* :func:`sgd_table` — end points of seeded SGD with each estimator vs the exact robust optimum.
+* :func:`sgd_table` — end points of seeded SGD with each estimator vs the exact robust optimum;
+* :func:`family_batch_table` and :func:`family_sgd_table` (``drdpo gradients --family``) — the robust
+  family (chi2dpo, cvardpo, groupdpo, rdpo, cdpo, dr_dpo; :mod:`drdpo_theory.solvers.family`): each
+  member's exact gradient against its mini-batch version (:func:`family_grad` on a batch, the
+  estimator of ``drdpo_theory.llm.family``), and SGD with that version against the exact optimum.
 
 Every instance is a seeded :func:`~drdpo_theory.model.make_model` with its exact nominal
 distribution P° as data (weights ``P°(z)``); mini-batches are i.i.d. draws from P° (uniform weights).
@@ -39,6 +43,7 @@ from .. import approx as A
 from ..calibration import collapse_radii, rho0_for_eps, tau_for_rho
 from ..data import PreferenceData
 from ..io import read_cell, write_cell, write_csv
+from ..losses import dpo_grad
 from ..model import make_model
 
 __all__ = [
@@ -57,6 +62,14 @@ __all__ = [
     "value_error_table",
     "fit_loglog_slope",
     "sgd_table",
+    "FAMILY_MEMBERS",
+    "family_weights",
+    "family_grad",
+    "family_objective",
+    "family_params",
+    "family_batch_table",
+    "family_sgd_table",
+    "FAMILY_TABLES",
     "run_study",
     "summarize",
 ]
@@ -101,7 +114,12 @@ class GradientStudyConfig:
     fixed_point_steps: int = 1500
     """full-batch gradient-descent steps (step ``sgd_eta0``) for each estimator's noise-free fixed point."""
     sgd_frac: float = 0.5
-    """radius fraction (of the collapse radius) used for SGD and the batch study."""
+    """radius fraction (of the collapse radius) used for SGD and the batch study; for the family
+    also chi2dpo's ``rho / rho_c`` and cvardpo's ``(1 - alpha) / (1 - alpha_c)``."""
+    family_eps: float = 0.1
+    """family tables: rdpo's flip rate and cdpo's label smoothing."""
+    beta_prime: float = 1.0
+    """family tables: Dr.DPO's temperature ``beta'``."""
 
     @classmethod
     def quick(cls) -> "GradientStudyConfig":
@@ -112,9 +130,17 @@ class GradientStudyConfig:
                    value_eps=tuple(float(e) for e in np.geomspace(1e-3, 1e-1, 5)), path_steps=150,
                    sgd_steps=3000, sgd_seeds=(0, 1))
 
-    def key(self) -> str:
-        """Short hash of the configuration (names the cached cells)."""
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:10]
+    def key(self, family: bool = False) -> str:
+        """Short hash of the configuration (names the cached cells); the family fields count only
+        for the family tables (``family=True``), so adding them left the other cells' names alone."""
+        d = asdict(self)
+        if not family:
+            for k in _FAMILY_FIELDS:
+                d.pop(k)
+        return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+_FAMILY_FIELDS = ("family_eps", "beta_prime")
 
 
 @dataclass
@@ -129,6 +155,8 @@ class Instance:
     radii: dict
     points: dict = field(default_factory=dict)
     """name -> (d,) evaluation points."""
+    groups: np.ndarray | None = None
+    """(n,) prompt index of each tuple: the groups of groupdpo in the family tables."""
 
 
 def make_instance(seed: int, cfg: GradientStudyConfig) -> Instance:
@@ -142,7 +170,7 @@ def make_instance(seed: int, cfg: GradientStudyConfig) -> Instance:
     rng = np.random.default_rng(10_000 + seed)
     dirs = rng.standard_normal((cfg.n_points, data.d))
     dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    inst = Instance(seed, data, cfg.beta, cfg.radius, th, collapse_radii(data))
+    inst = Instance(seed, data, cfg.beta, cfg.radius, th, collapse_radii(data), groups=model.nominal().s.copy())
     inst.points = {"dpo": th}
     for k in range(cfg.n_points):
         inst.points[f"rand{k}"] = th * 0.5 + cfg.point_scale * np.linalg.norm(th) * dirs[k]
@@ -233,19 +261,22 @@ def _batch(data: PreferenceData, idx) -> PreferenceData:
 
 
 def run_sgd(grad_fn: Callable, data: PreferenceData, radius: float, *, steps: int, batch_size: int,
-            eta0: float, seed: int, theta0=None) -> np.ndarray:
+            eta0: float, seed: int, theta0=None, pass_index: bool = False) -> np.ndarray:
     """Projected SGD on ``||theta|| <= B`` with i.i.d. mini-batches from ``data.weights``.
 
     ``theta_{k+1} = Proj(theta_k - eta_k grad_fn(theta_k, batch_k))``, ``eta_k = eta0 / sqrt(1 + 10 k / steps)``,
     started at ``theta_ref`` (or ``theta0``); returns the average of the iterates of the second half
     (Polyak-Ruppert). The batch sequence depends only on ``seed``, so estimators see the same batches.
+    ``pass_index``: call ``grad_fn(theta, batch, idx)`` with the batch's indices into ``data`` (for
+    per-tuple side information such as groups).
     """
     idx = _batches(data, batch_size, steps, seed)
     theta = (data.theta_ref if theta0 is None else np.asarray(theta0, float)).copy()
     avg = np.zeros_like(theta)
     n_avg = 0
     for k in range(steps):
-        g = grad_fn(theta, _batch(data, idx[k]))
+        b = _batch(data, idx[k])
+        g = grad_fn(theta, b, idx[k]) if pass_index else grad_fn(theta, b)
         theta = theta - eta0 / math.sqrt(1.0 + 10.0 * k / steps) * g
         nt = np.linalg.norm(theta)
         if nt > radius:
@@ -547,6 +578,183 @@ def sgd_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
 
 
 # ----------------------------------------------------------------------------------------------
+# the robust family (chi2dpo, cvardpo, groupdpo, rdpo, cdpo, dr_dpo)
+# ----------------------------------------------------------------------------------------------
+
+#: the family members of :mod:`drdpo_theory.solvers.family`, in the order of its ``FAMILY_METHODS``
+FAMILY_MEMBERS = ("chi2dpo", "cvardpo", "groupdpo", "rdpo", "cdpo", "dr_dpo")
+
+
+def family_weights(method: str, losses, weights, *, rho: float | None = None, alpha: float | None = None,
+                   groups=None, beta_prime: float | None = None) -> np.ndarray:
+    """The distribution ``q`` (n,) whose ``sum_i q_i grad l_i`` is the member's gradient at these losses.
+
+    chi2dpo / cvardpo: the exact worst case of the inner sup (``chi2_inner`` / ``cvar_inner``);
+    groupdpo: ``q_i = w_i / w(g*)`` on the worst group ``g*`` among the groups present (``group_inner``);
+    dr_dpo: the soft-min weights ``q ∝ w exp(-l / beta')``. These are the weights
+    ``drdpo_theory.llm.family.family_multipliers`` returns as ``m = n q`` for a torch batch (Danskin's
+    theorem: at a unique worst case the gradient of the robust value is the ``q``-weighted gradient).
+    """
+    from ..solvers.family import _dr_value, chi2_inner, cvar_inner, group_inner
+
+    l = np.asarray(losses, float)
+    w = np.asarray(weights, float)
+    if method == "chi2dpo":
+        return chi2_inner(l, w, rho).q
+    if method == "cvardpo":
+        return cvar_inner(l, w, alpha).q
+    if method == "groupdpo":
+        if groups is None:
+            raise ValueError("groupdpo needs the (n,) group labels")
+        return group_inner(l, w, np.asarray(groups)).q
+    if method == "dr_dpo":
+        if beta_prime is None or not beta_prime > 0:
+            raise ValueError(f"dr_dpo needs beta_prime > 0, got {beta_prime!r}")
+        return _dr_value(l, w, float(beta_prime))[1]
+    raise ValueError(f"{method!r} has no weights; expected one of chi2dpo, cvardpo, groupdpo, dr_dpo")
+
+
+def family_grad(method: str, theta, batch: PreferenceData, beta: float, *, rho: float | None = None,
+                alpha: float | None = None, eps: float | None = None, groups=None,
+                beta_prime: float | None = None) -> np.ndarray:
+    """Gradient (d,) of the member's objective on ``batch`` (its weights as the nominal ``p``) at ``theta``.
+
+    On the full data this is the exact gradient (chi2/CVaR/group: Danskin with the exact worst case;
+    Dr.DPO: the soft-min weights; rdpo/cdpo: ``grad l - eps beta u / (1 - 2 eps)`` and
+    ``grad l + eps beta u``, from ``l(-t) = l(t) + t``); on a mini-batch it is the member's batch
+    version, the estimator the torch losses use: batch worst case (chi2/CVaR), worst group present in the
+    batch (groupdpo), batch soft-min (Dr.DPO), all biased; rdpo/cdpo are per-pair, so unbiased.
+    ``groups``: (n,) labels of the batch's tuples (groupdpo).
+    """
+    G = dpo_grad(theta, batch.x, batch.y, beta, batch.theta_ref)  # (n, d) per-pair grad l_i
+    w = batch.weights
+    if method in ("rdpo", "cdpo"):
+        if eps is None:
+            raise ValueError(f"{method} needs eps")
+        c = -eps / (1.0 - 2.0 * eps) if method == "rdpo" else eps
+        return w @ G + c * beta * (w @ batch.u)
+    q = family_weights(method, A.batch_losses(theta, batch, beta), w, rho=rho, alpha=alpha, groups=groups,
+                       beta_prime=beta_prime)
+    return q @ G
+
+
+def family_objective(method: str, theta, data: PreferenceData, beta: float, **params) -> float:
+    """The member's exact objective at ``theta`` (``drdpo_theory.solvers.family.<method>_objective``)."""
+    from ..solvers import family as F
+
+    if method == "chi2dpo":
+        return F.chi2dpo_objective(theta, data, beta, params["rho"])
+    if method == "cvardpo":
+        return F.cvardpo_objective(theta, data, beta, params["alpha"])
+    if method == "groupdpo":
+        return F.groupdpo_objective(theta, data, beta, params["groups"])
+    if method == "rdpo":
+        return F.rdpo_objective(theta, data, beta, params["eps"])
+    if method == "cdpo":
+        return F.cdpo_objective(theta, data, beta, params["eps"])
+    if method == "dr_dpo":
+        return F.dr_dpo_objective(theta, data, beta, params["beta_prime"])
+    raise ValueError(f"unknown family member {method!r}; expected one of {FAMILY_MEMBERS}")
+
+
+def family_params(data: PreferenceData, groups, frac: float, eps: float, beta_prime: float) -> dict[str, dict]:
+    """Each member's parameters on ``data``, stated relative to its collapse threshold where one exists
+    (docs/theory_family.md): chi2dpo ``rho = frac rho_c``; cvardpo ``alpha = 1 - frac (1 - alpha_c)``
+    (``alpha = 1`` is DPO, ``alpha_c`` collapses to ``theta_ref``); groupdpo ``groups``; rdpo and cdpo
+    ``eps``; dr_dpo ``beta'``. Returns member -> keyword arguments of :func:`family_grad` /
+    :func:`drdpo_theory.solvers.solve`."""
+    from ..solvers.family import chi2_collapse_threshold, cvar_collapse_threshold
+
+    rho_c = chi2_collapse_threshold(data)
+    if not math.isfinite(rho_c):
+        raise ValueError("chi2dpo: 0 is outside the hull of the u_i (rho_c = inf); no radius fraction exists")
+    alpha_c = cvar_collapse_threshold(data)
+    return {"chi2dpo": {"rho": frac * rho_c}, "cvardpo": {"alpha": 1.0 - frac * (1.0 - alpha_c)},
+            "groupdpo": {"groups": np.asarray(groups)}, "rdpo": {"eps": eps}, "cdpo": {"eps": eps},
+            "dr_dpo": {"beta_prime": beta_prime}}
+
+
+def _scalar_params(kw: dict) -> dict:
+    return {f"param_{k}": float(v) for k, v in kw.items() if k != "groups"}
+
+
+def family_batch_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
+    """Mini-batch bias of each member's batch version against its exact gradient.
+
+    At every evaluation point, for batch size ``b`` and ``cfg.n_batches`` i.i.d. batches drawn from P°
+    (the same batches for every member): ``bias = ||mean_batches g_b - g*|| / ||g*||`` with ``g*`` the
+    exact full-data gradient (:func:`family_grad` on P°) and the DPO batch gradient as control
+    variate (as :func:`batch_table`), ``mc_se`` its Monte-Carlo standard error, ``mean_cos`` the mean
+    per-batch cosine. Parameters: :func:`family_params` with ``cfg.sgd_frac``; groupdpo's groups are
+    the prompts. rdpo and cdpo are per-pair losses: their batch gradient is unbiased (bias within
+    ~2 mc_se of 0), the check that the machinery adds no bias of its own. A (point, member) whose
+    exact gradient is below 1e-9 (a stationary point) has no row.
+    """
+    data, beta = inst.data, inst.beta
+    params = family_params(data, inst.groups, cfg.sgd_frac, cfg.family_eps, cfg.beta_prime)
+    rows = []
+    for pname, th in inst.points.items():
+        g_dpo = A.dpo_grad_batch(th, data, beta)
+        exact = {m: family_grad(m, th, data, beta, **params[m]) for m in FAMILY_MEMBERS}
+        for b in cfg.batch_sizes:
+            idx = _batches(data, b, cfg.n_batches, seed=2000 * inst.seed + b)
+            batches = [_batch(data, i) for i in idx]
+            G_dpo = np.array([A.dpo_grad_batch(th, bt, beta) for bt in batches])
+            for m in FAMILY_MEMBERS:
+                kw = dict(params[m])
+                g_ref = exact[m]
+                nref = float(np.linalg.norm(g_ref))
+                if nref <= 1e-9:  # a stationary point of the member (groupdpo at theta_DPO on a well-specified
+                    continue      # P°: every prompt's mean gradient vanishes): relative errors are undefined
+                G = np.array([family_grad(m, th, bt, beta, **{**kw, **({"groups": inst.groups[i]} if m == "groupdpo" else {})})
+                              for bt, i in zip(batches, idx)])
+                D = G - G_dpo
+                mean = D.mean(axis=0) + g_dpo
+                rows.append(dict(point=pname, batch_size=b, member=m,
+                                 bias=float(np.linalg.norm(mean - g_ref)) / nref,
+                                 mc_se=float(np.linalg.norm(D.std(axis=0, ddof=1))) / math.sqrt(len(D)) / nref,
+                                 mean_cos=float(np.mean([A.cosine(g, g_ref) for g in G])),
+                                 cos_of_mean=A.cosine(mean, g_ref), exact_norm=nref, **_scalar_params(kw)))
+    return _tag(pd.DataFrame(rows), inst)
+
+
+def family_sgd_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
+    """SGD end points with each member's batch version (:func:`family_grad` on the batch) against the
+    member's exact optimum (:func:`drdpo_theory.solvers.solve`; dr_dpo: its local solution).
+
+    ``err = ||theta_SGD - theta_exact||``, ``excess`` = exact objective at the end point minus the
+    solver's objective, ``dpo_err`` the DPO SGD error on the same batches (the noise floor, as the
+    ``dpo`` row of :func:`sgd_table`), ``status`` the exact solver's status.
+    """
+    from ..solvers import solve
+    from ..solvers.dpo import solve_dpo
+
+    data, beta, B = inst.data, inst.beta, inst.radius
+    params = family_params(data, inst.groups, cfg.sgd_frac, cfg.family_eps, cfg.beta_prime)
+    th_dpo = solve_dpo(data, beta, B).theta
+    sgd = dict(steps=cfg.sgd_steps, batch_size=cfg.sgd_batch, eta0=cfg.sgd_eta0)
+    rows = []
+    dpo_err = {}
+    for seed in cfg.sgd_seeds:
+        th = run_sgd(lambda t, b: A.dpo_grad_batch(t, b, beta), data, B, seed=1000 * inst.seed + seed, **sgd)
+        dpo_err[seed] = float(np.linalg.norm(th - th_dpo))
+    for m in FAMILY_MEMBERS:
+        kw = params[m]
+        r = solve(m, data, beta, B, **kw)
+
+        def grad(t, b, i, m=m, kw=kw):
+            return family_grad(m, t, b, beta, **{**kw, **({"groups": kw["groups"][i]} if m == "groupdpo" else {})})
+
+        for seed in cfg.sgd_seeds:
+            th = run_sgd(grad, data, B, seed=1000 * inst.seed + seed, pass_index=True, **sgd)
+            rows.append(dict(sgd_seed=seed, member=m, status=r.status, err=float(np.linalg.norm(th - r.theta)),
+                             excess=family_objective(m, th, data, beta, **kw) - r.objective,
+                             target_dist_to_dpo=float(np.linalg.norm(r.theta - th_dpo)), dpo_err=dpo_err[seed],
+                             **_scalar_params(kw)))
+    return _tag(pd.DataFrame(rows), inst)
+
+
+# ----------------------------------------------------------------------------------------------
 # driver
 # ----------------------------------------------------------------------------------------------
 
@@ -560,14 +768,21 @@ TABLES: dict[str, Callable] = {
     "sgd": sgd_table,
 }
 
+#: the family tables (``drdpo gradients --family``; not part of the default study)
+FAMILY_TABLES: dict[str, Callable] = {
+    "family_batch": family_batch_table,
+    "family_sgd": family_sgd_table,
+}
+
 
 def _cell(inst_seed: int, cfg: GradientStudyConfig, name: str, cache_dir: Path | None) -> pd.DataFrame:
-    path = None if cache_dir is None else cache_dir / f"{name}_i{inst_seed}_{cfg.key()}.csv"
+    fam = name in FAMILY_TABLES
+    path = None if cache_dir is None else cache_dir / f"{name}_i{inst_seed}_{cfg.key(family=fam)}.csv"
     if path is not None:  # resume: a complete cell (verified by its marker) is not recomputed
         df = read_cell(path, columns=("instance",))
         if df is not None:
             return df
-    df = TABLES[name](make_instance(inst_seed, cfg), cfg)
+    df = (FAMILY_TABLES if fam else TABLES)[name](make_instance(inst_seed, cfg), cfg)
     if path is not None:
         write_cell(df, path)  # atomic CSV, then its completion marker
     return df
@@ -575,7 +790,8 @@ def _cell(inst_seed: int, cfg: GradientStudyConfig, name: str, cache_dir: Path |
 
 def run_study(cfg: GradientStudyConfig, out_dir: str | Path | None = None, n_jobs: int = 1,
               tables=tuple(TABLES), progress: bool = True) -> dict[str, pd.DataFrame]:
-    """Every table of the study, concatenated over instances.
+    """Every table of the study, concatenated over instances (``tables``: names in :data:`TABLES`
+    and/or :data:`FAMILY_TABLES`).
 
     ``out_dir``: if given, each (table, instance) cell is cached in ``out_dir/cells/`` (reruns skip
     finished cells; a torn, empty or unmarked cell is recomputed) and the tables are written
@@ -590,6 +806,9 @@ def run_study(cfg: GradientStudyConfig, out_dir: str | Path | None = None, n_job
     n_jobs, _ = resolve_n_jobs(n_jobs)
     out = None if out_dir is None else Path(out_dir)
     cache = None if out is None else out / "cells"
+    unknown = set(tables) - set(TABLES) - set(FAMILY_TABLES)
+    if unknown:
+        raise ValueError(f"unknown tables {sorted(unknown)}; expected some of {list(TABLES) + list(FAMILY_TABLES)}")
     cells = [(name, s) for name in tables for s in cfg.instances]
     it = tqdm(cells, desc="gradients", disable=not progress)
     if n_jobs == 1:
@@ -648,5 +867,22 @@ def summarize(res: dict[str, pd.DataFrame]) -> dict:
         g = res["sgd"].groupby("estimator")
         s["sgd_endpoint_error"] = {k: float(v.err.mean()) for k, v in g}
         s["sgd_endpoint_error_sd"] = {k: float(v.err.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in g}
-    head = ("cos_at_lam_star", "first_order_slope", "sgd_endpoint_error")  # first: reports truncate
+    if "family_batch" in res:
+        b = res["family_batch"]
+        bmin = b.batch_size.min()
+        at = b[b.batch_size == bmin].groupby("member", sort=False)
+        s["family_batch_size_smallest"] = int(bmin)
+        s["family_batch_bias_smallest_batch"] = {k: float(g.bias.mean()) for k, g in at}
+        s["family_batch_mc_se_smallest_batch"] = {k: float(g.mc_se.mean()) for k, g in at}
+        s["family_batch_bias_largest_batch"] = {k: float(g.bias.mean()) for k, g in
+                                               b[b.batch_size == b.batch_size.max()].groupby("member", sort=False)}
+    if "family_sgd" in res:
+        f = res["family_sgd"]
+        g = f.groupby("member", sort=False)
+        s["family_sgd_endpoint_error"] = {k: float(v.err.mean()) for k, v in g}
+        s["family_sgd_endpoint_error_sd"] = {k: float(v.err.std(ddof=1)) if len(v) > 1 else 0.0 for k, v in g}
+        s["family_sgd_excess"] = {k: float(v.excess.mean()) for k, v in g}
+        s["family_sgd_dpo_floor"] = float(f.drop_duplicates(["instance", "sgd_seed"]).dpo_err.mean())
+    head = ("cos_at_lam_star", "first_order_slope", "sgd_endpoint_error",
+            "family_batch_bias_smallest_batch", "family_sgd_endpoint_error")  # first: reports truncate
     return {**{k: s[k] for k in head if k in s}, **{k: v for k, v in s.items() if k not in head}}
