@@ -1,11 +1,13 @@
 """``drdpo llm-shift``: DPO vs KLDPO vs WDPO on a real causal LM under reward-mixture shift.
 
-Contract: ``drdpo llm-shift [--quick] [--model {smollm2,tiny-random,PATH}] --out DIR [options]
-[--json]``. Samples completions on the shipped train prompts, labels pairs with the mixture
-r_alpha0 of two VADER-lexicon objectives, trains each method from the same start, and reports
-the mean r_alpha on the test prompts for every alpha with bootstrap 95% intervals. Every stage is
-cached under ``--out`` and skipped on a rerun. With ``--json`` the last stdout line is one JSON
-object ``{"model", "alpha0", "alphas", "objectives", "methods": {name: {"mean", "lo", "hi",
+Contract: ``drdpo llm-shift [--quick] [--preset {vader,emotion}] [--model {smollm2,tiny-random,PATH}]
+--out DIR [options] [--json]``. Samples completions on the shipped train prompts, labels pairs with
+the mixture r_alpha0 of two lexicon objectives (``--preset vader``, the default: VADER positivity vs
+calm; ``--preset emotion``: NRC joy vs anger shares), trains each method from the same start, and
+reports the mean r_alpha on the test prompts for every alpha with bootstrap 95% intervals, and the
+objectives' correlation on the initial policy's train pool. Every stage is cached under ``--out``
+and skipped on a rerun. With ``--json`` the last stdout line is one JSON object ``{"model",
+"alpha0", "alphas", "objectives", "objective_conflict", "methods": {name: {"mean", "lo", "hi",
 "diff_vs_dpo"}}, "smoke_test", "out", "seconds"}``; ``smoke_test`` is true for the tiny random
 model of ``--quick``, a pipeline smoke test whose policies are alike by construction (the figure
 and the table say so). Exit 2 with one line on bad input, including an ``--out`` that is a file or
@@ -31,12 +33,19 @@ def register(sub) -> None:
                    help="smoke preset: tiny random model, 6 train / 4 test prompts, 2 steps (seconds)")
     p.add_argument("--model", help="'smollm2' (default), 'tiny-random' (default with --quick) or a local model path")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (stages are cached and resumed here)")
-    p.add_argument("--objectives", type=_names, help="two objectives r_1,r_2 (default positivity,calm; also: brevity)")
+    p.add_argument("--preset", choices=["vader", "emotion"],
+                   help="objective pair: vader = positivity,calm (default), emotion = joy,anger (NRC lexicon shares); "
+                   "see docs/llm_shift.md")
+    p.add_argument("--objectives", type=_names,
+                   help="two objectives r_1,r_2 instead of a --preset (positivity, calm, brevity, or an NRC emotion: "
+                   "anger, anticipation, disgust, fear, joy, sadness, surprise, trust)")
     p.add_argument("--alpha0", type=_float, help="training mixture weight in [0, 1] (default 0.5)")
     p.add_argument("--alphas", type=_floats, help="test mixture weights, comma-separated (default 0,0.1,...,1)")
     p.add_argument("--n-train", type=int, help="train prompts (default 200)")
     p.add_argument("--n-test", type=int, help="test prompts (default 100)")
     p.add_argument("--k", type=int, help="completions per train prompt (default 4)")
+    p.add_argument("--pairs-per-prompt", type=int,
+                   help="preference pairs m per train prompt, 2m <= k: j-th best vs j-th worst sample, j < m (default 1)")
     p.add_argument("--eval-samples", type=int, help="completions per test prompt and policy (default 2)")
     p.add_argument("--max-new-tokens", type=int, help="max new tokens per completion (default 32)")
     p.add_argument("--temperature", type=_float, help="sampling temperature (default 1.0)")
@@ -45,6 +54,9 @@ def register(sub) -> None:
     p.add_argument("--tau", type=_floats, dest="taus", help="KLDPO temperature(s) tau, comma-separated (one run each)")
     p.add_argument("--rho0", type=_floats, dest="rho0s", help="WDPO penalty coefficient(s) rho0, comma-separated (one run each)")
     p.add_argument("--wdpo-impl", choices=["finite-diff", "double-backward"], help="WDPO gradient (default finite-diff)")
+    p.add_argument("--wdpo-penalty", type=_names, dest="wdpo_penalties",
+                   help="WDPO gradient norm(s), comma-separated, one run per rho0 each: rows (default; runs wdpo-rho<r>) "
+                   "and/or tuple (the prompt one shared input; runs wdpo-tuple-rho<r>)")
     p.add_argument("--steps", type=int, help="optimizer steps per run (default 50)")
     p.add_argument("--batch-size", type=int, help="pairs per step (default 8)")
     p.add_argument("--lr", type=_float, help="peak learning rate (default 5e-4)")
@@ -63,11 +75,17 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..llm.shift.pipeline import ShiftConfig, run_shift
+    from ..llm.shift.rewards import REWARD_PRESETS
+
+    if args.preset is not None and args.objectives is not None:
+        raise CLIError("give --preset or --objectives, not both (--preset emotion is --objectives joy,anger)")
+    if args.preset is not None:
+        args.objectives = REWARD_PRESETS[args.preset]
 
     overrides = {
         k: getattr(args, k)
-        for k in ("model", "objectives", "alpha0", "alphas", "n_train", "n_test", "k", "eval_samples",
-                  "max_new_tokens", "temperature", "methods", "beta", "taus", "rho0s", "wdpo_impl", "steps",
+        for k in ("model", "objectives", "alpha0", "alphas", "n_train", "n_test", "k", "pairs_per_prompt", "eval_samples",
+                  "max_new_tokens", "temperature", "methods", "beta", "taus", "rho0s", "wdpo_impl", "wdpo_penalties", "steps",
                   "batch_size", "lr", "lora_r", "seeds", "n_boot", "figure", "table", "json_out", "threads")
     }
     overrides["out"] = args.out
@@ -94,7 +112,8 @@ def run(args) -> int:
             name: {"mean": e["mean"], "lo": e["lo"], "hi": e["hi"], "diff_vs_dpo": e["diff"]}
             for name, e in s["policies"].items()
         }
-        print(json.dumps({"model": s["model"], "objectives": s["objectives"], "alpha0": s["alpha0"],
+        print(json.dumps({"model": s["model"], "objectives": s["objectives"],
+                          "objective_conflict": s.get("objective_conflict"), "alpha0": s["alpha0"],
                           "alphas": s["alphas"], "methods": methods, "smoke_test": bool(s.get("smoke_test")),
                           "out": str(result.out),
                           "stages_run": result.stages_run, "seconds": round(result.seconds, 2)}))

@@ -49,6 +49,31 @@ def test_build_pairs_top_vs_bottom_and_ties():
     assert sys_pairs[0]["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "p1"}]
 
 
+def test_build_pairs_several_per_prompt():
+    rows = _samples({0: ["a", "b", "c", "d"], 1: ["e", "f", "g", "h"]})
+    # prompt 0 ranks b > d > a > c; prompt 1: e = f = g > h
+    z = np.array([[2, 0], [4, 0], [1, 0], [3, 0], [1, 0], [1, 0], [1, 0], [0, 0]], dtype=float)
+    pairs, dropped = PL.build_pairs(rows, z, alpha0=1.0, per_prompt=2)
+    got = [(p["prompt_id"], p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in pairs]
+    # prompt 1: pair 0 = e (first of the tied best) vs h; pair 1 = f vs g ties in reward and is dropped
+    assert got == [(0, "b", "c"), (0, "d", "a"), (1, "e", "h")] and dropped == 1
+    one, _ = PL.build_pairs(rows, z, alpha0=1.0)
+    assert one == [pairs[0], pairs[2]]  # pair 0 of every prompt is the top-vs-bottom pair
+    with pytest.raises(ValueError, match="pairs_per_prompt"):
+        PL.ShiftConfig(k=4, pairs_per_prompt=3)
+
+
+def test_config_written_before_a_new_setting_is_still_accepted(tmp_path):
+    cfg = PL.ShiftConfig(out=str(tmp_path))
+    old = cfg.to_json()
+    del old["pairs_per_prompt"], old["wdpo_penalties"]  # a config.json from before these settings
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    PL._check_config(tmp_path, cfg)  # missing = default: accepted
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="pairs_per_prompt"):
+        PL._check_config(tmp_path, PL.ShiftConfig(out=str(tmp_path), pairs_per_prompt=2))
+
+
 def test_bootstrap_interval_brackets_mean_and_shrinks_with_n():
     rng = np.random.default_rng(0)
     small = rng.normal(size=(20, 2))
@@ -75,6 +100,83 @@ def test_config_validation():
         PL.ShiftConfig(methods=("robust",))
     cfg = PL.ShiftConfig(taus=(0.1, 1.0), rho0s=(0.5,))
     assert [r[0] for r in cfg.runs()] == ["dpo", "kldpo-tau0.1", "kldpo-tau1", "wdpo-rho0.5"]
+    # both WDPO norms: the rows runs keep their names, the tuple runs get their own
+    cfg = PL.ShiftConfig(methods=("dpo", "wdpo"), rho0s=(0.5, 0.1), wdpo_penalties=("rows", "tuple"))
+    assert cfg.runs() == [
+        ("dpo", "dpo", {}),
+        ("wdpo-rho0.5", "wdpo", {"rho0": 0.5, "wdpo_penalty": "rows"}),
+        ("wdpo-rho0.1", "wdpo", {"rho0": 0.1, "wdpo_penalty": "rows"}),
+        ("wdpo-tuple-rho0.5", "wdpo", {"rho0": 0.5, "wdpo_penalty": "tuple"}),
+        ("wdpo-tuple-rho0.1", "wdpo", {"rho0": 0.1, "wdpo_penalty": "tuple"}),
+    ]
+    assert PL._label("wdpo-tuple-rho0.1") == "WDPO tuple (rho0=0.1)"
+    for bad in ((), ("rows", "rows"), ("prompt",)):
+        with pytest.raises(ValueError, match="wdpo_penalties"):
+            PL.ShiftConfig(wdpo_penalties=bad)
+    assert "wdpo_penalties" in PL.RUN_SET_FIELDS  # adding the tuple runs reuses a directory's cached stages
+    assert PL.ShiftConfig(objectives=("joy", "anger")).objectives == ("joy", "anger")
+
+
+def test_objective_conflict_by_hand():
+    from drdpo_theory.llm.shift.rewards import Normalizer
+
+    rows = _samples({0: ["a", "b"], 1: ["c", "d"], 2: ["e", "f"]})
+    raw = {"a": (0.0, 1.0), "b": (1.0, 0.0), "c": (0.5, 0.5), "d": (0.2, 0.5), "e": (0.9, 0.1), "f": (0.1, 0.9)}
+    for r in rows:
+        r["scores"] = dict(zip(("joy", "anger"), raw[r["completion"]]))
+    arr = np.array([raw[r["completion"]] for r in rows])
+    norm = Normalizer.fit(arr)
+
+    def pair(pid, c, r):
+        return {"prompt_id": pid, "chosen": [{"role": "assistant", "content": c}],
+                "rejected": [{"role": "assistant", "content": r}]}
+
+    # pair 0: b over a -> joy +1, anger -1 (opposite); pair 1: c over d -> anger ties; pair 2: e over f: opposite
+    pairs = [pair(0, "b", "a"), pair(1, "c", "d"), pair(2, "e", "f")]
+    out = PL.objective_conflict(rows, pairs, ("joy", "anger"), norm)
+    x, y = arr[:, 0] - arr[:, 0].mean(), arr[:, 1] - arr[:, 1].mean()
+    assert_allclose(out["pearson"], (x @ y) / np.sqrt((x @ x) * (y @ y)), atol=ATOL)
+    assert out["n_samples"] == 6 and out["n_pairs"] == 3
+    assert_allclose(out["pairs_opposite"], 2 / 3, atol=ATOL)
+    assert_allclose(out["pairs_one_tied"], 1 / 3, atol=ATOL)
+    line = PL.conflict_line(("joy", "anger"), out)
+    assert f"Pearson r(joy, anger) = {out['pearson']:+.3f} over 6 samples" in line
+    assert "oppositely in 67%" in line and "ties in 33%" in line
+
+
+def test_emotion_preset_quick_run(tmp_path, capsys, monkeypatch):
+    """``--preset emotion --quick``: the NRC joy/anger objectives end to end, with both WDPO norms;
+    everything is written under --out (run from an empty working directory, which stays empty)."""
+    pytest.importorskip("nrclex")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    out = tmp_path / "emo"
+    argv = ["llm-shift", "--preset", "emotion", "--quick", "--out", str(out), "--no-progress", "--json",
+            "--methods", "dpo,wdpo", "--wdpo-penalty", "rows,tuple"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["objectives"] == ["joy", "anger"]
+    assert set(res["methods"]) == {"reference", "dpo", "wdpo-rho0.005", "wdpo-tuple-rho0.005"}
+    conflict = res["objective_conflict"]
+    assert conflict["n_samples"] == 6 * 3 and conflict["n_pairs"] == 6
+    # the random bytes of the tiny model hold no lexicon word: both objectives are 0, the correlation undefined
+    scores = json.loads((out / "scores.json").read_text())["samples"]
+    assert all(s["scores"]["joy"] == s["scores"]["anger"] == 0.0 for s in scores)
+    assert conflict["pearson"] is None and conflict["pairs_one_tied"] == 1.0
+    assert set(scores[0]["scores"]) == {"positivity", "calm", "brevity", "joy", "anger"}
+    summary = json.loads((out / "results.json").read_text())
+    assert summary["objective_conflict"] == conflict and summary["config"]["objectives"] == ["joy", "anger"]
+    table = (out / "results.md").read_text()
+    assert "Pearson r(joy, anger) = undefined" in table and "WDPO tuple (rho0=0.005)" in table
+    state = json.loads(next((out / "train" / "wdpo-tuple-rho0.005-seed0" / "checkpoints").glob("*/trainer_state.json")).read_text())
+    assert state["config"]["wdpo_penalty"] == "tuple"
+    assert list(work.iterdir()) == []
+    # the preset is the objective pair: giving both is refused; the same preset again is all cached
+    assert main(argv[:1] + ["--objectives", "joy,anger"] + argv[1:]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(argv) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["stages_run"] == []
 
 
 def _mtimes(out):
@@ -104,7 +206,7 @@ def test_quick_end_to_end_and_resume(tmp_path, capsys):
     for n in names - {"reference"}:
         assert (out / "train" / f"{n}-seed0" / "metrics.csv").is_file()
         ev = [json.loads(l) for l in (out / "eval" / f"{n}-seed0.scored.jsonl").read_text().splitlines()]
-        assert len(ev) == 4 and {"positivity", "calm"} <= set(ev[0]["scores"])
+        assert len(ev) == 4 and set(ev[0]["scores"]) == {"positivity", "calm", "brevity"}  # as before the presets
     summary = json.loads((out / "results.json").read_text())
     # the reported mean is the mean over test completions of r_alpha (one sample per prompt here)
     ref = [json.loads(l) for l in (out / "eval" / "reference.scored.jsonl").read_text().splitlines()]

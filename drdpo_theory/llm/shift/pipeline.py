@@ -48,7 +48,14 @@ import numpy as np
 
 from drdpo_theory.io import read_json, save_figure, write_json, write_text
 from drdpo_theory.llm.shift.prompts import Prompt, load_prompts
-from drdpo_theory.llm.shift.rewards import OBJECTIVES, Normalizer, mixture_reward, score_texts
+from drdpo_theory.llm.shift.rewards import (
+    OBJECTIVES,
+    VADER_OBJECTIVES,
+    Normalizer,
+    mixture_reward,
+    objective_correlation,
+    score_texts,
+)
 
 __all__ = [
     "PRESETS",
@@ -58,6 +65,7 @@ __all__ = [
     "build_pairs",
     "generate_completions",
     "markdown_table",
+    "objective_conflict",
     "plot_shift",
     "run_shift",
     "summarize",
@@ -66,10 +74,12 @@ __all__ = [
 RESULT_FIELDS = ("figure", "table", "json_out", "n_boot", "progress", "threads")
 """Settings that do not change any cached stage (free to differ on a rerun)."""
 
-RUN_SET_FIELDS = ("methods", "taus", "rho0s", "seeds")
+RUN_SET_FIELDS = ("methods", "taus", "rho0s", "wdpo_penalties", "seeds")
 """Settings that only select which training runs to do and report: a rerun may add runs
-(another tau, rho0 or seed) to a directory and reuses every cached stage; the summary lists
-the runs of the current call."""
+(another tau, rho0, WDPO penalty or seed) to a directory and reuses every cached stage; the
+summary lists the runs of the current call."""
+
+WDPO_PENALTIES = ("rows", "tuple")
 
 
 def _h(text: str, **kw: Any) -> Any:
@@ -96,6 +106,11 @@ class ShiftConfig:
     )
     temperature: float = _h("Sampling temperature (> 0); top-p = 1, top-k off.", default=1.0)
     gen_batch: int = _h("Sequences per generation batch.", default=32)
+    pairs_per_prompt: int = _h(
+        "Preference pairs per train prompt m (2m <= k): the j-th best vs the j-th worst sample by r_alpha0, "
+        "j < m (1: top vs bottom). The shipped set has 200 train prompts, so >= 300 pairs need m >= 2.",
+        default=1,
+    )
     keep_ties: bool = _h(
         "Keep prompts whose K samples tie in r_alpha0 (pair: first vs last sample). Only for smoke runs "
         "(the tiny random model emits random bytes, which contain no lexicon word, so every prompt ties).",
@@ -111,6 +126,11 @@ class ShiftConfig:
         default=(0.005,),
     )
     wdpo_impl: str = _h("WDPO gradient: 'finite-diff' or 'double-backward'.", default="finite-diff")
+    wdpo_penalties: tuple[str, ...] = _h(
+        "WDPO gradient norms (one run per rho0 each): 'rows' (runs wdpo-rho<r>) and/or 'tuple' (the prompt one "
+        "shared input; runs wdpo-tuple-rho<r>); docs/llm_losses.md.",
+        default=("rows",),
+    )
     steps: int = _h("Optimizer steps per training run.", default=24)
     batch_size: int = _h("Preference pairs per optimizer step.", default=8)
     lr: float = _h("Peak AdamW learning rate.", default=1e-3)
@@ -139,6 +159,7 @@ class ShiftConfig:
         self.methods = tuple(self.methods)
         self.taus = tuple(float(t) for t in self.taus)
         self.rho0s = tuple(float(r) for r in self.rho0s)
+        self.wdpo_penalties = tuple(self.wdpo_penalties)
         self.seeds = tuple(int(s) for s in self.seeds)
         self.lora_target_modules = tuple(self.lora_target_modules)
         if len(self.objectives) != 2 or any(o not in OBJECTIVES for o in self.objectives) or len(set(self.objectives)) != 2:
@@ -155,6 +176,8 @@ class ShiftConfig:
                 raise ValueError(f"{name} must be an integer >= 1; got {getattr(self, name)}")
         if self.k < 2:
             raise ValueError(f"k must be >= 2 (a pair needs two completions); got {self.k}")
+        if not (isinstance(self.pairs_per_prompt, int) and 1 <= self.pairs_per_prompt and 2 * self.pairs_per_prompt <= self.k):
+            raise ValueError(f"pairs_per_prompt must be an integer m >= 1 with 2m <= k={self.k}; got {self.pairs_per_prompt}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0; got {self.temperature}")
         if not self.seeds:
@@ -163,6 +186,9 @@ class ShiftConfig:
             raise ValueError("kldpo needs at least one tau")
         if "wdpo" in self.methods and not self.rho0s:
             raise ValueError("wdpo needs at least one rho0")
+        if (not self.wdpo_penalties or any(p not in WDPO_PENALTIES for p in self.wdpo_penalties)
+                or len(set(self.wdpo_penalties)) != len(self.wdpo_penalties)):
+            raise ValueError(f"wdpo_penalties must be distinct values among {WDPO_PENALTIES}; got {self.wdpo_penalties}")
         if self.threads is not None and int(self.threads) < 1:
             raise ValueError(f"threads must be an integer >= 1; got {self.threads}")
 
@@ -189,7 +215,9 @@ class ShiftConfig:
             if m == "kldpo":
                 out += [(f"kldpo-tau{t:g}", m, {"tau": t}) for t in self.taus]
             elif m == "wdpo":
-                out += [(f"wdpo-rho{r:g}", m, {"rho0": r}) for r in self.rho0s]
+                for pen in self.wdpo_penalties:  # "rows" keeps the original run names
+                    tag = "" if pen == "rows" else f"{pen}-"
+                    out += [(f"wdpo-{tag}rho{r:g}", m, {"rho0": r, "wdpo_penalty": pen}) for r in self.rho0s]
             else:
                 out.append((m, m, {}))
         return out
@@ -270,6 +298,9 @@ def _check_config(out: Path, cfg: ShiftConfig) -> None:
         if not isinstance(old, dict):
             raise ValueError(f"{path} is not a config.json written by llm-shift (not a JSON object); "
                              "use another --out or remove it")
+        # a setting the directory's config.json predates counts as its default (older runs stay resumable)
+        defaults = {f.name: f.default for f in dataclasses.fields(ShiftConfig) if f.default is not dataclasses.MISSING}
+        old = {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in defaults.items() if k not in old}, **old}
         old = {k: v for k, v in old.items() if k not in free}
         diff = sorted(k for k in set(old) | set(cur) if old.get(k) != cur.get(k))
         if diff:
@@ -383,9 +414,9 @@ def generate_completions(
 # ----------------------------------------------------------------------------- pairs
 def build_pairs(
     samples: Sequence[dict[str, Any]], z: np.ndarray, alpha0: float, keep_ties: bool = False,
-    system: str | None = None,
+    system: str | None = None, per_prompt: int = 1,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Top-vs-bottom pairs by :math:`r_{\\alpha_0}`, one per prompt.
+    """Top-vs-bottom pairs by :math:`r_{\\alpha_0}`, ``per_prompt`` per prompt.
 
     Parameters
     ----------
@@ -398,6 +429,10 @@ def build_pairs(
         Keep tied prompts with chosen = first, rejected = last sample (smoke runs only).
     system : str, optional
         System message put before the user prompt (as at sampling time).
+    per_prompt : int
+        Pairs per prompt m: pair j (j < m) is the j-th best vs the j-th worst sample (ranked by
+        :math:`r_{\\alpha_0}`, ties broken by sample order), disjoint when 2m <= K; pair 0 is
+        the top-vs-bottom pair of m = 1.
 
     Returns
     -------
@@ -406,7 +441,7 @@ def build_pairs(
         ``chosen_reward``, ``rejected_reward``; chosen = argmax, rejected = argmin of
         :math:`r_{\\alpha_0}` over the prompt's samples (first index on ties).
     n_dropped : int
-        Prompts skipped because the best and worst samples tie in reward or in text.
+        Pairs skipped because their two samples tie in reward or in text (prompts, for m = 1).
     """
     r = mixture_reward(z, alpha0)  # (n,)
     groups: dict[int, list[int]] = {}
@@ -419,17 +454,24 @@ def build_pairs(
         hi, lo = idx[int(np.argmax(rs))], idx[int(np.argmin(rs))]
         if keep_ties and r[hi] - r[lo] <= 1e-12:
             hi, lo = idx[0], idx[-1]
-        a, b = samples[hi]["completion"], samples[lo]["completion"]
-        if (r[hi] - r[lo] <= 1e-12 and not keep_ties) or a == b or not a.strip() or not b.strip():
-            dropped += 1
-            continue
-        pairs.append({
-            "prompt": ([{"role": "system", "content": system}] if system else [])
-            + [{"role": "user", "content": samples[hi]["prompt"]}],
-            "chosen": [{"role": "assistant", "content": a}],
-            "rejected": [{"role": "assistant", "content": b}],
-            "prompt_id": pid, "chosen_reward": float(r[hi]), "rejected_reward": float(r[lo]),
-        })
+        cand = [(hi, lo)]
+        if per_prompt > 1:  # j-th best vs j-th worst; j = 0 is (hi, lo) above
+            desc = sorted(idx, key=lambda t: (-r[t], t))
+            asc = sorted(idx, key=lambda t: (r[t], t))
+            cand += [(desc[j], asc[j]) if not (keep_ties and r[desc[j]] - r[asc[j]] <= 1e-12)
+                     else (idx[j], idx[-(j + 1)]) for j in range(1, per_prompt)]
+        for hi, lo in cand:
+            a, b = samples[hi]["completion"], samples[lo]["completion"]
+            if (r[hi] - r[lo] <= 1e-12 and not keep_ties) or a == b or not a.strip() or not b.strip():
+                dropped += 1
+                continue
+            pairs.append({
+                "prompt": ([{"role": "system", "content": system}] if system else [])
+                + [{"role": "user", "content": samples[hi]["prompt"]}],
+                "chosen": [{"role": "assistant", "content": a}],
+                "rejected": [{"role": "assistant", "content": b}],
+                "prompt_id": pid, "chosen_reward": float(r[hi]), "rejected_reward": float(r[lo]),
+            })
     return pairs, dropped
 
 
@@ -508,7 +550,8 @@ def summarize(
     for name, seed_rows in evals.items():
         per[name] = np.mean([_per_prompt(rows, objectives, norm, a, prompt_ids) for rows in seed_rows], axis=0)
         allrows = [r for rows in seed_rows for r in rows]
-        raw[name] = {o: float(np.mean([r["scores"][o] for r in allrows])) for o in OBJECTIVES}
+        raw[name] = {o: float(np.mean([r["scores"][o] for r in allrows])) for o in OBJECTIVES
+                     if all(o in r["scores"] for r in allrows)}  # the objectives scored in this run
         raw[name]["n_tokens"] = float(np.mean([r["n_tokens"] for r in allrows]))
     out: dict[str, Any] = {}
     for name, v in per.items():
@@ -523,6 +566,8 @@ def summarize(
 
 # ----------------------------------------------------------------------------- report
 def _label(name: str) -> str:
+    if name.startswith("wdpo-tuple-rho"):
+        return f"WDPO tuple (rho0={name[len('wdpo-tuple-rho'):]})"
     if name.startswith("kldpo-tau"):
         return f"KLDPO (tau={name[len('kldpo-tau'):]})"
     if name.startswith("wdpo-rho"):
@@ -556,6 +601,8 @@ def markdown_table(summary: dict[str, Any], table_alphas: Sequence[float] | None
             cells = [f"{d['mean'][i]:+.3f} [{d['lo'][i]:+.3f}, {d['hi'][i]:+.3f}]" for i in cols]
             lines.append(f"| {_label(name)} - DPO | " + " | ".join(cells) + " |")
     o1, o2 = summary["objectives"]
+    if summary.get("objective_conflict"):
+        lines += ["", conflict_line((o1, o2), summary["objective_conflict"])]
     if summary.get("smoke_test"):
         lines = [f"**{SMOKE_NOTE}**", ""] + lines
     lines += ["", "Raw objective means over the test completions (before standardisation):", "",
@@ -672,10 +719,63 @@ def plot_shift(summary: dict[str, Any], path: Path) -> list[Path]:
 
 
 # ----------------------------------------------------------------------------- pipeline
-def _score_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    names = list(OBJECTIVES)
+def _scored_names(objectives: Sequence[str]) -> list[str]:
+    """The VADER objectives (always, as before the emotion preset) plus the run's own objectives."""
+    return [o for o in OBJECTIVES if o in VADER_OBJECTIVES or o in objectives]
+
+
+def _score_rows(rows: list[dict[str, Any]], objectives: Sequence[str]) -> list[dict[str, Any]]:
+    names = _scored_names(objectives)
     raw = score_texts([r["completion"] for r in rows], names)
     return [{**r, "scores": dict(zip(names, map(float, v)))} for r, v in zip(rows, raw)]
+
+
+def objective_conflict(samples: Sequence[dict[str, Any]], pairs: Sequence[dict[str, Any]],
+                       objectives: Sequence[str], norm: Normalizer) -> dict[str, Any]:
+    r"""How much the two objectives conflict on the initial policy's train pool.
+
+    Returns
+    -------
+    dict
+        ``pearson``: correlation of the raw objectives over all samples (None when one is
+        constant); ``n_samples``; ``pairs_opposite``: fraction of the training pairs on which
+        the objectives rank the two answers strictly oppositely
+        (:math:`\Delta z_1 \Delta z_2 < 0`, chosen minus rejected); ``pairs_one_tied``: fraction
+        on which at least one objective ties (:math:`\Delta z_1 \Delta z_2 = 0`); ``n_pairs``.
+    """
+    raw = np.array([[s["scores"][o] for o in objectives] for s in samples], dtype=np.float64).reshape(-1, 2)
+    by_text = {(s["prompt_id"], s["completion"]): i for i, s in enumerate(samples)}
+    z = norm(raw)
+    prods = []
+    for p in pairs:
+        c = by_text.get((p["prompt_id"], p["chosen"][0]["content"]))
+        r = by_text.get((p["prompt_id"], p["rejected"][0]["content"]))
+        if c is not None and r is not None:
+            d = z[c] - z[r]
+            prods.append(float(d[0] * d[1]))
+    prods_a = np.asarray(prods)
+    return {
+        "pearson": objective_correlation(raw), "n_samples": int(raw.shape[0]),
+        "pairs_opposite": float(np.mean(prods_a < 0)) if prods else None,
+        "pairs_one_tied": float(np.mean(prods_a == 0)) if prods else None,
+        "n_pairs": len(prods),
+        "pool": "train-prompt completions of the initial policy",
+    }
+
+
+def conflict_line(objectives: Sequence[str], conflict: dict[str, Any] | None) -> str:
+    """One report line: the train-pool correlation of the two objectives and the pair-level conflict."""
+    if not conflict:
+        return ""
+    o1, o2 = objectives
+    r = conflict.get("pearson")
+    rtxt = f"{r:+.3f}" if r is not None else "undefined (an objective is constant on the pool)"
+    line = f"Objectives on the initial policy's train pool: Pearson r({o1}, {o2}) = {rtxt} over {conflict['n_samples']} samples"
+    if conflict.get("pairs_opposite") is not None:
+        line += (f"; on the {conflict['n_pairs']} training pairs they rank the answers oppositely in "
+                 f"{100 * conflict['pairs_opposite']:.0f}% and at least one of them ties in "
+                 f"{100 * conflict['pairs_one_tied']:.0f}%")
+    return line + "."
 
 
 def _train_done(run_dir: Path, steps: int) -> bool:
@@ -748,7 +848,7 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
         t0 = time.perf_counter()
         order = {p.id: i for i, p in enumerate(train_prompts)}
         samples = sorted(samples, key=lambda r: (order[r["prompt_id"]], r["sample"]))
-        samples = _score_rows(samples)
+        samples = _score_rows(samples, cfg.objectives)
         raw = np.array([[s["scores"][o] for o in cfg.objectives] for s in samples])
         norm = Normalizer.fit(raw)
         _write_json(scores_path, {"objectives": list(cfg.objectives), "normalizer": norm.to_json(), "samples": samples})
@@ -766,15 +866,18 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
     if not (isinstance(meta, dict) and meta.get("n_pairs") == len(pairs) and "n_dropped" in meta):
         t0 = time.perf_counter()
         z = norm(np.array([[s["scores"][o] for o in cfg.objectives] for s in samples]))
-        pairs, dropped = build_pairs(samples, z, cfg.alpha0, cfg.keep_ties, cfg.system_prompt)
+        pairs, dropped = build_pairs(samples, z, cfg.alpha0, cfg.keep_ties, cfg.system_prompt, cfg.pairs_per_prompt)
         if len(pairs) < cfg.batch_size:
             raise ValueError(f"only {len(pairs)} preference pairs (dropped {dropped} tied prompts); need >= batch_size={cfg.batch_size}")
         _write_jsonl(pairs_path, pairs)
         _write_json(meta_path, {"n_pairs": len(pairs), "n_dropped": dropped, "alpha0": cfg.alpha0,
-                                "rule": "top-vs-bottom r_alpha0 among K samples"})
+                                "rule": "top-vs-bottom r_alpha0 among K samples" if cfg.pairs_per_prompt == 1 else
+                                f"j-th best vs j-th worst r_alpha0 among K samples, j < {cfg.pairs_per_prompt}"})
         record("pairs", t0)
         meta = read_json(meta_path)
     log(f"pairs: {len(pairs)} ({meta['n_dropped']} prompts dropped on ties)")
+    conflict = objective_conflict(samples, pairs, cfg.objectives, norm)
+    log(conflict_line(cfg.objectives, conflict))
 
     # 4.-5. train each run and evaluate it; the initial policy is evaluated as "reference"
     eval_seed0 = 0  # the initial policy is sampled like the seed-0 runs (common random numbers)
@@ -796,7 +899,7 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
 
     def finish_eval(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         order = {p.id: i for i, p in enumerate(test_prompts)}
-        rows = _score_rows(sorted(rows, key=lambda r: (order[r["prompt_id"]], r["sample"])))
+        rows = _score_rows(sorted(rows, key=lambda r: (order[r["prompt_id"]], r["sample"])), cfg.objectives)
         _write_jsonl(path.with_suffix(".scored.jsonl"), rows)
         return rows
 
@@ -852,6 +955,7 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
         "model": cfg.model, "objectives": list(cfg.objectives), "alpha0": cfg.alpha0, "alphas": list(cfg.alphas),
         "normalizer": norm.to_json(), "n_train_prompts": len(train_prompts), "n_pairs": len(pairs),
         "n_test_prompts": len(test_prompts), "eval_samples": cfg.eval_samples, "seeds": list(cfg.seeds),
+        "objective_conflict": conflict,
         "policies": policies, "timings_s": timings, "smoke_test": cfg.smoke_test,
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
