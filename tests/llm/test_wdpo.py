@@ -6,7 +6,10 @@ RMSNorm and the eager softmax in float32):
 * the double-backward gradient equals a central finite difference of the loss value;
 * the finite-difference estimator matches the double-backward gradient (cosine >= 0.99,
   and first-order convergence in the step), and both reduce to DPO at rho0 = 0;
-* finite-diff runs with SDPA; double-backward on SDPA switches to eager with a warning.
+* finite-diff runs with SDPA; double-backward on SDPA switches to eager with a warning;
+* both penalties ("rows": the two rows as two inputs; "tuple": the prompt one shared input),
+  value and gradient of every estimator, equal an independent pair-by-pair double backward
+  built from the pieces of z, with right padding and with the prompt at other offsets.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ pytest.importorskip("transformers")
 from drdpo_theory.llm.attention import attention_implementation, ensure_double_backward_attention  # noqa: E402
 from drdpo_theory.llm.logprobs import concatenated_logps  # noqa: E402
 from drdpo_theory.llm.losses import dpo_loss  # noqa: E402
-from drdpo_theory.llm.objectives import LossConfig, preference_backward, preference_loss  # noqa: E402
+from drdpo_theory.llm.objectives import LossConfig, preference_backward, preference_eval, preference_loss  # noqa: E402
 
 pytestmark = pytest.mark.llm
 
@@ -216,14 +219,15 @@ def _two_pass_vs_surrogate(model, batch, refs, cfg):
     return g_sur, got, (loss_sur, m_sur), (loss, m)
 
 
+@pytest.mark.parametrize("penalty", ["rows", "tuple"])
 @pytest.mark.parametrize("frozen_table", [False, True], ids=["table-trained", "table-frozen"])
 @pytest.mark.parametrize("fd_step", [None, 1e-4], ids=["default-step", "step-1e-4"])
-def test_preference_backward_two_pass_equals_surrogate_gradient(exact_float64, llama_factory, batch_factory, fd_step, frozen_table):
+def test_preference_backward_two_pass_equals_surrogate_gradient(exact_float64, llama_factory, batch_factory, fd_step, frozen_table, penalty):
     model, batch = llama_factory(), batch_factory(n_pairs=3)
     if frozen_table:  # LoRA-like: the embeddings are a leaf, no gradient to the table
         model.get_input_embeddings().weight.requires_grad_(False)
     refs = _refs(3)
-    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff", fd_step=fd_step)
+    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff", fd_step=fd_step, wdpo_penalty=penalty)
     g_sur, got, (loss_sur, m_sur), (loss, m) = _two_pass_vs_surrogate(model, batch, refs, cfg)
     c = 2 * RHO0 / m["wdpo/fd_h"]
     assert c > 1.0  # the cancellation regime (1 - c < 0), as in practice
@@ -428,3 +432,149 @@ def test_double_backward_refused_under_deepspeed_names_finite_diff(llama_factory
         preference_backward(net, batch, refs[0], refs[1], fd, loss_scale=0.5)
         got.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     assert_close(got[0], got[1], rtol=1e-9, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- rows or tuple
+#
+# For z = (s, a_w, a_l) the prompt s is one input shared by both rows: its gradient is the sum
+# of the two rows' prompt gradients. The reference below builds every pair's rows from its own
+# embedding pieces (one tensor s for the prompt with "tuple", one per row with "rows"), takes
+# autograd.grad with create_graph with respect to those pieces, and differentiates
+# l_i + rho0 ||grad||^2 again: an independent double backward, pair by pair.
+
+
+def _prompt_positions(am_row, lm_row):
+    """Real tokens before the first answer token (a plain loop: independent of prompt_alignment)."""
+    first = next(t for t in range(len(lm_row)) if int(lm_row[t]))
+    return [t for t in range(first) if int(am_row[t])]
+
+
+def _reference_objective(model, batch, refs, rho0, penalty):
+    """(J = mean_i [l_i + rho0 sq_i] attached to the parameters, [sq_i], [l_i]) pair by pair."""
+    emb = model.get_input_embeddings()
+    n_rows, t = batch["input_ids"].shape
+    b = n_rows // 2
+    total, sqs, losses = 0.0, [], []
+    for i in range(b):
+        rows = [i, b + i]
+        sub = {k: batch[k][rows] for k in ("input_ids", "attention_mask", "loss_mask")}
+        ids = sub["input_ids"]
+        spans = [_prompt_positions(sub["attention_mask"][r], sub["loss_mask"][r]) for r in range(2)]
+        assert ids[0, spans[0]].tolist() == ids[1, spans[1]].tolist()  # one prompt per pair
+        shared = emb(ids[0, spans[0]])  # (P, D), attached to the table
+        pieces, rows_e = [shared] if penalty == "tuple" else [], []
+        for r in range(2):
+            s_r = shared if penalty == "tuple" else emb(ids[r, spans[r]])
+            other = [p for p in range(t) if p not in spans[r]]
+            a_r = emb(ids[r, other])
+            pieces += [a_r] if penalty == "tuple" else [s_r, a_r]
+            e_r = torch.zeros(t, s_r.shape[-1], dtype=s_r.dtype)
+            e_r = e_r.index_copy(0, torch.tensor(spans[r]), s_r).index_copy(0, torch.tensor(other), a_r)
+            rows_e.append(e_r)
+        pc, pr = concatenated_logps(model, sub, inputs_embeds=torch.stack(rows_e))
+        l_i = dpo_loss(pc, pr, refs[0][i : i + 1], refs[1][i : i + 1], BETA).sum()
+        grads = torch.autograd.grad(l_i, pieces, create_graph=True)
+        sq = sum(g.pow(2).sum() for g in grads)
+        total = total + l_i + rho0 * sq
+        sqs.append(float(sq.detach()))
+        losses.append(float(l_i.detach()))
+    return total / b, sqs, losses
+
+
+def _reference_grad(model, batch, refs, rho0, penalty):
+    model.zero_grad(set_to_none=True)
+    j, sqs, losses = _reference_objective(model, batch, refs, rho0, penalty)
+    j.backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), float(j.detach()), sqs, losses
+
+
+def _mixed_padding(batch, shift=2):
+    """Chosen rows left-padded by ``shift`` tokens, rejected rows right-padded: the shared prompt sits
+    at different positions in the two rows of a pair."""
+    n, t = batch["input_ids"].shape
+    b = n // 2
+    out = {}
+    for k in ("input_ids", "attention_mask", "loss_mask"):
+        x = torch.zeros(n, t + shift, dtype=batch[k].dtype)
+        x[:b, shift:] = batch[k][:b]
+        x[b:, :t] = batch[k][b:]
+        out[k] = x
+    return out
+
+
+def _two_pass_grad(model, batch, refs, cfg):
+    model.zero_grad(set_to_none=True)
+    loss, m = preference_backward(model, batch, refs[0], refs[1], cfg)
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), loss, m
+
+
+@pytest.mark.parametrize("layout", ["right-padded", "mixed-padding"])
+@pytest.mark.parametrize("penalty", ["rows", "tuple"])
+def test_penalty_and_gradient_match_independent_double_backward(exact_float64, llama_factory, batch_factory, penalty, layout):
+    model, batch = llama_factory(), batch_factory(n_pairs=3)
+    if layout == "mixed-padding":
+        batch = _mixed_padding(batch)
+    refs = _refs(3)
+    g_ref, j_ref, sqs, losses = _reference_grad(model, batch, refs, RHO0, penalty)
+    g_dpo, _, _ = _flat_grad(model, batch, refs, LossConfig(method="dpo", beta=BETA))
+    assert float((g_ref - g_dpo).norm()) > 0.1 * float(g_dpo.norm())  # the penalty matters here
+
+    kw = dict(method="wdpo", beta=BETA, rho0=RHO0, wdpo_penalty=penalty)
+    g_db, loss_db, m_db = _flat_grad(model, batch, refs, LossConfig(wdpo_impl="double-backward", **kw))
+    assert_allclose(m_db["wdpo/penalty"], RHO0 * sum(sqs) / 3, rtol=RTOL)
+    assert_allclose(m_db["dpo_loss"], sum(losses) / 3, rtol=RTOL)
+    assert_allclose(float(loss_db), j_ref, rtol=RTOL)
+    assert_allclose(m_db["wdpo/grad_emb_norm"], (sum(sqs) / 3) ** 0.5, rtol=RTOL)
+    assert_close(g_db, g_ref, rtol=1e-9, atol=1e-12 * float(g_ref.abs().max()))
+
+    fd = LossConfig(wdpo_impl="finite-diff", **kw)
+    for name, (g_fd, loss_fd, m_fd) in {
+        "surrogate": _flat_grad(model, batch, refs, fd), "two-pass": _two_pass_grad(model, batch, refs, fd),
+    }.items():
+        assert_allclose(float(loss_fd), j_ref, rtol=RTOL, err_msg=name)
+        assert_allclose(m_fd["wdpo/penalty"], RHO0 * sum(sqs) / 3, rtol=RTOL, err_msg=name)
+        assert _cos(g_fd - g_dpo, g_ref - g_dpo) >= COS_MIN, name
+        assert_close(g_fd, g_ref, rtol=1e-5, atol=1e-6 * float(g_ref.abs().max()), msg=name)
+
+
+def test_rows_and_tuple_differ_on_the_tiny_model(exact_float64, llama_factory, batch_factory):
+    """The two penalties are different functions: per-pair values and penalty gradients differ."""
+    model, batch = llama_factory(), batch_factory(n_pairs=3)
+    refs = _refs(3)
+    g_dpo, _, _ = _flat_grad(model, batch, refs, LossConfig(method="dpo", beta=BETA))
+    g_rows, _, sq_rows, _ = _reference_grad(model, batch, refs, RHO0, "rows")
+    g_tup, _, sq_tup, _ = _reference_grad(model, batch, refs, RHO0, "tuple")
+    rel = [abs(a - b) / a for a, b in zip(sq_rows, sq_tup)]
+    assert max(rel) > 0.05, rel
+    assert _cos(g_rows - g_dpo, g_tup - g_dpo) < 0.999
+    # the library agrees on the difference (both values from one preference_loss each)
+    vals = {}
+    for penalty in ("rows", "tuple"):
+        _, m = preference_loss(model, batch, refs[0], refs[1], LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_penalty=penalty))
+        vals[penalty] = m["wdpo/penalty"]
+    assert_allclose(vals["tuple"] - vals["rows"], RHO0 * (sum(sq_tup) - sum(sq_rows)) / 3, rtol=1e-8)
+
+
+def test_tuple_penalty_in_eval_and_config(exact_float64, llama_factory, batch_factory):
+    model, batch = llama_factory(), _mixed_padding(batch_factory(n_pairs=3))
+    refs = _refs(3)
+    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_penalty="tuple")
+    loss, m = preference_loss(model, batch, refs[0], refs[1], cfg)
+    with torch.no_grad():
+        loss_e, m_e = preference_eval(model, batch, refs[0], refs[1], cfg)
+    assert_allclose(float(loss_e), float(loss.detach()), rtol=RTOL_EXACT)
+    assert_allclose(m_e["wdpo/penalty"], m["wdpo/penalty"], rtol=RTOL_EXACT)
+    assert LossConfig().wdpo_penalty == "rows"
+    from drdpo_theory.llm.trainer import TrainConfig  # drdpo align / llm-shift pass the field through
+
+    assert TrainConfig(method="wdpo", wdpo_penalty="tuple").loss_config().wdpo_penalty == "tuple"
+    assert TrainConfig().wdpo_penalty == "rows"
+    with pytest.raises(ValueError, match="wdpo_penalty must be one of"):
+        TrainConfig(method="wdpo", wdpo_penalty="prompt")
+    with pytest.raises(ValueError, match="wdpo_penalty must be one of"):
+        LossConfig(method="wdpo", wdpo_penalty="prompt")
+    # a pair whose rows do not share their prompt is refused, not silently misaligned
+    bad = {k: v.clone() for k, v in batch.items()}
+    bad["input_ids"][0, 2] = bad["input_ids"][0, 2] % 63 + 1  # chosen row 0's first prompt token (ids 1..63) changed
+    with pytest.raises(ValueError, match="one prompt per pair"):
+        preference_loss(model, bad, refs[0], refs[1], cfg)
