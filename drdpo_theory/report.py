@@ -60,6 +60,10 @@ STUDY_FILES: dict[str, tuple[str, list[tuple[str, list[str] | None]], str]] = {
     "shift": ("results/shift", [("summary.json", None), ("shift.csv", None)], "drdpo shift --n-jobs 2 --json"),
     "shift-reward": ("results/shift_reward", [("summary.json", None), ("shift.csv", None)],
                      "drdpo shift --mixture reward --n-jobs 2 --json"),
+    "shift-family": ("results/shift_family",
+                     [("summary.json", None), ("family_table.csv", None),
+                      ("shift.csv", ["seed", "method", "alpha", "reward", "theta_norm", "alpha0"])],  # the figure's
+                     "drdpo shift --family --n-jobs 2 --json"),
     "llm-shift": ("results/llm_shift", [("results.json", None)],
                   "drdpo llm-shift --model smollm2 --out runs/llm_shift --results-json results/llm_shift/results.json"),
     "llm-shift-seeds01": ("results/llm_shift", [("seeds01_results.json", None)],
@@ -74,7 +78,7 @@ STUDY_FILES: dict[str, tuple[str, list[tuple[str, list[str] | None]], str]] = {
     **{name: ("results/bench", [(file, None)], cmd) for name, (file, cmd) in _bench.BENCH.items()},
 }
 
-_DEST = {"llm-shift-seeds01": "llm-shift", "llm-shift-sweep": "llm-shift",
+_DEST = {"llm-shift-seeds01": "llm-shift", "llm-shift-sweep": "llm-shift", "shift-family": "family",
          **{name: "bench" for name in _bench.BENCH}}
 
 
@@ -597,6 +601,61 @@ def block_shift_map(r: _Results) -> str:
     ])
 
 
+def block_family(r: _Results) -> str:
+    """The robust family side by side (``drdpo shift --family``): the family table of the committed
+    full run (``docs/results/family/family_table.csv``), its stated radii and the measured verdict."""
+    from .experiments.shift import family_table_markdown
+
+    s, t = r.json("family/summary.json"), r.csv("family/family_table.csv")
+    if s is None or t is None:
+        return _missing("shift-family")
+    st = s.get("stated", {})
+    out = [f"Label-mixture shift trained at alpha0 = {s['alpha0']:g}, {st.get('seeds', '?')} seeds x n = "
+           f"{st.get('n_train', '?')} pairs, ball `||theta|| <= {_f(st.get('ball_radius'), 'g')}`, beta = "
+           f"{_f(st.get('beta'), 'g')}; SGD: {st.get('sgd_steps', '?')} steps of batch {st.get('sgd_batch', '?')}. "
+           f"Radii: KL, chi2, W1 and W2 at {_f(st.get('radius_frac'), 'g')} x each training set's collapse radius, "
+           f"CVaR level `alpha = 1 - {_f(st.get('radius_frac'), 'g')} (1 - alpha_c)`, rDPO flip rate = cDPO smoothing "
+           f"eps = {_f(st.get('family_eps'), 'g')}, Dr.DPO beta' = {_f(st.get('beta_prime'), 'g')}, group DPO's two "
+           f"groups = the label's source. Expected true reward of each policy, mean ± s.e. over seeds; worst over "
+           f"alpha = per-seed minimum, then mean ± s.e. ({_src(r, 'shift-family', 'family_table.csv')}):", "",
+           family_table_markdown(t)]
+    w = t.set_index("method")
+    if "dpo" in w.index:
+        dpo = float(w.loc["dpo", "worst_reward_mean"])
+        rob = w.drop([m for m in ("dpo", "dpo_sgd") if m in w.index])
+        above = rob[rob.worst_reward_mean >= dpo]
+        below = rob[rob.worst_reward_mean < dpo]
+        line = (f"Worst case over alpha: {len(below)} of {len(rob)} robust methods (exact or SGD) fall below DPO's "
+                f"{dpo:.3f} ({below.worst_reward_mean.min():.3f}-{below.worst_reward_mean.max():.3f})")
+        if len(above):
+            nd = float(w.loc["dpo", "theta_norm_mean"])
+            line += ("; above it: " + ", ".join(f"{w.loc[m, 'description']} {w.loc[m, 'worst_reward_mean']:.3f} "
+                                                f"(mean ||theta|| {w.loc[m, 'theta_norm_mean']:.2f})" for m in above.index)
+                     + f", against DPO's ||theta|| {nd:.2f}")
+            if (above.theta_norm_mean > nd).all() and (rob[rob.theta_norm_mean < nd].worst_reward_mean < dpo).all():
+                line += (": every method above DPO moves farther from theta_ref than DPO, every method that stays "
+                         "closer to it (shrinks) is below")
+        B = st.get("ball_radius")
+        on_ball = [m for m in rob.index if B and rob.loc[m, "theta_norm_mean"] >= B - 1e-2]
+        if on_ball:
+            line += (". On the ball `||theta|| = B = " + f"{B:g}` (the constraint binds, so B sets their reward): "
+                     + ", ".join(str(w.loc[m, "description"]) for m in on_ball))
+        ref = s.get("reference_reward")
+        if ref:
+            line += (f". The expected reward is not KL-regularised: the reference `pi_{{theta_alpha*}}` (the KL-regularised "
+                     f"optimum for r_alpha) has {ref[0]:.3f} / {ref[-1]:.3f} at alpha = 0 / 1, and a policy farther "
+                     f"from pi_ref can exceed it")
+        out += ["", line + "."]
+        pairs = [(e, a) for a, e in (("chi2_batch_sgd", "chi2dpo"), ("cvar_batch_sgd", "cvardpo"),
+                                     ("group_batch_sgd", "groupdpo"), ("rdpo_sgd", "rdpo"), ("cdpo_sgd", "cdpo"),
+                                     ("dr_dpo_batch_sgd", "dr_dpo")) if a in w.index and e in w.index]
+        if pairs:
+            out += ["", "Batch version (SGD) minus exact solver, worst-case reward: " + "; ".join(
+                f"{e} {w.loc[a, 'worst_reward_mean'] - w.loc[e, 'worst_reward_mean']:+.3f} (||theta|| "
+                f"{w.loc[e, 'theta_norm_mean']:.2f} -> {w.loc[a, 'theta_norm_mean']:.2f})" for e, a in pairs) + "."]
+    return "\n".join(out)
+
+
 def _row_robustness_loglinear(r: _Results) -> str:
     """Row 9: the verdict with its conditions (shift map), and the label-mixture study's worst case."""
     k = _shift_map_numbers(r)
@@ -655,6 +714,7 @@ BLOCKS: dict[str, Callable[[_Results], str]] = {
     "shift": block_shift,
     "llm-shift": block_llm_shift,
     "shift-map": block_shift_map,
+    "family": block_family,
     "bench-solvers": _bench.block_solvers,
     "bench-train-step": _bench.block_train_step,
     "bench-vs-trl": _bench.block_vs_trl,
@@ -814,6 +874,15 @@ def regenerate_figures(root: str | Path = ".", results_dir: str | Path | None = 
             out += plot_shift_reward(df, figdir, name=name)
         else:
             log(f"[skip] {name}: table not committed")
+    fam, fam_s = r.csv("family/shift.csv"), r.json("family/summary.json")
+    if fam is not None:  # the robust family side by side (drdpo shift --family)
+        from .experiments.shift import stated_line
+        from .plots_approx import plot_shift_family
+
+        stated = stated_line(fam_s["stated"], fam_s.get("alpha0")) if fam_s and "stated" in fam_s else ""
+        out += plot_shift_family(fam, figdir, name="shift_family", stated=stated)
+    else:
+        log("[skip] shift_family: table not committed")
     from .llm.shift.pipeline import plot_shift
 
     from_docs = None

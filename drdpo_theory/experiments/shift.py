@@ -582,7 +582,8 @@ def family_table_markdown(table: pd.DataFrame | list, n_seeds: int | None = None
         lines.append(f"| {r.description} | {par} | {_pm(r.reward_alpha0_mean, r.reward_alpha0_se)} | "
                      f"{_pm(r.reward_alpha_half_mean, r.reward_alpha_half_se)} | "
                      f"{_pm(r.reward_alpha1_mean, r.reward_alpha1_se)} | "
-                     f"**{_pm(r.worst_reward_mean, r.worst_reward_se)}** | {r.theta_norm_mean:.2f} | {r.status or '-'} |")
+                     f"**{_pm(r.worst_reward_mean, r.worst_reward_se)}** | {r.theta_norm_mean:.2f} | "
+                     f"{r.status if isinstance(r.status, str) and r.status else '-'} |")
     return "\n".join(lines)
 
 
