@@ -85,6 +85,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--alpha", type=float, default=None, help="CVaR level in (0, 1] (cvardpo).")
     g.add_argument("--eps", type=float, default=None, help="Label-flip rate in [0, 0.5) (rdpo, cdpo).")
     g.add_argument("--beta-prime", type=float, default=1.0, help="Dr.DPO temperature (dr_dpo; default: %(default)s).")
+    g.add_argument("--group-weights", choices=["eg", "worst"], default=None,
+                   help="groupdpo group weights: 'eg', online exponentiated gradient over the groups of the data "
+                   "(Ramesh et al. 2024; q saved in checkpoints, logged as groupdpo/q_<group>), or 'worst', the exact "
+                   "worst group of each batch (default: eg).")
+    g.add_argument("--group-step", type=float, default=None, metavar="ETA",
+                   help="EG step eta_q > 0 of --group-weights eg: q_g <- q_g exp(eta_q L_g) (default: 0.01).")
+    g.add_argument("--group-init", choices=["uniform", "proportional"], default=None,
+                   help="Initial EG weights: uniform, or proportional to each group's share of the data (default: uniform).")
     g.add_argument("--fd-step", type=float, default=None, help="Relative finite-difference step of WDPO finite-diff.")
 
     g = p.add_argument_group("optimisation")
@@ -207,9 +215,18 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return f"--eval-fraction must be in (0, 1); got {args.eval_fraction}"
     if args.eval_every < 0:
         return f"--eval-every must be >= 0; got {args.eval_every}"
-    for flag, value, methods in (("--alpha", args.alpha, ("cvardpo",)), ("--eps", args.eps, ("rdpo", "cdpo"))):
+    for flag, value, methods in (("--alpha", args.alpha, ("cvardpo",)), ("--eps", args.eps, ("rdpo", "cdpo")),
+                                 ("--group-weights", args.group_weights, ("groupdpo",)),
+                                 ("--group-step", args.group_step, ("groupdpo",)),
+                                 ("--group-init", args.group_init, ("groupdpo",))):
         if value is not None and args.method not in methods:
             return f"{flag} applies to {'/'.join(methods)} only (method is {args.method}); drop it or change --method"
+    if args.group_weights == "worst":
+        for flag, value in (("--group-step", args.group_step), ("--group-init", args.group_init)):
+            if value is not None:
+                return f"{flag} applies to --group-weights eg only (the online group weights); drop it or use eg"
+    if args.group_step is not None and not (0.0 < args.group_step < float("inf")):
+        return f"--group-step must be a finite number > 0; got {args.group_step}"
     if args.merge_lora and not args.lora:
         return "--merge-lora needs --lora (it merges LoRA adapters into the base weights)"
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
@@ -256,6 +273,8 @@ def run(args: argparse.Namespace) -> int:
             eval_every=args.eval_every, eval_kl_rhos=tuple(args.eval_kl_rho), export=not args.no_export,
             merge_lora=args.merge_lora, strategy=args.strategy, alpha=args.alpha, eps=args.eps,
             beta_prime=args.beta_prime,
+            **{k: v for k, v in (("group_weights", args.group_weights), ("group_step", args.group_step),
+                                 ("group_init", args.group_init)) if v is not None},
         )
         records = load_preferences(args.data)
         eval_records: list = []

@@ -87,7 +87,15 @@ import torch
 
 from drdpo_theory.llm.attention import _unwrap, ensure_double_backward_attention
 from drdpo_theory.llm.distributed import all_reduce_sum_detached
-from drdpo_theory.llm.family import BATCH_MEMBERS, FAMILY_METHODS, family_multipliers, flip_loss
+from drdpo_theory.llm.family import (
+    BATCH_MEMBERS,
+    DEFAULT_GROUP_STEP,
+    FAMILY_METHODS,
+    GROUP_INITS,
+    GROUP_WEIGHTS,
+    family_multipliers,
+    flip_loss,
+)
 from drdpo_theory.llm.logprobs import concatenated_logps
 from drdpo_theory.llm.losses import (
     KLDPO_VARIANTS,
@@ -173,6 +181,19 @@ class LossConfig:
         default=1.0,
         metadata={"help": "Dr.DPO temperature beta' > 0 of 'dr_dpo': -beta' log E_p exp(-l / beta')."},
     )
+    group_weights: str = field(
+        default="eg",
+        metadata={"help": "Group weights of 'groupdpo': 'eg' (online exponentiated gradient of Ramesh et al. 2024, "
+                  "state in a GroupEGState) or 'worst' (the exact worst group of each batch)."},
+    )
+    group_step: float = field(
+        default=DEFAULT_GROUP_STEP,
+        metadata={"help": "EG step eta_q > 0 of 'groupdpo' with group_weights='eg': q_g <- q_g exp(eta_q L_g)."},
+    )
+    group_init: str = field(
+        default="uniform",
+        metadata={"help": "Initial EG group weights: 'uniform' or 'proportional' (to the groups' nominal mass)."},
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -203,6 +224,12 @@ class LossConfig:
             raise ValueError(f"method={self.method!r} needs a flip rate eps in [0, 0.5), got {self.eps!r}")
         if not (isinstance(self.beta_prime, (int, float)) and self.beta_prime > 0 and math.isfinite(self.beta_prime)):
             raise ValueError(f"beta_prime must be a finite number > 0, got {self.beta_prime!r}")
+        if self.group_weights not in GROUP_WEIGHTS:
+            raise ValueError(f"group_weights must be one of {GROUP_WEIGHTS}, got {self.group_weights!r}")
+        if not (isinstance(self.group_step, (int, float)) and self.group_step > 0 and math.isfinite(self.group_step)):
+            raise ValueError(f"group_step must be a finite number > 0, got {self.group_step!r}")
+        if self.group_init not in GROUP_INITS:
+            raise ValueError(f"group_init must be one of {GROUP_INITS}, got {self.group_init!r}")
 
     @classmethod
     def help(cls) -> dict[str, str]:
@@ -651,15 +678,19 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
     return loss, metrics
 
 
-def _family(batch, pc, pr, rc, rr, cfg: LossConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """The robust family's members (drdpo_theory.llm.family; docs/theory_family.md)."""
+def _family(batch, pc, pr, rc, rr, cfg: LossConfig, group_state=None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The robust family's members (drdpo_theory.llm.family; docs/theory_family.md).
+
+    ``group_state``: the :class:`~drdpo_theory.llm.family.GroupEGState` of ``groupdpo`` with
+    ``group_weights='eg'`` (updated here once, unless it is a frozen view).
+    """
     l = dpo_loss(pc, pr, rc, rr, cfg.beta)  # (B,)
     v = _nominal(batch, l)
     metrics: dict[str, float] = {"dpo_loss": float(_wmean(l.detach(), v))}
     if cfg.method in BATCH_MEMBERS:
         m, value, info = family_multipliers(
             l, cfg.method, rho=cfg.rho, alpha=cfg.alpha, beta_prime=cfg.beta_prime,
-            groups=batch.get("group"), weights=v,
+            groups=batch.get("group"), weights=v, group_weights=cfg.group_weights, group_state=group_state,
         )
         surrogate = (m.to(l.dtype) * l).mean()
         # value: the robust batch objective (exact); gradient: sum_i q*_i grad l_i (Danskin)
@@ -682,6 +713,7 @@ def preference_loss(
     cfg: LossConfig,
     *,
     logps_fn: LogpsFn | None = None,
+    group_state=None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     r"""The scalar training loss of ``cfg.method`` on one batch of B pairs.
 
@@ -712,6 +744,10 @@ def preference_loss(
         :func:`~drdpo_theory.llm.logprobs.concatenated_logps`; the TRL adapter passes TRL's
         fused LM head). WDPO reads and perturbs the input embeddings through a forward hook
         on the embedding module, so any forward that embeds ``input_ids`` once works.
+    group_state : drdpo_theory.llm.family.GroupEGState, optional
+        ``groupdpo`` with ``cfg.group_weights='eg'`` (required there): the online group weights,
+        updated once by this call from the batch's group losses (docs/theory_family.md).
+        :func:`preference_backward` passes it on; :func:`preference_eval` uses a frozen copy.
 
     Returns
     -------
@@ -739,7 +775,7 @@ def preference_loss(
     pc, pr = logps_fn(model, batch)
     rc, rr = _refs(ref_chosen_logps, ref_rejected_logps, pc)
     if cfg.method in FAMILY_METHODS:
-        return _family(batch, pc, pr, rc, rr, cfg)
+        return _family(batch, pc, pr, rc, rr, cfg, group_state)
     if cfg.method == "ipo":
         l = ipo_loss(pc, pr, rc, rr, cfg.beta)
     else:
@@ -777,6 +813,7 @@ def preference_backward(
     *,
     logps_fn: LogpsFn | None = None,
     backward: BackwardFn | None = None,
+    group_state=None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     r"""Compute the loss of :func:`preference_loss` and accumulate ``loss_scale`` times its gradient.
 
@@ -826,7 +863,8 @@ def preference_backward(
     backward = _plain_backward if backward is None else backward
     if cfg.method == "wdpo" and cfg.wdpo_impl == "finite-diff" and cfg.rho0 > 0:
         return _wdpo_two_pass(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, loss_scale, logps_fn, backward)
-    loss, metrics = preference_loss(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, logps_fn=logps_fn)
+    loss, metrics = preference_loss(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, logps_fn=logps_fn,
+                                    group_state=group_state)
     with _no_autocast(loss):
         backward(loss * loss_scale, True)
     return loss.detach(), metrics
@@ -840,6 +878,7 @@ def preference_eval(
     cfg: LossConfig,
     *,
     logps_fn: LogpsFn | None = None,
+    group_state=None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     r"""The value of :func:`preference_loss` without parameter gradients (evaluation).
 
@@ -859,7 +898,8 @@ def preference_eval(
     logps_fn = concatenated_logps if logps_fn is None else logps_fn
     if cfg.method != "wdpo":
         with torch.no_grad():
-            loss, metrics = preference_loss(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, logps_fn=logps_fn)
+            loss, metrics = preference_loss(model, batch, ref_chosen_logps, ref_rejected_logps, cfg, logps_fn=logps_fn,
+                                            group_state=None if group_state is None else group_state.frozen())
         return loss.detach(), metrics
     with torch.enable_grad():
         pc, pr, probe = _embed_forward(model, batch, logps_fn, leaf=True)

@@ -30,7 +30,8 @@ the number of micro-batches consumed. Checkpoint layout (all tensors in safetens
         optimizer.safetensors     AdamW moments, keyed "<param index>.<name>"
         rng_rank<r>.safetensors   torch CPU (and CUDA) generator state of rank r
         trainer_state.json        step, consumed micro-batches, param groups, scheduler,
-                                  python/numpy RNG states, TrainConfig
+                                  python/numpy RNG states, TrainConfig (groupdpo eg: the
+                                  group weights q, "group_weights")
 
 A checkpoint directory is written under a temporary name and renamed when complete, so a crash
 while saving never leaves a half-written ``step-*`` directory.
@@ -154,6 +155,13 @@ class TrainConfig:
     alpha: float | None = _help("CVaR level alpha in (0, 1] of 'cvardpo'.", default=None)
     eps: float | None = _help("Label-flip rate eps in [0, 0.5) of 'rdpo' and 'cdpo'.", default=None)
     beta_prime: float = _help("Dr.DPO temperature beta' > 0 of 'dr_dpo'.", default=1.0)
+    group_weights: str = _help(
+        "Group weights of 'groupdpo': 'eg' (online exponentiated gradient, Ramesh et al. 2024; q saved in checkpoints) "
+        "or 'worst' (the exact worst group of each batch).", default="eg",
+    )
+    group_step: float = _help("EG step eta_q > 0 of 'groupdpo' with group_weights='eg'.", default=0.01)
+    group_init: str = _help("Initial EG group weights: 'uniform' or 'proportional' to the groups' nominal mass.",
+                            default="uniform")
     lr: float | None = _help(
         "Peak AdamW learning rate (> 0); None: DEFAULT_LR (5e-6 full, 1e-4 LoRA, 1e-3 for tiny-random).", default=None
     )
@@ -268,6 +276,9 @@ class TrainConfig:
             alpha=self.alpha,
             eps=self.eps,
             beta_prime=self.beta_prime,
+            group_weights=self.group_weights,
+            group_step=self.group_step,
+            group_init=self.group_init,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -604,6 +615,14 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         _barrier()
         self.loss_cfg = cfg.loss_config()
+        self.group_state = None  # groupdpo --group-weights eg: the online group weights (checkpointed)
+        if cfg.method == "groupdpo" and cfg.group_weights == "eg":
+            from drdpo_theory.llm.family import GroupEGState
+
+            self.group_state = GroupEGState.from_data([p.group for p in self.pairs], [p.weight for p in self.pairs],
+                                                      step=cfg.group_step, init=cfg.group_init)
+        # q as of the end of the last completed step (an interrupted step may have updated it already)
+        self._group_snapshot = None if self.group_state is None else self.group_state.state_dict()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.collate = PreferenceCollator(pad if pad is not None else 0)
 
@@ -910,6 +929,8 @@ class Trainer:
                 "config": self.cfg.to_json(),
                 "identity": self._identity(),
             }
+            if self._group_snapshot is not None:
+                state["group_weights"] = self._group_snapshot
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
             if final.exists():
                 shutil.rmtree(final)
@@ -971,6 +992,15 @@ class Trainer:
             )
         if state["param_names"] != self.param_names:
             raise CheckpointError(f"{path}: trainable parameters differ from this model's (another model or LoRA setting?)")
+        if self.group_state is not None:
+            if not isinstance(state.get("group_weights"), dict):
+                raise CheckpointError(f"{path / 'trainer_state.json'}: no groupdpo group weights (group_weights 'eg'); "
+                                      f"{RESUME_ELSEWHERE}")
+            try:
+                self.group_state.load_state_dict(state["group_weights"])
+            except ValueError as exc:
+                raise CheckpointError(f"{path / 'trainer_state.json'}: {exc}; {RESUME_ELSEWHERE}") from None
+            self._group_snapshot = self.group_state.state_dict()
 
         def tensors_of(name: str, keys: Sequence[str] = ()) -> dict[str, torch.Tensor]:
             try:
@@ -1123,7 +1153,8 @@ class Trainer:
                 # forward(s) under autocast; preference_backward runs its backward(s) outside it
                 with self._autocast():
                     loss, metrics = preference_backward(
-                        self.model, inputs, ref_c, ref_r, self.loss_cfg, loss_scale=1.0 / cfg.grad_accum
+                        self.model, inputs, ref_c, ref_r, self.loss_cfg, loss_scale=1.0 / cfg.grad_accum,
+                        group_state=self.group_state,
                     )
             self._check_finite(loss, "loss")  # after the backward: no step is taken on a bad loss
             loss_sum += float(loss.detach())
@@ -1138,6 +1169,8 @@ class Trainer:
         self.consumed += cfg.grad_accum
         self.step += 1
         self._rng_snapshot = self._rng_state()
+        if self.group_state is not None:
+            self._group_snapshot = self.group_state.state_dict()
         names = sorted(sums)
         vals = torch.tensor([loss_sum] + [sums[k] for k in names], dtype=torch.float64, device=self.device)
         vals = all_reduce_sum_detached(vals) / (self.world * cfg.grad_accum)  # mean over ranks and micro-batches
