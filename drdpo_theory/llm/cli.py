@@ -82,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="WDPO gradient (default: %(default)s, as llm-shift: two passes, fused attention kept, works "
                    "under every engine; double-backward is exact but needs eager attention).")
     g.add_argument("--rho0", type=float, default=0.01, help="WDPO penalty rho0 (default: %(default)s).")
+    g.add_argument("--wdpo-penalty", choices=["rows", "tuple"], default="rows",
+                   help="WDPO gradient norm: 'rows' (chosen and rejected rows as two inputs, the prompt counted in "
+                   "both) or 'tuple' (z = (s, a_w, a_l), the prompt one shared input); docs/llm_losses.md "
+                   "(default: %(default)s).")
     g.add_argument("--alpha", type=float, default=None, help="CVaR level in (0, 1] (cvardpo).")
     g.add_argument("--eps", type=float, default=None, help="Label-flip rate in [0, 0.5) (rdpo, cdpo).")
     g.add_argument("--beta-prime", type=float, default=1.0, help="Dr.DPO temperature (dr_dpo; default: %(default)s).")
@@ -261,7 +265,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(
             output_dir=args.output, method=args.method, beta=args.beta, kldpo_variant=args.kldpo_variant,
             tau=args.tau, rho=args.rho, clamp=args.clamp, wdpo_impl=args.wdpo_impl, rho0=args.rho0,
-            fd_step=args.fd_step, lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+            fd_step=args.fd_step, wdpo_penalty=args.wdpo_penalty, lr=args.lr, weight_decay=args.weight_decay,
+            warmup_steps=args.warmup_steps,
             schedule=args.schedule, max_steps=args.max_steps, batch_size=args.batch_size,
             grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, max_length=args.max_length,
             max_prompt_length=args.max_prompt_length, precision=args.dtype, lora=args.lora,

@@ -20,7 +20,11 @@ share of the global weighted mean.
 WDPO
 ----
 The per-pair objective is :math:`\ell_i + \rho_0 \|\nabla_{e}\ell_i\|^2` with e the
-input embeddings of pair i (chosen and rejected rows; squared norms summed over both).
+input embeddings of pair i (chosen and rejected rows; squared norms summed over both). With
+``wdpo_penalty="tuple"`` the norm is that of the gradient in z = (s, a_w, a_l), the prompt s
+one input shared by both rows: :math:`\|g_{c,s} + g_{r,s}\|^2 + \|g_{c,a}\|^2 + \|g_{r,a}\|^2`,
+and the finite-difference direction is that gradient written on the rows (equal on the
+prompt tokens of both); docs/llm_losses.md, "Rows or tuple".
 This is the authors' form of the first-order Wasserstein DRO expansion
 :math:`\sup_{W_2\le\epsilon} E\ell \approx E\ell + \epsilon\sqrt{E\|\nabla_z\ell\|^2}`
 (Gao, Chen, Kleywegt 2022). Two estimators of its parameter gradient:
@@ -99,11 +103,15 @@ from drdpo_theory.llm.family import (
 from drdpo_theory.llm.logprobs import concatenated_logps
 from drdpo_theory.llm.losses import (
     KLDPO_VARIANTS,
+    WDPO_PENALTIES,
     dpo_loss,
     effective_sample_size,
     implicit_rewards,
     ipo_loss,
     kldpo_weights,
+    prompt_alignment,
+    wdpo_tuple_cross,
+    wdpo_tuple_direction,
 )
 
 __all__ = ["LossConfig", "preference_loss", "preference_backward", "preference_eval", "METHODS", "WDPO_IMPLS", "LogpsFn", "BackwardFn"]
@@ -169,6 +177,14 @@ class LossConfig:
             "(1.5e-8 float64, 3.5e-4 float32, 0.088 bfloat16)."
         },
     )
+    wdpo_penalty: str = field(
+        default="rows",
+        metadata={
+            "help": "WDPO squared gradient norm: 'rows' (chosen and rejected rows as two inputs, ||g_c||^2 + "
+            "||g_r||^2, the prompt counted in both) or 'tuple' (z = (s, a_w, a_l) with one shared prompt s: "
+            "||g_c,s + g_r,s||^2 + ||g_c,a||^2 + ||g_r,a||^2, the squared norm of the gradient in z)."
+        },
+    )
     alpha: float | None = field(
         default=None,
         metadata={"help": "CVaR level alpha in (0, 1] of 'cvardpo' (the worst alpha-fraction of the weighted batch)."},
@@ -216,6 +232,8 @@ class LossConfig:
             raise ValueError(f"rho0 must be >= 0, got {self.rho0!r}")
         if self.fd_step is not None and not self.fd_step > 0:
             raise ValueError(f"fd_step must be > 0 or None, got {self.fd_step!r}")
+        if self.wdpo_penalty not in WDPO_PENALTIES:
+            raise ValueError(f"wdpo_penalty must be one of {WDPO_PENALTIES}, got {self.wdpo_penalty!r}")
         if self.method == "chi2dpo" and self.rho is None:
             raise ValueError("method='chi2dpo' needs the chi2 radius rho (e.g. rho=0.5)")
         if self.method == "cvardpo" and not (self.alpha is not None and 0.0 < self.alpha <= 1.0):
@@ -367,6 +385,32 @@ def _pair_sq_norms(g: torch.Tensor) -> torch.Tensor:
     return sq[:b] + sq[b:]
 
 
+def _penalty_sq_norms(g: torch.Tensor, batch: Mapping[str, torch.Tensor], cfg: LossConfig,
+                      alignment=None) -> torch.Tensor:
+    """Per-pair squared gradient norm of the penalty, (2B, T, D) -> (B,): rows or tuple (``cfg.wdpo_penalty``).
+
+    ``"rows"``: :func:`_pair_sq_norms`. ``"tuple"``: plus twice the inner product of the two rows'
+    gradients over the shared prompt tokens (:func:`~drdpo_theory.llm.losses.wdpo_tuple_cross`).
+    """
+    sq = _pair_sq_norms(g)
+    if cfg.wdpo_penalty == "rows":
+        return sq
+    index, valid = _prompt_alignment(batch) if alignment is None else alignment
+    return sq + 2.0 * wdpo_tuple_cross(g, index.to(g.device), valid.to(g.device))
+
+
+def _prompt_alignment(batch: Mapping[str, torch.Tensor]):
+    return prompt_alignment(batch["attention_mask"], batch["loss_mask"], batch.get("input_ids"))
+
+
+def _fd_direction(g: torch.Tensor, batch: Mapping[str, torch.Tensor], cfg: LossConfig, alignment=None) -> torch.Tensor:
+    """The finite-difference direction: g itself ("rows") or the tuple gradient on the rows ("tuple")."""
+    if cfg.wdpo_penalty == "rows":
+        return g
+    index, valid = _prompt_alignment(batch) if alignment is None else alignment
+    return wdpo_tuple_direction(g, index.to(g.device), valid.to(g.device))
+
+
 def _default_fd_step(e: torch.Tensor) -> float:
     """sqrt(machine eps) of the precision the forward runs in (the autocast dtype if active)."""
     dtype = e.dtype
@@ -461,7 +505,8 @@ def _wdpo(model, batch, ref_c, ref_r, cfg: LossConfig, logps_fn):
     v = _nominal(batch, l)
     # g = grad_e sum_i l_i: per-pair blocks are grad_e l_i since pairs do not interact.
     (g,) = torch.autograd.grad(l.sum(), e, create_graph=double, retain_graph=True)  # (2B, T, D)
-    pair_sq = _pair_sq_norms(g)  # (B,)
+    align = _prompt_alignment(batch) if cfg.wdpo_penalty == "tuple" else None
+    pair_sq = _penalty_sq_norms(g, batch, cfg, align)  # (B,)
     penalty, metrics = _wdpo_metrics(l, pair_sq, cfg, v)
     if cfg.rho0 == 0:
         loss = _wmean(l, v)
@@ -471,6 +516,7 @@ def _wdpo(model, batch, ref_c, ref_r, cfg: LossConfig, logps_fn):
         g = g.detach()
         if v is not None:  # pairs of weight 0 are not perturbed (as in the two-pass path): same step h
             g = g * (torch.cat([v, v]) > 0).to(g.dtype)[:, None, None]
+        g = _fd_direction(g, batch, cfg, align)
         h, c = _fd_coefficients(e, g, batch["attention_mask"], cfg, l.dtype)
         advanced = _RNGState()
         rng.restore()  # the perturbed forward draws the same dropout masks
@@ -658,8 +704,10 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
     if v is not None:  # rows of pair i carry v_i: divide it out (pairs of weight 0 get g_i = 0)
         vr = torch.cat([v, v]).to(g.dtype)  # (2B,), chosen rows then rejected rows
         g = torch.where(vr[:, None, None] > 0, g / torch.where(vr > 0, vr, 1.0)[:, None, None], 0.0)
-    pair_sq = _pair_sq_norms(g)
+    align = _prompt_alignment(batch) if cfg.wdpo_penalty == "tuple" else None
+    pair_sq = _penalty_sq_norms(g, batch, cfg, align)
     penalty, metrics = _wdpo_metrics(l.detach(), pair_sq, cfg, v)
+    g = _fd_direction(g, batch, cfg, align)  # "tuple": equal on the shared prompt tokens of both rows
     h, c = _fd_coefficients(e, g, batch["attention_mask"], cfg, l.dtype)
     del e, probe  # only g (embedding-sized) stays alive into pass 2
     store.finish(1.0 - c)
@@ -907,7 +955,7 @@ def preference_eval(
         l = dpo_loss(pc, pr, rc, rr, cfg.beta)  # (B,)
         (g,) = torch.autograd.grad(l.sum(), probe.e)  # (2B, T, D): with respect to the leaf e only
     v = _nominal(batch, l)  # pair weights, as in preference_loss
-    pair_sq = _pair_sq_norms(g)
+    pair_sq = _penalty_sq_norms(g, batch, cfg)
     penalty, metrics = _wdpo_metrics(l.detach(), pair_sq, cfg, v)
     loss = (_wmean(l.detach(), v) + penalty).detach()
     metrics["loss"] = float(loss)

@@ -152,6 +152,11 @@ class TrainConfig:
     fd_step: float | None = _help(
         "Relative finite-difference step (> 0) of the 'finite-diff' WDPO gradient; None: sqrt(eps) of the dtype.", default=None
     )
+    wdpo_penalty: str = _help(
+        "WDPO gradient norm: 'rows' (chosen and rejected rows as two inputs) or 'tuple' (z = (s, a_w, a_l), the prompt "
+        "one shared input; docs/llm_losses.md).",
+        default="rows",
+    )
     alpha: float | None = _help("CVaR level alpha in (0, 1] of 'cvardpo'.", default=None)
     eps: float | None = _help("Label-flip rate eps in [0, 0.5) of 'rdpo' and 'cdpo'.", default=None)
     beta_prime: float = _help("Dr.DPO temperature beta' > 0 of 'dr_dpo'.", default=1.0)
@@ -227,6 +232,7 @@ class TrainConfig:
         choice("method", METHODS)
         choice("kldpo_variant", KLDPO_VARIANTS)
         choice("wdpo_impl", WDPO_IMPLS)
+        choice("wdpo_penalty", ("rows", "tuple"))
         choice("schedule", ("cosine", "constant"))
         choice("precision", PRECISIONS)
         choice("reference", REFERENCES)
@@ -273,6 +279,7 @@ class TrainConfig:
             wdpo_impl=self.wdpo_impl,
             rho0=self.rho0,
             fd_step=self.fd_step,
+            wdpo_penalty=self.wdpo_penalty,
             alpha=self.alpha,
             eps=self.eps,
             beta_prime=self.beta_prime,
