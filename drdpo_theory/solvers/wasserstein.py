@@ -1335,6 +1335,9 @@ TR_SUBSAMPLE = 4096
 TR_SUBSAMPLE_GROWTH = 8
 #: The subsample's trust-region iteration stops when the model promises less than this.
 TR_SUBSAMPLE_TOL = 1e-5
+#: ... or right after an accepted step that promised at most this (the next step would be of the order of
+#: the subsample's statistical error; the model solve that tests TR_SUBSAMPLE_TOL is saved).
+TR_SUBSAMPLE_EARLY = 1e-4
 
 
 def _trust_region_solve(data: PreferenceData, beta: float, radius: float, eps: float, kappa: float):
@@ -1361,7 +1364,7 @@ def _trust_region_solve(data: PreferenceData, beta: float, radius: float, eps: f
     for start in stages:
         # a warm start: its statistical distance to the full-data optimum dwarfs TR_SUBSAMPLE_TOL
         theta, _, outer, inner, _ = _trust_region_w1(start, beta, radius, eps, kappa, theta, tol=TR_SUBSAMPLE_TOL,
-                                                     confirm=False)
+                                                     confirm=False, early=TR_SUBSAMPLE_EARLY)
         info.update(subsample=start.n, subsample_outer=info.get("subsample_outer", 0) + outer,
                     subsample_inner=info.get("subsample_inner", 0) + inner)
     theta, lam, outer, inner, message = _trust_region_w1(data, beta, radius, eps, kappa, theta, early=TR_EARLY)
