@@ -1060,6 +1060,11 @@ TR_CROSS_ALPHAS = (0.1, 1e-2, 1e-3)
 #: ... and the candidate is the model's minimiser when the KKT conditions hold to these tolerances: kink
 #: multipliers in [-1e-9, 1 + 1e-9], every other hinge on its side up to TR_CROSS_TOL (1 + max|s|).
 TR_CROSS_TOL = 1e-10
+#: Active-set corrections of the sets per threshold.
+TR_CROSS_ITERS = 4
+#: No crossover while the barrier centre uses more than this fraction of the region (squared radius):
+#: the region is then active at the model's minimiser, which the KKT system above ignores.
+TR_CROSS_ROOM = 0.8
 
 
 def _model_crossover(model: _TrustModel, y, radius: float):
@@ -1074,46 +1079,57 @@ def _model_crossover(model: _TrustModel, y, radius: float):
 
     and it is the model's minimiser (convexity) when ``alpha_K`` lies in [0, 1], every hinge of ``P``
     (of neither set) stays non-negative (non-positive), and the point lies strictly inside the cone,
-    the region and the ball; each is checked. The barrier path then stops: its last stages, whose
+    the region and the ball; each is checked. When a check on the sets fails they are corrected as in a
+    primal-dual active-set method (at most ``TR_CROSS_ITERS`` times per threshold). The barrier path then stops: its last stages, whose
     Newton steps are damped hard by the hinges' curvature ``~ 1/mu`` at the kinks, are skipped.
     """
     d = model.d
     if not len(model.ww):
         return None
-    s = model.sw + model.Zw @ (y - model.v)
+    D0 = y - model.v
+    if float(D0 @ D0) > TR_CROSS_ROOM * model.r2:
+        return None  # the region is (about to be) active: the barrier path handles it
+    s = model.sw + model.Zw @ D0
     al, _ = _hinge_barrier_derivatives(s, model.mu)
     tol = TR_CROSS_TOL * (1.0 + float(np.abs(model.sw).max()))
-    tried = -1
+    seen = set()
     for lim in TR_CROSS_ALPHAS:
         kink = (al > lim) & (al < 1.0 - lim)
-        K = np.flatnonzero(kink)
-        if len(K) == tried:
-            continue
-        tried = len(K)
-        if len(K) == 0 or len(K) > 4 * (d + 1):
-            continue
         pos = al >= 1.0 - lim
-        ZK = model.Zw[K]
-        m = d + 1 + len(K)
-        M = np.zeros((m, m))
-        M[: d + 1, : d + 1] = model.Q
-        M[: d + 1, d + 1 :] = ZK.T * model.ww[K]
-        M[d + 1 :, : d + 1] = ZK
-        rhs = np.concatenate([-(model.c + (model.ww * pos) @ model.Zw), -model.sw[K]])
-        sol = np.linalg.lstsq(M, rhs, rcond=None)[0]
-        if not np.all(np.isfinite(sol)) or float(np.abs(M @ sol - rhs).max()) > 1e-9 * (1.0 + float(np.abs(rhs).max())):
-            continue
-        D, aK = sol[: d + 1], sol[d + 1 :]
-        if aK.min() < -1e-9 or aK.max() > 1.0 + 1e-9:
-            continue
-        s_new = model.sw + model.Zw @ D
-        if np.any(s_new[pos] < -tol) or np.any(s_new[~(pos | kink)] > tol):
-            continue
-        y_new = model.v + D
-        a = y_new[:d] - model.tr
-        if (y_new[d] > model.beta * float(np.linalg.norm(a)) and float(D @ D) < model.r2
-                and float(np.linalg.norm(y_new[:d])) < radius):
-            return y_new
+        for _ in range(TR_CROSS_ITERS):
+            K = np.flatnonzero(kink)
+            key = (len(K), int(K.sum()), int(np.count_nonzero(pos)))
+            if key in seen or len(K) == 0 or len(K) > 4 * (d + 1):
+                break
+            seen.add(key)
+            ZK = model.Zw[K]
+            m = d + 1 + len(K)
+            M = np.zeros((m, m))
+            M[: d + 1, : d + 1] = model.Q
+            M[: d + 1, d + 1 :] = ZK.T * model.ww[K]
+            M[d + 1 :, : d + 1] = ZK
+            rhs = np.concatenate([-(model.c + (model.ww * pos) @ model.Zw), -model.sw[K]])
+            sol = np.linalg.lstsq(M, rhs, rcond=None)[0]
+            if not np.all(np.isfinite(sol)) or float(np.abs(M @ sol - rhs).max()) > 1e-9 * (1.0 + float(np.abs(rhs).max())):
+                break
+            D, aK = sol[: d + 1], sol[d + 1 :]
+            s_new = model.sw + model.Zw @ D
+            low, high = aK < -1e-9, aK > 1.0 + 1e-9
+            up = ~(pos | kink) & (s_new > tol)  # should be off, is on: to the kink set
+            down = pos & (s_new < -tol)  # should be on, is off: to the kink set
+            if not (low.any() or high.any() or up.any() or down.any()):
+                y_new = model.v + D
+                a = y_new[:d] - model.tr
+                if (y_new[d] > model.beta * float(np.linalg.norm(a)) and float(D @ D) < model.r2
+                        and float(np.linalg.norm(y_new[:d])) < radius):
+                    return y_new
+                return None  # the model's constraints are active at its unconstrained solution
+            # primal-dual active-set update: multipliers out of [0, 1] leave the kink set on their side,
+            # hinges on the wrong side join it
+            kink[K[low | high]] = False
+            pos[K[high]] = True
+            kink |= up | down
+            pos &= ~down
     return None
 
 
