@@ -743,7 +743,9 @@ def _local_curvature_bound(theta, data, beta, f_theta, g, max_tries: int = 6) ->
     t = np.abs(beta * (data.x @ (np.asarray(theta, float) - data.theta_ref)))  # |t_i| (n,)
     xn = beta * np.sqrt(np.einsum("ij,ij->i", data.x, data.x))  # beta ||x_i|| (n,)
     xT = data.x.T
-    R = 0.0
+    # any R is valid (checked below); a small positive first R usually passes at once near a minimiser
+    # (||g|| tiny), where starting at R = 0 always took a second try
+    R = 1e-4 * max(1.0, float(np.linalg.norm(np.asarray(theta, float) - data.theta_ref)))
     for _ in range(max_tries):
         e = np.exp(-(t + xn * R))  # sigma(s) sigma(-s) = e / (1 + e)^2 at s = |t_i| + beta ||x_i|| R >= 0
         cw = data.weights * (e / ((1.0 + e) * (1.0 + e)))
