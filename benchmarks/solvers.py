@@ -205,9 +205,9 @@ def goals(rows) -> list[dict]:
     for r in rows:
         if r["problem"] != "wdpo-k1" or r["n"] != GOAL_N:
             continue
-        out.append(dict(goal=f"wdpo-k1 native certified at n = {GOAL_N:.0e}", value=f"{r['native_status']}, gap "
+        out.append(dict(goal=f"wdpo-k1 native certified at n = {GOAL_N:g}", value=f"{r['native_status']}, gap "
                         f"{r['native_gap']:.1e} ({r['native_solver']})", met=r["native_status"] == "optimal"))
-        out.append(dict(goal=f"wdpo-k1 native <= {GOAL_WALL_S} s wall at n = {GOAL_N:.0e}",
+        out.append(dict(goal=f"wdpo-k1 native <= {GOAL_WALL_S} s wall at n = {GOAL_N:g}",
                         value=f"{r['native_s']:.3f} s ({r['native_cpu_s']:.3f} s CPU)",
                         met=r["native_s"] <= GOAL_WALL_S))
         if r.get("cvxpy_s") is not None:
