@@ -55,10 +55,12 @@ from ..data import PreferenceData
 from ..losses import dpo_loss, sigmoid
 from ..model import LogLinearModel, make_model
 
-__all__ = ["SHIFTS", "METHODS", "METRICS", "ShiftMapConfig", "MapWorld", "make_map_world", "fit_methods",
+__all__ = ["SHIFTS", "METHODS", "FAMILY_METHODS", "FAMILY_FIRST_ORDER", "FAMILY_NO_FIRST_ORDER", "METRICS",
+           "with_family", "family_params", "draw_method_slopes", "ShiftMapConfig", "MapWorld", "make_map_world", "fit_methods",
            "evaluate_thetas", "run_cell", "run_shift_map", "summarize_regret", "regions", "best_settings",
            "first_order_prediction", "draw_shrink_slopes", "mechanism_check", "mechanism_agreement",
-           "reward_gradient", "robust_directions", "summarize_shift_map", "compact_summary"]
+           "reward_gradient", "robust_directions", "summarize_shift_map", "compact_summary",
+           "family_mechanism_agreement", "wins_by_method"]
 
 #: shift type -> training distribution it shares (the adversarial test reuses the label-mixture draws)
 SHIFTS = {"label": "label", "reward": "reward", "prompt": "prompt", "noise": "noise", "adversarial": "label"}
@@ -68,6 +70,24 @@ METHODS = {
     "wdpo": "WDPO W1 (exact, kappa = inf), eps = f eps_c",
     "kldpo_tau": "KLDPO tilt, tau = lam*(rho) at the DPO solution (full batch)",
     "wdpo_rho0": "WDPO squared penalty, rho0 matched to eps = f eps_c^W2 at the DPO solution (full batch)",
+}
+#: the robust family (opt-in: ``drdpo shift-map --family``, :func:`with_family`): method -> description
+#: of its setting at radius fraction ``f`` (docs/shift_map.md, "The robust family in the map")
+FAMILY_METHODS = {
+    "chi2dpo": "chi2-DPO (exact), rho = f rho_c^chi2",
+    "cvardpo": "CVaR-DPO (exact), alpha = 1 - f (1 - alpha_c)",
+    "groupdpo": "group DPO (exact), groups = the two prompt groups (no radius: the same fit at every f)",
+    "rdpo": "rDPO (exact), flip rate eps = f / 2 (no collapse; eps -> 1/2 is the end of its range)",
+    "cdpo": "cDPO (exact), label smoothing eps = f eps_c = f / 2",
+    "dr_dpo": "Dr.DPO (local solver from DPO), beta' = 1 / f",
+}
+#: members with a first-order small-radius direction (the others are left out of the mechanism's agreement)
+FAMILY_FIRST_ORDER = ("chi2dpo", "rdpo", "cdpo", "dr_dpo")
+#: members without one, and why (stated in the summary)
+FAMILY_NO_FIRST_ORDER = {
+    "cvardpo": "CVaR is not smooth in its level: CVaR_alpha = E l + (1 - alpha)(E l - min l) + ... only while "
+               "1 - alpha is below the mass of the smallest loss, far below the map's radii",
+    "groupdpo": "no radius: the worst group is a fixed objective (a kink where group losses tie)",
 }
 #: metric -> +1 if larger is better for the policy, -1 if smaller is better
 METRICS = {"reward": +1, "reg_reward": +1, "dpo_loss": -1, "worst_kl": -1, "worst_w1": -1}
@@ -143,13 +163,18 @@ class ShiftMapConfig:
         unknown = set(self.shifts) - set(SHIFTS)
         if unknown or not self.shifts:
             raise ValueError(f"unknown shifts {sorted(unknown)}; expected some of {list(SHIFTS)}")
-        unknown = set(self.methods) - set(METHODS)
+        unknown = set(self.methods) - set(METHODS) - set(FAMILY_METHODS)
         if unknown or not self.methods:
-            raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {list(METHODS)}")
+            raise ValueError(f"unknown methods {sorted(unknown)}; expected some of {list(METHODS) + list(FAMILY_METHODS)}")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods must not repeat, got {self.methods}")
         if any(not 0.0 <= a <= 1.0 for a in self.alphas) or not 0.0 <= self.alpha0 <= 1.0:
             raise ValueError("alpha0 and alphas must be in [0, 1]")
         if any(f <= 0 for f in self.radius_fracs) or not self.radius_fracs:
             raise ValueError(f"radius_fracs must be > 0, got {self.radius_fracs}")
+        if self.has_family and any(f >= 1 for f in self.radius_fracs):
+            raise ValueError(f"radius_fracs must be in (0, 1) with the robust family (rdpo's flip rate f/2 < 1/2, "
+                             f"cvardpo's alpha = 1 - f (1 - alpha_c) > alpha_c), got {self.radius_fracs}")
         if not 0.0 <= self.noise_rate < 0.5:
             raise ValueError(f"noise_rate must be in [0, 0.5), got {self.noise_rate}")
         if min(self.adv_rho, self.eval_rho, self.eval_eps) < 0:
@@ -159,11 +184,18 @@ class ShiftMapConfig:
         if not 0.0 < self.ci < 1.0 or self.n_boot < 1:
             raise ValueError("ci must be in (0, 1) and n_boot >= 1")
 
+    @property
+    def has_family(self) -> bool:
+        """Whether any robust-family member is in ``methods``."""
+        return any(m in FAMILY_METHODS for m in self.methods)
+
     @classmethod
-    def quick(cls) -> "ShiftMapConfig":
-        """A seconds-long smoke test (still every shift type and every method)."""
-        return cls(angles=(0.0, 180.0), ratios=(2.0,), ns=(20.0, math.inf), alphas=(0.0, 0.5, 1.0),
-                   seeds=(0, 1, 2, 3), radius_fracs=(0.3,), n_boot=500)
+    def quick(cls, family: bool = False) -> "ShiftMapConfig":
+        """A seconds-long smoke test (still every shift type and every method; ``family``: plus the
+        robust family, :func:`with_family`)."""
+        cfg = cls(angles=(0.0, 180.0), ratios=(2.0,), ns=(20.0, math.inf), alphas=(0.0, 0.5, 1.0),
+                  seeds=(0, 1, 2, 3), radius_fracs=(0.3,), n_boot=500)
+        return with_family(cfg) if family else cfg
 
     def cell_key(self) -> str:
         """Hash of everything that determines a cell's rows except the cell's own grid values."""
@@ -176,6 +208,13 @@ class ShiftMapConfig:
         """Training distributions needed by ``shifts``, in the order of :data:`SHIFTS`."""
         need = {SHIFTS[s] for s in self.shifts}
         return tuple(t for t in _TRAIN_CODE if t in need)
+
+
+def with_family(cfg: ShiftMapConfig) -> ShiftMapConfig:
+    """``cfg`` with every robust-family member added after its own methods (``drdpo shift-map --family``)."""
+    from dataclasses import replace
+
+    return replace(cfg, methods=tuple(cfg.methods) + tuple(m for m in FAMILY_METHODS if m not in cfg.methods))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,12 +294,23 @@ class MapWorld:
     def draw(self, train: str, n: float, seed: int) -> PreferenceData:
         """``n`` i.i.d. training tuples as their histogram on the support (weights = counts / n);
         ``n = inf``: the training population itself. The solvers see the same objective either way."""
+        w, source = self._draw_weights(train, n, seed)
+        return self.support(w, source)
+
+    def _draw_weights(self, train: str, n: float, seed: int) -> tuple[np.ndarray, str]:
         p = self.train_probs(train)
         if math.isinf(n):
-            return self.support(p, f"population({train})")
+            return p, f"population({train})"
         rng = np.random.default_rng(seed)
         counts = rng.multinomial(int(n), p / p.sum())
-        return self.support(counts / float(n), f"sample({train}, n={int(n)})")
+        return counts / float(n), f"sample({train}, n={int(n)})"
+
+    def draw_with_groups(self, train: str, n: float, seed: int) -> tuple[PreferenceData, np.ndarray]:
+        """:meth:`draw` and the prompt group of each kept tuple, (n_kept,) int (0: group A, 1: group B):
+        ``groupdpo``'s groups, defined in every shift type (the prompt shift's two prompt groups)."""
+        w, source = self._draw_weights(train, n, seed)
+        g = np.where(self.group_a[self.s], 0, 1).astype(np.int64)
+        return self.support(w, source), np.concatenate([g, g])[w > 0]
 
     def adversary(self) -> np.ndarray:
         """(2m,) ``Q*``: the KL worst case (radius ``adv_rho``) around the label-mixture training
@@ -365,11 +415,49 @@ def _penalty_objective(data: PreferenceData, beta: float, rho0: float):
     return fg
 
 
-def fit_methods(data: PreferenceData, cfg: ShiftMapConfig) -> list[dict]:
+def family_params(data: PreferenceData, frac: float, groups=None, members=tuple(FAMILY_METHODS)) -> dict[str, dict]:
+    """Each robust-family member's keyword arguments (:func:`drdpo_theory.solvers.family.solve_family`)
+    at radius fraction ``frac`` on ``data``: chi2dpo ``rho = frac rho_c`` (its collapse radius; when 0 is
+    outside the hull of the ``u_i``, ``rho_c = inf`` and the scale is ``mu^T Sigma^+ mu``, the threshold
+    without ``q >= 0``, as KLDPO falls back to its small-``rho`` threshold); cvardpo ``alpha = 1 - frac
+    (1 - alpha_c)``; cdpo ``eps = frac / 2`` (it collapses exactly at ``eps = 1/2``); rdpo ``eps = frac / 2``
+    (no collapse); dr_dpo ``beta' = 1 / frac``; groupdpo ``groups`` (the prompt groups, no radius)."""
+    from ..solvers.family import chi2_collapse_threshold, cvar_collapse_threshold
+    from ..solvers.kl import kl_collapse_small_rho
+
+    out: dict[str, dict] = {}
+    if "chi2dpo" in members:
+        rho_c = chi2_collapse_threshold(data)
+        if math.isinf(rho_c):
+            rho_c = 2.0 * kl_collapse_small_rho(data)  # mu^T Sigma^+ mu
+        out["chi2dpo"] = {"rho": frac * rho_c}
+    if "cvardpo" in members:
+        out["cvardpo"] = {"alpha": 1.0 - frac * (1.0 - cvar_collapse_threshold(data))}
+    if "groupdpo" in members:
+        if groups is None:
+            raise ValueError("groupdpo needs the prompt group of every tuple (MapWorld.draw_with_groups)")
+        out["groupdpo"] = {"groups": np.asarray(groups)}
+    if "rdpo" in members:
+        out["rdpo"] = {"eps": 0.5 * frac}
+    if "cdpo" in members:
+        out["cdpo"] = {"eps": 0.5 * frac}
+    if "dr_dpo" in members:
+        out["dr_dpo"] = {"beta_prime": 1.0 / frac}
+    return out
+
+
+def _family_radius(member: str, kw: dict) -> float:
+    """The ``radius`` column of a family fit: its own parameter (groupdpo: NaN, it has none)."""
+    return math.nan if member == "groupdpo" else float(next(iter(kw.values())))
+
+
+def fit_methods(data: PreferenceData, cfg: ShiftMapConfig, groups=None) -> list[dict]:
     """Fit DPO and every (method, radius fraction) of ``cfg`` on ``data``.
 
     Returns one dict per fit: ``method``, ``frac`` (0 for DPO), ``theta`` (d,), ``radius`` (the
-    ``rho``/``eps`` used; ``tau`` or ``rho0`` for the approximations) and ``status``.
+    ``rho``/``eps`` used; ``tau`` or ``rho0`` for the approximations; the family's ``rho``, ``alpha``,
+    ``eps``, ``beta'``, NaN for groupdpo: :func:`family_params`) and ``status``. ``groups``: the prompt
+    group of each tuple of ``data`` (groupdpo only).
     """
     from ..approx import w2_collapse_radius
     from ..calibration import rho0_for_eps, tau_for_rho
@@ -388,6 +476,7 @@ def fit_methods(data: PreferenceData, cfg: ShiftMapConfig) -> list[dict]:
     eps_c = w1_collapse_threshold(data) if "wdpo" in need else math.nan
     eps2_c = w2_collapse_radius(data) if "wdpo_rho0" in need else math.nan
     ref = data.theta_ref
+    family_cache: dict = {}
     for f in cfg.radius_fracs:
         for m in cfg.methods:
             if m == "kldpo":
@@ -414,7 +503,23 @@ def fit_methods(data: PreferenceData, cfg: ShiftMapConfig) -> list[dict]:
                 else:
                     th, st = _minimize_ball(_penalty_objective(data, beta, rho0), th_dpo, B)
                 fits.append(dict(method=m, frac=f, theta=th, radius=rho0, status=st))
+            elif m in FAMILY_METHODS:
+                fits.append(_fit_member(data, cfg, m, f, groups, family_cache))
     return fits
+
+
+def _fit_member(data: PreferenceData, cfg: ShiftMapConfig, member: str, f: float, groups, cache: dict) -> dict:
+    """One family member at fraction ``f`` (groupdpo, which has no radius, is solved once per data set)."""
+    from ..solvers.family import solve_family
+
+    if member == "groupdpo" and "groupdpo" in cache:
+        return dict(cache["groupdpo"], frac=f)
+    kw = family_params(data, f, groups, members=(member,))[member]
+    r = solve_family(member, data, cfg.beta, cfg.radius, **kw)
+    fit = dict(method=member, frac=f, theta=r.theta, radius=_family_radius(member, kw), status=r.status)
+    if member == "groupdpo":
+        cache["groupdpo"] = fit
+    return fit
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,8 +580,8 @@ def run_cell(cfg: ShiftMapConfig, train: str, angle: float, ratio: float, n: flo
     seeds = (-1,) if math.isinf(n) else cfg.seeds
     rows = []
     for seed in seeds:
-        data = world.draw(train, n, _draw_seed(cfg, train, angle, ratio, n, seed))
-        fits = fit_methods(data, cfg)
+        data, groups = world.draw_with_groups(train, n, _draw_seed(cfg, train, angle, ratio, n, seed))
+        fits = fit_methods(data, cfg, groups)
         thetas = np.array([f["theta"] for f in fits])
         for s in shifts:
             met = evaluate_thetas(world, thetas, tests[s], cfg)
@@ -685,14 +790,23 @@ def _dpo_hessian(theta, data: PreferenceData, beta: float) -> np.ndarray:
     return (data.x * c[:, None]).T @ data.x
 
 
-def robust_directions(data: PreferenceData, beta: float, theta_hat) -> dict:
-    """First-order motion of each robust optimum away from the DPO optimum ``theta_hat`` (interior).
+def robust_directions(data: PreferenceData, beta: float, theta_hat, radius: float | None = None) -> dict:
+    """First-order motion of each robust optimum away from the DPO optimum ``theta_hat``.
 
     ``u_m = -H^{-1} grad P_m(theta_hat)``, ``H`` the DPO Hessian, where the robust objective is
     ``L + r P_m + o(r)`` in its small parameter ``r`` (docs/shift_map.md section 2):
     ``wdpo``: ``P = beta ||theta - theta_ref||`` (``r = eps``); ``kldpo``: ``P = sqrt(2 Var_w l)``
     (``r = sqrt(rho)``); ``kldpo_tau``: ``P = Var_w(l) / 2`` (``r = 1/tau``); ``wdpo_rho0``:
-    ``P = sum_i w_i ||grad_x l_i||^2`` (``r = rho0``). Also ``shrink``: ``-(theta_hat - theta_ref)``.
+    ``P = sum_i w_i ||grad_x l_i||^2`` (``r = rho0``). The robust family (docs/shift_map.md, "The
+    robust family in the map"): ``chi2dpo``: ``P = sqrt(Var_w l)`` (``r = sqrt(rho)``); ``cdpo``:
+    ``P = E_w t`` (``r = eps``); ``rdpo``: ``P = -E_w t`` (``r = eps / (1 - 2 eps)``); ``dr_dpo``:
+    ``P = -Var_w(l) / 2`` (``r = 1/beta'``); ``t = beta u.(theta - theta_ref)`` the margin. Also
+    ``shrink``: ``-(theta_hat - theta_ref)``.
+
+    ``radius``: the ball ``B``; when given and ``theta_hat`` lies on the sphere with a positive
+    multiplier ``nu`` (``grad L = -2 nu theta_hat``), the optimum stays on the sphere and moves along
+    the solution of ``(H + 2 nu I) u + 2 dnu theta_hat = -grad P``, ``theta_hat . u = 0``. Without it
+    ``theta_hat`` is taken as interior.
     """
     from .. import approx as A
     from ..losses import dpo_grad
@@ -711,8 +825,23 @@ def robust_directions(data: PreferenceData, beta: float, theta_hat) -> dict:
         "kldpo": math.sqrt(2.0) * cov_lg / math.sqrt(var) if var > 0 else np.zeros_like(v),
         "kldpo_tau": cov_lg,
         "wdpo_rho0": A.penalty_moment_grad(th, data, beta, "x"),
+        "chi2dpo": cov_lg / math.sqrt(var) if var > 0 else np.zeros_like(v),
+        "cdpo": beta * (w @ data.u),
+        "rdpo": -beta * (w @ data.u),
+        "dr_dpo": -cov_lg,
     }
-    out = {m: -np.linalg.solve(H, gm) for m, gm in grads.items()}
+    gL = w @ g
+    nu = -float(gL @ th) / (2.0 * float(th @ th)) if float(th @ th) > 0 else 0.0
+    on_sphere = radius is not None and float(np.linalg.norm(th)) >= radius * (1 - 1e-6) and nu > 1e-10
+    if on_sphere:  # bordered KKT system: the ball stays active, u tangent to the sphere
+        d = len(th)
+        K = np.zeros((d + 1, d + 1))
+        K[:d, :d] = H + 2.0 * nu * np.eye(d)
+        K[:d, d] = th
+        K[d, :d] = th
+        out = {m: np.linalg.solve(K, np.concatenate([-gm, [0.0]]))[:d] for m, gm in grads.items()}
+    else:
+        out = {m: -np.linalg.solve(H, gm) for m, gm in grads.items()}
     out["shrink"] = -v
     return out
 
@@ -738,7 +867,7 @@ def first_order_prediction(cfg: ShiftMapConfig, shift: str, angle: float, ratio:
         test = world.support(w, "test")
         gR = reward_gradient(world.model, th, pw, R)
         gL = test.weights @ dpo_grad(th, test.x, test.y, cfg.beta, test.theta_ref)
-        for m in (*cfg.methods, "shrink"):
+        for m in (*[m for m in cfg.methods if m in dirs], "shrink"):  # cvardpo, groupdpo: no direction
             rows.append(dict(shift=shift, angle=angle, ratio=ratio, method=m, alpha=a,
                              slope_reward=float(gR @ dirs[m]), slope_dpo_loss=float(gL @ dirs[m]),
                              dpo_theta_norm=float(np.linalg.norm(th - world.model.theta_ref))))
@@ -770,6 +899,36 @@ def draw_shrink_slopes(cfg: ShiftMapConfig, shift: str, angle: float, ratio: flo
                          "slope_reward": S.mean(axis=0), "slope_reward_pos": (S > 0).mean(axis=0)})
 
 
+def draw_method_slopes(cfg: ShiftMapConfig, shift: str, angle: float, ratio: float, n: float,
+                       methods=FAMILY_FIRST_ORDER) -> pd.DataFrame:
+    """Each method's own first-order slope per training draw, averaged (the family's finite-``n`` check).
+
+    For each draw of :func:`run_cell` (same seeds): ``theta_n`` = its DPO solution, ``u_m(theta_n)`` from
+    :func:`robust_directions` on the draw (with the ball: a sample DPO solution may lie on the sphere)
+    and ``s = grad R_alpha(theta_n) . u_m``. One row per ``(method, alpha)``: ``slope_reward`` (mean over
+    draws), ``slope_reward_pos`` (fraction of draws with ``s > 0``); ``method = measured_method``.
+    """
+    from ..solvers.dpo import solve_dpo
+
+    world = make_map_world(cfg, angle, ratio)
+    train = SHIFTS[shift]
+    seeds = (-1,) if math.isinf(n) else cfg.seeds
+    tests = [world.test(shift, a) for a in cfg.alphas]
+    S = np.empty((len(methods), len(seeds), len(cfg.alphas)))
+    for k, seed in enumerate(seeds):
+        data = world.draw(train, n, _draw_seed(cfg, train, angle, ratio, n, seed))
+        th = solve_dpo(data, cfg.beta, cfg.radius).theta
+        dirs = robust_directions(data, cfg.beta, th, radius=cfg.radius)
+        for j, (_, pw, R) in enumerate(tests):
+            gR = reward_gradient(world.model, th, pw, R)
+            for i, m in enumerate(methods):
+                S[i, k, j] = float(gR @ dirs[m])
+    rows = [dict(shift=shift, angle=angle, ratio=ratio, n=float(n), alpha=a, method=m, measured_method=m,
+                 slope_reward=float(S[i, :, j].mean()), slope_reward_pos=float((S[i, :, j] > 0).mean()))
+            for i, m in enumerate(methods) for j, a in enumerate(cfg.alphas)]
+    return pd.DataFrame(rows)
+
+
 def mechanism_check(cfg: ShiftMapConfig, summ: pd.DataFrame) -> pd.DataFrame:
     """First-order predictions next to the measured regret at the smallest radius.
 
@@ -778,7 +937,10 @@ def mechanism_check(cfg: ShiftMapConfig, summ: pd.DataFrame) -> pd.DataFrame:
     Finite ``n``: ``method = "shrink"`` rows with the draw-averaged shrinkage slope
     (:func:`draw_shrink_slopes`) compared with each method's measured mean regret (``measured_method``).
     Columns ``delta_reward`` / ``delta_reward_lo`` / ``delta_reward_hi`` (measured, ``frac = min(radius_fracs)``)
-    and ``agree_reward`` (same sign as the slope).
+    and ``agree_reward`` (same sign as the slope). Robust family (opt-in): the members of
+    :data:`FAMILY_FIRST_ORDER` have their own population slope at ``n = inf`` and their draw-averaged own
+    slope (:func:`draw_method_slopes`, not the shrinkage slope: rDPO and Dr.DPO do not shrink) at
+    finite ``n``; cvardpo and groupdpo have no row (:data:`FAMILY_NO_FIRST_ORDER`).
     """
     f0 = min(cfg.radius_fracs)
     small = summ[np.isclose(summ["frac"], f0)]
@@ -795,9 +957,17 @@ def mechanism_check(cfg: ShiftMapConfig, summ: pd.DataFrame) -> pd.DataFrame:
                         p["n"] = math.inf
                         p["measured_method"] = p["method"]
                     else:
-                        d = draw_shrink_slopes(cfg, sh, a, r, n)
-                        p = pd.concat([d.assign(method="shrink", measured_method=m) for m in cfg.methods],
-                                      ignore_index=True)
+                        plain = [m for m in cfg.methods if m in METHODS]
+                        fam = tuple(m for m in cfg.methods if m in FAMILY_FIRST_ORDER)
+                        ps = []
+                        if plain:
+                            d = draw_shrink_slopes(cfg, sh, a, r, n)
+                            ps += [d.assign(method="shrink", measured_method=m) for m in plain]
+                        if fam:
+                            ps.append(draw_method_slopes(cfg, sh, a, r, n, fam))
+                        if not ps:
+                            continue
+                        p = pd.concat(ps, ignore_index=True)
                     parts.append(p)
     pred = pd.concat(parts, ignore_index=True)
     out = pred.merge(meas.rename(columns={"method": "measured_method"}),
@@ -826,6 +996,14 @@ def summarize_shift_map(cfg: ShiftMapConfig, summ: pd.DataFrame, mech: pd.DataFr
     if mech is not None:
         out["mechanism"] = mechanism_agreement(mech)
         out["mechanism"]["radius_frac"] = float(min(cfg.radius_fracs))
+        if cfg.has_family:
+            out["mechanism"]["family"] = family_mechanism_agreement(
+                mech, tuple(m for m in cfg.methods if m in FAMILY_FIRST_ORDER))
+            out["mechanism"]["family_excluded"] = {m: why for m, why in FAMILY_NO_FIRST_ORDER.items()
+                                                   if m in cfg.methods}
+    if cfg.has_family:
+        out["family"] = {"settings": {m: FAMILY_METHODS[m] for m in cfg.methods if m in FAMILY_METHODS},
+                         "wins_by_method": {k: wins_by_method(summ, k) for k in ("reward", "reg_reward", "dpo_loss")}}
     out["grid"] = {"angles": list(cfg.angles), "ratios": list(cfg.ratios),
                    "ns": [_n_json(n) for n in cfg.ns], "alphas": list(cfg.alphas), "alpha0": cfg.alpha0,
                    "shifts": list(cfg.shifts), "methods": list(cfg.methods), "radius_fracs": list(cfg.radius_fracs),
@@ -841,6 +1019,7 @@ def mechanism_agreement(mech: pd.DataFrame, rel: float = 1e-3) -> dict:
     only where the measured regret's interval excludes 0.
     """
     m = mech.dropna(subset=["delta_reward"])
+    m = m[m["measured_method"].isin(list(METHODS))]  # the family: family_mechanism_agreement
     pop = m[np.isinf(m["n"].astype(float)) & (m.method != "shrink")]
     pop = pop[(np.abs(pop.slope_reward) > rel * max(1e-12, float(np.max(np.abs(pop.slope_reward.to_numpy()), initial=0.0))))
               & (np.abs(pop.delta_reward) > WIN_TOL)]
@@ -853,6 +1032,43 @@ def mechanism_agreement(mech: pd.DataFrame, rel: float = 1e-3) -> dict:
         "finite_n_significant_cells": int(len(sig)),
         "finite_n_sign_agreement_all": float(fin.agree_reward.mean()) if len(fin) else None,
     }
+
+
+def family_mechanism_agreement(mech: pd.DataFrame, members=FAMILY_FIRST_ORDER, rel: float = 1e-3) -> dict:
+    """:func:`mechanism_agreement` per robust-family member with a first-order direction, each on its
+    own slopes (population: its slope at the population DPO optimum; finite ``n``: its draw-averaged
+    slope, :func:`draw_method_slopes`), ``rel`` relative to the member's own largest slope."""
+    out = {}
+    m = mech.dropna(subset=["delta_reward"])
+    for mem in members:
+        g = m[m["measured_method"] == mem]
+        if not len(g):
+            continue
+        pop = g[np.isinf(g["n"].astype(float))]
+        scale = max(1e-12, float(np.max(np.abs(pop.slope_reward.to_numpy()), initial=0.0)))
+        pop = pop[(np.abs(pop.slope_reward) > rel * scale) & (np.abs(pop.delta_reward) > WIN_TOL)]
+        fin = g[~np.isinf(g["n"].astype(float))]
+        sig = fin[(fin.delta_reward_lo > WIN_TOL) | (fin.delta_reward_hi < -WIN_TOL)]
+        out[mem] = {
+            "population_sign_agreement": float(pop.agree_reward.mean()) if len(pop) else None,
+            "population_cells": int(len(pop)),
+            "finite_n_sign_agreement_significant": float(sig.agree_reward.mean()) if len(sig) else None,
+            "finite_n_significant_cells": int(len(sig)),
+            "finite_n_sign_agreement_all": float(fin.agree_reward.mean()) if len(fin) else None,
+        }
+    return out
+
+
+def wins_by_method(summ: pd.DataFrame, metric: str = "reward") -> dict:
+    """Per shift type, per robust method: the cells ``(angle, ratio, n, alpha)`` where that method (at
+    some radius fraction) beats DPO with its interval on ``metric`` (a cell counts for every winning method)."""
+    out: dict = {}
+    w = summ[_wins(summ, metric)]
+    methods = list(dict.fromkeys(summ["method"]))
+    for shift in [s for s in SHIFTS if s in set(summ["shift"])]:
+        sub = w[w["shift"] == shift]
+        out[shift] = {m: int(sub[sub.method == m].groupby(["angle", "ratio", "n", "alpha"]).ngroups) for m in methods}
+    return out
 
 
 def compact_summary(summary: dict, metrics=("reward",)) -> dict:
