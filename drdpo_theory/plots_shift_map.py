@@ -126,12 +126,19 @@ def plot_mechanism(mech: pd.DataFrame, figdir, name: str = "shift_map_mechanism"
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.set_xlabel("first-order slope ∇R_α(θ_DPO)·u_m (reward units per unit radius)")
     ax.set_ylabel("measured robust - DPO reward (n = ∞)")
-    from .experiments.shift_map import mechanism_agreement
+    from .experiments.shift_map import FAMILY_FIRST_ORDER, family_mechanism_agreement, mechanism_agreement
 
     a = mechanism_agreement(mech)
     agree = a["population_sign_agreement"]
     txt = "n/a" if agree is None else f"{agree:.0%}"
-    ax.set_title(f"Population, smallest radius: sign of the first-order slope = sign of the\n"
-                 f"measured regret in {txt} of {a['population_cells']} cells (zero slopes/regrets excluded)", fontsize=9)
+    title = (f"Population, smallest radius: sign of the first-order slope = sign of the\n"
+             f"measured regret in {txt} of {a['population_cells']} cells (zero slopes/regrets excluded)")
+    fam = family_mechanism_agreement(mech, tuple(x for x in FAMILY_FIRST_ORDER if x in set(m.method)))
+    if fam:  # drdpo shift-map --family: the plain methods' count above, the members' here
+        cells = sum(v["population_cells"] for v in fam.values())
+        hits = sum((v["population_sign_agreement"] or 0.0) * v["population_cells"] for v in fam.values())
+        title = title.replace("in ", "(KL/W methods) in ", 1) + (
+            f";\nrobust family (χ², rDPO, cDPO, Dr.DPO): {hits / cells:.0%} of {cells} cells" if cells else "")
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
     return _save(fig, figdir, name)

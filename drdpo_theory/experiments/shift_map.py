@@ -85,8 +85,10 @@ FAMILY_METHODS = {
 FAMILY_FIRST_ORDER = ("chi2dpo", "rdpo", "cdpo", "dr_dpo")
 #: members without one, and why (stated in the summary)
 FAMILY_NO_FIRST_ORDER = {
-    "cvardpo": "CVaR is not smooth in its level: CVaR_alpha = E l + (1 - alpha)(E l - min l) + ... only while "
-               "1 - alpha is below the mass of the smallest loss, far below the map's radii",
+    "cvardpo": "CVaR is not smooth in its level: CVaR_alpha = E l + (1 - alpha)(E l - min l)/alpha holds only while "
+               "1 - alpha is below the mass of the smallest loss (one tuple: 1/n of a sample, about 1% of the "
+               "population), below the map's 1 - alpha = f (1 - alpha_c) almost everywhere; beyond, the slope "
+               "changes at every tuple the level passes (piecewise linear, no expansion)",
     "groupdpo": "no radius: the worst group is a fixed objective (a kink where group losses tie)",
 }
 #: metric -> +1 if larger is better for the policy, -1 if smaller is better
