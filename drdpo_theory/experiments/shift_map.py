@@ -30,6 +30,13 @@ in full batch (no SGD noise): ``kldpo_tau`` minimises ``tau log sum_i w_i exp(l_
 ``tau = lam*(rho)`` at ``theta_DPO``; ``wdpo_rho0`` minimises ``sum_i w_i l_i + rho0 sum_i w_i
 ||grad_x l_i||^2`` with ``rho0`` matched (gradient rule) to the W2 radius ``f * eps_c^{W2}``.
 
+Robust family (opt-in, ``drdpo shift-map --family``, :func:`with_family`; docs/shift_map.md section 5):
+``chi2dpo`` (``rho = f rho_c``), ``cvardpo`` (``alpha = 1 - f (1 - alpha_c)``), ``cdpo`` (``eps = f/2``,
+it collapses at 1/2), ``rdpo`` (``eps = f/2``), ``dr_dpo`` (``beta' = 1/f``), exact (Dr.DPO: local), and
+``groupdpo`` with the two prompt groups (no radius: one fit reported at every ``f``). Their
+first-order directions (chi2dpo, cdpo, rdpo, dr_dpo) join :func:`robust_directions`; cvardpo and
+groupdpo have none (:data:`FAMILY_NO_FIRST_ORDER`).
+
 Metrics at every test alpha (exact): ``reward`` (expected true reward of ``pi_theta``),
 ``reg_reward`` (``reward - beta KL(pi_theta || pi_ref)``, the KL-regularised objective whose
 maximiser DPO estimates; the KL averaged over the test prompts), ``dpo_loss`` (DPO loss under the test distribution), ``worst_kl`` (worst-case loss over the KL ball
