@@ -105,9 +105,16 @@ def _numbers(nums: str) -> list[str]:
 def _section_numbers(doc: Path) -> set[str]:
     found = set()
     for m in HEADING.finditer(_text(doc) or ""):
-        n = re.match(r"(\d+(?:\.\d+)*)[.):\s]", m.group("title") + " ")
+        title = m.group("title") + " "
+        n = re.match(r"(\d+(?:\.\d+)*)[.):\s]", title)
         if n:
             found.add(n.group(1))
+        r = re.match(r"(\d+)\s*[-–]\s*(\d+)[.):\s]", title)  # "## 6-9. ..." covers sections 6 to 9
+        if r:
+            found.update(str(k) for k in range(int(r.group(1)), int(r.group(2)) + 1))
+        b = re.match(r"(\d+)[a-z][.):\s]", title)  # "## 9b. ..." is cited as "section 9b", read as 9
+        if b:
+            found.add(b.group(1))
     return found
 
 

@@ -98,6 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-init", choices=["uniform", "proportional"], default=None,
                    help="Initial EG weights: uniform, or proportional to each group's share of the data (default: uniform).")
     g.add_argument("--fd-step", type=float, default=None, help="Relative finite-difference step of WDPO finite-diff.")
+    g.add_argument("--fd-pass2-chunks", type=int, default=2, metavar="K",
+                   help="WDPO finite-diff: run the second pass in K pair chunks (exact; its activations, held beside "
+                   "pass 1's gradient, shrink K-fold; plain/DDP without dropout, else 1) (default: %(default)s).")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=None, help="Peak AdamW learning rate (default: 5e-6 full fine-tuning, "
@@ -265,7 +268,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig(
             output_dir=args.output, method=args.method, beta=args.beta, kldpo_variant=args.kldpo_variant,
             tau=args.tau, rho=args.rho, clamp=args.clamp, wdpo_impl=args.wdpo_impl, rho0=args.rho0,
-            fd_step=args.fd_step, wdpo_penalty=args.wdpo_penalty, lr=args.lr, weight_decay=args.weight_decay,
+            fd_step=args.fd_step, wdpo_penalty=args.wdpo_penalty, fd_pass2_chunks=args.fd_pass2_chunks, lr=args.lr, weight_decay=args.weight_decay,
             warmup_steps=args.warmup_steps,
             schedule=args.schedule, max_steps=args.max_steps, batch_size=args.batch_size,
             grad_accum=args.grad_accum, max_grad_norm=args.max_grad_norm, max_length=args.max_length,

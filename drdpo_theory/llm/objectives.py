@@ -185,6 +185,16 @@ class LossConfig:
             "||g_c,s + g_r,s||^2 + ||g_c,a||^2 + ||g_r,a||^2, the squared norm of the gradient in z)."
         },
     )
+    fd_pass2_chunks: int = field(
+        default=2,
+        metadata={
+            "help": "Pair chunks of pass 2 of the two-pass finite-diff WDPO estimator (>= 1). Pass 2's loss is a "
+            "sum over pairs, so chunking it is exact; it holds pass 1's parameter gradient, so its activations "
+            "are what WDPO adds to DPO's peak memory, and chunks cut them by that factor. Used on plain and DDP "
+            "models without active dropout (the dropout masks of pass 1 are replayed for the whole batch); "
+            "sharded engines (FSDP2, DeepSpeed) run one chunk."
+        },
+    )
     alpha: float | None = field(
         default=None,
         metadata={"help": "CVaR level alpha in (0, 1] of 'cvardpo' (the worst alpha-fraction of the weighted batch)."},
@@ -232,6 +242,8 @@ class LossConfig:
             raise ValueError(f"rho0 must be >= 0, got {self.rho0!r}")
         if self.fd_step is not None and not self.fd_step > 0:
             raise ValueError(f"fd_step must be > 0 or None, got {self.fd_step!r}")
+        if isinstance(self.fd_pass2_chunks, bool) or not isinstance(self.fd_pass2_chunks, int) or self.fd_pass2_chunks < 1:
+            raise ValueError(f"fd_pass2_chunks must be an integer >= 1, got {self.fd_pass2_chunks!r}")
         if self.wdpo_penalty not in WDPO_PENALTIES:
             raise ValueError(f"wdpo_penalty must be one of {WDPO_PENALTIES}, got {self.wdpo_penalty!r}")
         if self.method == "chi2dpo" and self.rho is None:
@@ -652,6 +664,42 @@ def _check_fsdp2_sync(model) -> None:
                 )
 
 
+def _dropout_active(model: torch.nn.Module) -> bool:
+    """True when a forward in training mode draws random masks (dropout modules or attention dropout)."""
+    if not model.training:
+        return False
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        p = getattr(m, "attention_dropout", 0.0)
+        if isinstance(p, (int, float)) and not isinstance(p, bool) and p > 0:
+            return True
+    return False
+
+
+def _pass2_chunks(model: torch.nn.Module, cfg: LossConfig, b: int) -> int:
+    """How many pair chunks pass 2 of :func:`_wdpo_two_pass` runs in (``cfg.fd_pass2_chunks``, see there)."""
+    k = min(cfg.fd_pass2_chunks, b)
+    if k <= 1 or _engine(model) not in ("plain", "ddp") or _dropout_active(model):
+        return 1
+    return k
+
+
+def _pair_rows(batch: Mapping[str, torch.Tensor], idx: torch.Tensor, b: int):
+    """The sub-batch of pairs ``idx``: rows ``idx`` (chosen) and ``b + idx`` (rejected) of every
+    (2B, ...) tensor, entries ``idx`` of every (B, ...) tensor; returns it and the row index (2k,)."""
+    rows = torch.cat([idx, idx + b])
+    sub = {}
+    for k, t in batch.items():
+        if torch.is_tensor(t) and t.dim() >= 1 and t.shape[0] == 2 * b:
+            sub[k] = t[rows.to(t.device)]
+        elif torch.is_tensor(t) and t.dim() >= 1 and t.shape[0] == b:
+            sub[k] = t[idx.to(t.device)]
+        else:
+            sub[k] = t
+    return sub, rows
+
+
 def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: float, logps_fn, backward):
     r"""WDPO finite-diff as two forward-backward passes, one graph alive at a time.
 
@@ -665,7 +713,9 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
        :class:`_GradByHooks`);
     2. forward at :math:`E(\text{ids}) + hg` (the hook adds the detached :math:`hg`, the
        embedding table keeps its gradient path), with the RNG state of pass 1 (same dropout
-       masks); ``backward`` of :math:`\text{loss\_scale}\,c/B\cdot\sum_i\ell_i(e+hg)`.
+       masks); ``backward`` of :math:`\text{loss\_scale}\,c/B\cdot\sum_i\ell_i(e+hg)`,
+       in ``cfg.fd_pass2_chunks`` pair chunks (:func:`_pass2_chunks`): pass 2 holds pass 1's
+       gradient, so its activations are what the estimator adds to DPO's peak memory.
 
     ``backward(t, final)`` runs the engine's backward (``final`` is True for pass 2, the
     last backward of this micro-batch). Under DDP pass 1 runs in ``no_sync``: one gradient
@@ -713,11 +763,21 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
     store.finish(1.0 - c)
     advanced = _RNGState()
     rng.restore()  # pass 2 draws the dropout masks of pass 1
+    chunks = _pass2_chunks(model, cfg, b)
     with store.pass2():
-        pc2, pr2, _ = _embed_forward(model, batch, logps_fn, delta=h * g)
-        l2 = dpo_loss(pc2, pr2, rc, rr, cfg.beta)
-        with _no_autocast(l2):
-            backward(_wsum(l2, v) * (c * (loss_scale / b)), True)
+        for j, idx in enumerate(torch.arange(b, device=l.device).chunk(chunks)):
+            last = j == chunks - 1
+            sub, rows = (batch, slice(None)) if chunks == 1 else _pair_rows(batch, idx, b)
+            vj = v if v is None or chunks == 1 else v[idx]
+            rcj, rrj = (rc, rr) if chunks == 1 else (rc[idx], rr[idx])
+            # pass 2's loss is a sum over pairs: one chunk's backward adds that chunk's terms (DDP: no
+            # all-reduce before the last chunk)
+            with contextlib.nullcontext() if last else _no_sync(model):
+                pc2, pr2, _ = _embed_forward(model, sub, logps_fn, delta=h * g[rows])
+                l2 = dpo_loss(pc2, pr2, rcj, rrj, cfg.beta)
+                with _no_autocast(l2):
+                    backward(_wsum(l2, vj) * (c * (loss_scale / b)), last)
+            del pc2, pr2, l2
     advanced.restore()  # the RNG continues as after one forward
     loss = (_wmean(l.detach(), v) + penalty).detach()
     metrics["wdpo/fd_h"] = float(h)

@@ -157,6 +157,10 @@ class TrainConfig:
         "one shared input; docs/llm_losses.md).",
         default="rows",
     )
+    fd_pass2_chunks: int = _help(
+        "Pair chunks (>= 1) of the second pass of the 'finite-diff' WDPO gradient: exact, and cuts the activations "
+        "held beside pass 1's gradient; plain/DDP models without active dropout (else one chunk).", default=2
+    )
     alpha: float | None = _help("CVaR level alpha in (0, 1] of 'cvardpo'.", default=None)
     eps: float | None = _help("Label-flip rate eps in [0, 0.5) of 'rdpo' and 'cdpo'.", default=None)
     beta_prime: float = _help("Dr.DPO temperature beta' > 0 of 'dr_dpo'.", default=1.0)
@@ -241,6 +245,8 @@ class TrainConfig:
             v = getattr(self, name)
             check(name, v is None or (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0), "None or a finite number >= 0")
         check("fd_step", self.fd_step is None or self.fd_step > 0, "None or > 0")
+        check("fd_pass2_chunks", isinstance(self.fd_pass2_chunks, int) and not isinstance(self.fd_pass2_chunks, bool)
+              and self.fd_pass2_chunks >= 1, "an integer >= 1")
         if self.method == "kldpo" and self.kldpo_variant == "calibrated":
             check("rho", self.rho is not None, "set (the KL radius) for kldpo_variant='calibrated'")
         for name in ("beta", "tau", "clamp", "lr", "lora_alpha"):
@@ -280,6 +286,7 @@ class TrainConfig:
             rho0=self.rho0,
             fd_step=self.fd_step,
             wdpo_penalty=self.wdpo_penalty,
+            fd_pass2_chunks=self.fd_pass2_chunks,
             alpha=self.alpha,
             eps=self.eps,
             beta_prime=self.beta_prime,

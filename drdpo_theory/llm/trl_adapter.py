@@ -301,12 +301,13 @@ class WDPOTrainer(_RobustDPOTrainer):
 
     Extra keyword arguments (all optional): ``rho0``, ``wdpo_impl``
     (``"double-backward"`` switches the model to eager attention; ``"finite-diff"`` keeps
-    fused attention), ``fd_step``, ``wdpo_penalty`` (``"rows"`` or ``"tuple"``); see
-    :class:`~drdpo_theory.llm.objectives.LossConfig`.
+    fused attention), ``fd_step``, ``wdpo_penalty`` (``"rows"`` or ``"tuple"``),
+    ``fd_pass2_chunks`` (default 2: the second finite-difference pass in pair chunks, which
+    bounds the memory it adds to DPO's); see :class:`~drdpo_theory.llm.objectives.LossConfig`.
     """
 
     _method = "wdpo"
-    _options = ("rho0", "wdpo_impl", "fd_step", "wdpo_penalty")
+    _options = ("rho0", "wdpo_impl", "fd_step", "wdpo_penalty", "fd_pass2_chunks")
 
 
 # ---------------------------------------------------------------------- the robust family

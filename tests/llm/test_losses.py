@@ -332,7 +332,7 @@ def test_loss_config_validation(kwargs, match):
 def test_loss_config_every_field_has_help():
     helps = LossConfig.help()
     assert set(helps) == {"method", "beta", "kldpo_variant", "tau", "rho", "clamp", "wdpo_impl", "rho0", "fd_step",
-                          "wdpo_penalty", "alpha", "eps", "beta_prime", "group_weights", "group_step", "group_init"}
+                          "wdpo_penalty", "fd_pass2_chunks", "alpha", "eps", "beta_prime", "group_weights", "group_step", "group_init"}
     assert all(len(h) > 20 for h in helps.values())
 
 

@@ -578,3 +578,70 @@ def test_tuple_penalty_in_eval_and_config(exact_float64, llama_factory, batch_fa
     bad["input_ids"][0, 2] = bad["input_ids"][0, 2] % 63 + 1  # chosen row 0's first prompt token (ids 1..63) changed
     with pytest.raises(ValueError, match="one prompt per pair"):
         preference_loss(model, bad, refs[0], refs[1], cfg)
+
+
+# --------------------------------------------------------------------------- pass 2 in pair chunks
+
+
+def _two_pass_grad(model, batch, refs, cfg):
+    model.zero_grad(set_to_none=True)
+    loss, m = preference_backward(model, batch, refs[0], refs[1], cfg)
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]), loss, m
+
+
+@pytest.mark.parametrize("penalty", ["rows", "tuple"])
+def test_pass2_chunks_give_the_one_chunk_gradient(exact_float64, llama_factory, batch_factory, penalty, monkeypatch):
+    """Pass 2's loss is a sum over pairs: 2 or 3 chunks (uneven: 5 pairs) give the 1-chunk gradient,
+    loss and metrics to rounding, with pair weights; the forwards see the chunks' rows."""
+    from drdpo_theory.llm import objectives
+
+    model, batch = llama_factory(), batch_factory(n_pairs=5)
+    batch = dict(batch, weight=torch.tensor([1.0, 0.5, 2.0, 0.0, 1.5], dtype=torch.float64))
+    refs = _refs(5)
+    rows = []
+    real = objectives._embed_forward
+
+    def spy(model, batch, logps_fn, **kw):
+        rows.append(int(batch["input_ids"].shape[0]))
+        return real(model, batch, logps_fn, **kw)
+
+    monkeypatch.setattr(objectives, "_embed_forward", spy)
+    got = {}
+    for k in (1, 2, 3):
+        rows.clear()
+        cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff", wdpo_penalty=penalty,
+                         fd_pass2_chunks=k)
+        got[k] = _two_pass_grad(model, batch, refs, cfg)
+        assert rows == [10] + [2 * len(c) for c in torch.arange(5).chunk(k)], (k, rows)
+    g1, loss1, m1 = got[1]
+    assert float(g1.abs().max()) > 0
+    # the chunks only change the order of pass 2's float64 sums, whose rounding the finite-difference
+    # coefficient c = 2 rho0 / h (~1e6 here) amplifies: the bound of the two-pass test above
+    c = 2 * RHO0 / m1["wdpo/fd_h"]
+    atol = TWO_PASS_ROUND * torch.finfo(torch.float64).eps * c * float(g1.abs().max())
+    for k in (2, 3):
+        g, loss, m = got[k]
+        assert_close(g, g1, rtol=0.0, atol=atol)
+        assert_close(loss, loss1, rtol=RTOL_EXACT, atol=ATOL)
+        assert m.keys() == m1.keys()
+
+
+def test_pass2_runs_one_chunk_with_dropout_or_a_sharded_engine(llama_factory, batch_factory, monkeypatch):
+    from drdpo_theory.llm import objectives
+
+    model = llama_factory("eager", dtype=torch.float32).train()
+    cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff", fd_pass2_chunks=4)
+    assert objectives._pass2_chunks(model, cfg, 6) == 4
+    assert objectives._pass2_chunks(model, cfg, 3) == 3  # never more chunks than pairs
+    model.model.layers[0].self_attn.attention_dropout = 0.1  # pass 1's masks are replayed for the whole batch
+    assert objectives._pass2_chunks(model, cfg, 6) == 1
+    assert objectives._pass2_chunks(model.eval(), cfg, 6) == 4  # no masks drawn in eval mode
+    model.model.layers[0].self_attn.attention_dropout = 0.0
+    monkeypatch.setattr(objectives, "_engine", lambda m: "fsdp2")
+    assert objectives._pass2_chunks(model.train(), cfg, 6) == 1
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_pass2_chunks_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="fd_pass2_chunks"):
+        LossConfig(method="wdpo", fd_pass2_chunks=bad)
