@@ -64,6 +64,11 @@ STUDY_FILES: dict[str, tuple[str, list[tuple[str, list[str] | None]], str]] = {
                      [("summary.json", None), ("family_table.csv", None),
                       ("shift.csv", ["seed", "method", "alpha", "reward", "theta_norm", "alpha0"])],  # the figure's
                      "drdpo shift --family --n-jobs 2 --json"),
+    "gradients-family": ("results/gradients_family",
+                         [("summary.json", None),
+                          ("family_batch.csv", ["instance", "point", "batch_size", "member", "bias", "mc_se", "mean_cos"]),
+                          ("family_sgd.csv", ["instance", "sgd_seed", "member", "status", "err", "excess", "dpo_err"])],
+                         "drdpo gradients --family --n-jobs 2 --json"),
     "llm-shift": ("results/llm_shift", [("results.json", None)],
                   "drdpo llm-shift --model smollm2 --out runs/llm_shift --results-json results/llm_shift/results.json"),
     "llm-shift-seeds01": ("results/llm_shift", [("seeds01_results.json", None)],
@@ -104,6 +109,8 @@ def _slim_json(study: str, name: str, obj):
     """Drop what is bulky and not a number the docs quote (llm-shift: per-stage configs)."""
     if study.startswith("llm-shift") and isinstance(obj, dict):
         return {k: v for k, v in obj.items() if k not in ("config",)}
+    if study == "shift-family" and isinstance(obj, dict):  # both are in family_table.csv and shift.csv next to it
+        return {k: v for k, v in obj.items() if k not in ("methods", "family_table")}
     return obj
 
 
@@ -653,6 +660,31 @@ def block_family(r: _Results) -> str:
             out += ["", "Batch version (SGD) minus exact solver, worst-case reward: " + "; ".join(
                 f"{e} {w.loc[a, 'worst_reward_mean'] - w.loc[e, 'worst_reward_mean']:+.3f} (||theta|| "
                 f"{w.loc[e, 'theta_norm_mean']:.2f} -> {w.loc[a, 'theta_norm_mean']:.2f})" for e, a in pairs) + "."]
+    if isinstance(s.get("seconds"), (int, float)):
+        out += ["", f"Wall time of the committed run (as recorded in its summary; shared 2-core machine, `nice`): "
+                    f"{s['seconds'] / 60:.1f} min."]
+    g = r.json("gradients-family/summary.json")
+    if g is not None and "family_batch_bias_smallest_batch" in g:
+        fb = r.csv("gradients-family/family_batch.csv")
+        bmax = int(fb.batch_size.max()) if fb is not None else None
+        se = g.get("family_batch_mc_se_smallest_batch", {})
+        sd = g.get("family_sgd_endpoint_error_sd", {})
+        gs = g.get("stated", {})
+        par = (f"chi2/CVaR at {_f(gs.get('radius_frac'), 'g')} of each collapse threshold, rDPO/cDPO eps = "
+               f"{_f(gs.get('family_eps'), 'g')}, Dr.DPO beta' = {_f(gs.get('beta_prime'), 'g')}, "
+               f"group DPO's groups = the {gs.get('groups', '?')}") if gs else "parameters not recorded"
+        out += ["", f"Gradient level (`{STUDY_FILES['gradients-family'][2]}`: P° of the gradient study's "
+                    f"{gs.get('instances', '')} instances, {par}; "
+                    f"{_src(r, 'gradients-family', 'summary.json')}): relative bias `||E g_b - g*|| / ||g*||` of the "
+                    f"batch gradient at b = {g['family_batch_size_smallest']} (Monte-Carlo s.e.) "
+                    + "; ".join(f"{m} {v:.3f} ({se.get(m, float('nan')):.3f})"
+                                for m, v in g["family_batch_bias_smallest_batch"].items())
+                    + (f"; at b = {bmax}: " + "; ".join(f"{m} {v:.3f}" for m, v in
+                                                        g.get("family_batch_bias_largest_batch", {}).items())
+                       if bmax else "")
+                    + ". SGD with the batch gradient, `||theta_SGD - theta_exact||` (mean ± sd): "
+                    + "; ".join(f"{m} {v:.3f} ± {sd.get(m, 0.0):.3f}" for m, v in g["family_sgd_endpoint_error"].items())
+                    + f" (DPO's SGD error on the same batches: {g['family_sgd_dpo_floor']:.3f})."]
     return "\n".join(out)
 
 
@@ -883,6 +915,14 @@ def regenerate_figures(root: str | Path = ".", results_dir: str | Path | None = 
         out += plot_shift_family(fam, figdir, name="shift_family", stated=stated)
     else:
         log("[skip] shift_family: table not committed")
+    gfam = {k: r.csv(f"gradients-family/{k}.csv") for k in ("family_batch", "family_sgd")}
+    gfam = {k: v for k, v in gfam.items() if v is not None}
+    if gfam:  # drdpo gradients --family
+        from .plots_approx import plot_family_gradients
+
+        out += plot_family_gradients(gfam, figdir)
+    else:
+        log("[skip] gradients_family: tables not committed")
     from .llm.shift.pipeline import plot_shift
 
     from_docs = None

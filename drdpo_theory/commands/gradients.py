@@ -101,6 +101,9 @@ def run(args) -> int:
     summary["seconds"] = time.perf_counter() - t0
     summary["quick"] = bool(args.quick)
     summary["config_key"] = cfg.key(family=family)
+    if family:  # the stated parameters (experiments.gradients.family_params)
+        summary["stated"] = {"radius_frac": cfg.sgd_frac, "family_eps": cfg.family_eps, "beta_prime": cfg.beta_prime,
+                             "instances": len(cfg.instances), "groups": "prompts"}
     if out:
         from ..io import write_json
 

@@ -271,7 +271,8 @@ def train_methods(data: PreferenceData, cfg: ShiftConfig, seed: int, groups=None
 
     ``info`` holds the radii, ``tau``/``rho0`` used and each exact solver's status; with family
     methods also their parameters (``rho_chi2``, ``alpha_cvar``, ``eps_rdpo``, ``eps_cdpo``,
-    ``beta_prime``, ``group1_share``) and, under ``"_objectives"``, each exact family solver's objective.
+    ``beta_prime``, ``group1_share``) and, under ``"_objectives"`` and ``"_params"``, each exact family
+    solver's objective and each member's keyword arguments (popped by the caller before ``info`` becomes columns).
     ``groups``: (n,) label sources of ``data`` (groupdpo).
     """
     from ..solvers.dpo import solve_dpo
@@ -337,6 +338,7 @@ def _train_family(data, cfg: ShiftConfig, groups, thetas: dict, info: dict, sgd:
                 beta_prime=params["dr_dpo"]["beta_prime"],
                 group1_share=float(np.mean(groups == 1)) if groups is not None else float("nan"))
     objectives = info.setdefault("_objectives", {})
+    info["_params"] = params
     beta, B = cfg.beta, cfg.radius
     for m in cfg.methods:
         if m not in FAMILY_METHODS:
@@ -379,8 +381,7 @@ def _seed_cell(cfg: ShiftConfig, world: ShiftWorld, seed: int) -> pd.DataFrame:
         data = world.sample(cfg.alpha0, cfg.n_train, seed)
     thetas, info = train_methods(data, cfg, seed, groups=groups)
     objectives = info.pop("_objectives", {})
-    params = family_member_params(data, cfg, groups if groups is not None else np.zeros(data.n, np.int64)) \
-        if cfg.has_family else {}
+    params = info.pop("_params", {})
     parts = []
     for m in cfg.methods:
         th = thetas[m]
