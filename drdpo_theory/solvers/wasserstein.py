@@ -822,16 +822,26 @@ def _check_all(data, beta, radius, eps, kappa, p=1):
 
 
 def _continuous_result(theta, data, beta, radius, eps, kappa, solver, seconds, info, alpha_candidates=(),
-                       snap=True, polish=False):
+                       snap=True, polish=False, snap_first=False):
     """Exact value, certificate and worst case at ``theta`` (``alpha_candidates``: flip fractions, (n,)).
 
     ``snap``: a ``theta`` within ``1e-6 B`` of ``theta_ref`` is also certified at ``theta_ref`` itself,
     and the better certificate is returned. ``polish`` (finite ``kappa``): the flip fractions of
-    :func:`_polish_flip_fraction` at ``theta`` are tried first."""
+    :func:`_polish_flip_fraction` at ``theta`` are tried first. ``snap_first`` (finite ``kappa``, a solver
+    that stopped near ``theta_ref`` on its way to a collapsed optimum): ``theta_ref`` within ``1e-3 B``
+    is certified first and returned if certified (the certificate at such a ``theta``, near the kink of
+    the norm term, is the expensive one)."""
     theta = np.asarray(theta, float)
     nt = np.linalg.norm(theta)
     if nt > radius:
         theta = theta * (radius / nt)
+    dist_ref = float(np.linalg.norm(theta - data.theta_ref))
+    if snap_first and math.isfinite(kappa) and 0 < dist_ref <= 1e-3 * max(1.0, radius):
+        snapped = _continuous_result(data.theta_ref, data, beta, radius, eps, kappa, solver, seconds, info,
+                                     snap=False)
+        if snapped.duality_gap <= CERTIFIED_GAP:
+            snapped.info["snapped_to_theta_ref"] = True
+            return snapped
     inner = wdpo_inner_continuous(theta, data, beta, eps, kappa)
     if polish and math.isfinite(kappa):
         alpha_candidates = (_polish_flip_fraction(theta, data, beta, radius, eps, kappa, inner), *alpha_candidates)
@@ -897,6 +907,9 @@ TR_TOL = 1e-12
 #: one more pass over the data, only confirms. The certificate decides; if it fails, the solver resumes
 #: with ``early = 0`` before any fallback.
 TR_EARLY = 1e-10
+#: ... or, on the full data, near theta_ref (within TR_APEX max(1, B), where the certificate also tries
+#: theta_ref) when the window caps the region: the crawl to a collapsed optimum (resumed if not certified).
+TR_APEX = 1e-3
 #: The inner barrier path ends at this mu (its centre is then within ~ (2 m + 4) mu of the model optimum).
 TR_MU_FINAL = 1e-12
 #: The inner barrier parameter is divided by this per stage.
@@ -1136,7 +1149,8 @@ def _model_crossover(model: _TrustModel, y, radius: float):
 
 
 def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: float, kappa: float, theta0,
-                     max_outer: int = 50, tol: float = TR_TOL, confirm: bool = True, early: float = 0.0):
+                     max_outer: int = 50, tol: float = TR_TOL, confirm: bool = True, early: float = 0.0,
+                     apex: bool = False):
     """Trust-region Newton on ``min_{theta, lam} lam eps + sum_i w_i [l_i + (t_i - lam kappa)_+]``
     s.t. ``lam >= beta ||theta - theta_ref||``, ``||theta|| <= B`` (section 8).
 
@@ -1146,10 +1160,16 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
     the ratio of actual to predicted decrease. ``confirm``: before stopping on a promised decrease
     ``<= tol``, re-solve the model along the full barrier path (whose bias might hide a decrease);
     a warm start needs no such confirmation. ``early`` > 0: stop right after an accepted step (ratio
-    > 0.75) that promised at most ``early`` (``TR_EARLY``). Returns ``(theta, lam, outer, inner, message)``.
+    > 0.75) that promised at most ``early`` (``TR_EARLY``). ``apex``: stop once an accepted step, its region
+    capped by the window, lands within ``TR_APEX max(1, B)`` of ``theta_ref`` (collapsed optima are
+    approached in ever shorter steps: every margin and ``lam kappa`` tend to 0 there, all flip terms
+    crowd into the window; the certificate tries ``theta_ref`` itself from that distance).
+    Returns ``(theta, lam, outer, inner, message)``.
     """
     d, w, tr = data.d, data.weights, data.theta_ref
     max_window = _max_window(data.n)
+    capped = False
+    apex_tol = TR_APEX * max(1.0, radius) if apex else -1.0
     UT = np.empty((d, data.n))  # beta u_i as columns: the sums over the data are (d, n) products
     np.multiply(data.x.T, beta * signed_labels(data.y), out=UT)
     flips = math.isfinite(kappa)  # kappa = inf: no flip terms, the model is smooth but for the cone
@@ -1199,7 +1219,8 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
             with np.errstate(invalid="ignore"):  # z_i = 0 and s_i = 0: nan, in neither set below
                 ratio = np.abs(s) * inv_z  # how far each flip term is from its kink, in step length
             inside = ratio <= r
-            if np.count_nonzero(inside) > max_window:  # keep the window small: shrink the region
+            capped = np.count_nonzero(inside) > max_window
+            if capped:  # keep the window small: shrink the region
                 r = float(np.partition(ratio, max_window)[max_window]) * (1 - 1e-12)
                 inside = ratio <= r
             win = np.flatnonzero(inside)
@@ -1242,6 +1263,9 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
             last_step, last_pred = step, pred
             if rho > 0.75 and pred <= early:
                 message = f"accepted a step promising {pred:.3g} <= {early:g}"
+                break
+            if capped and float(np.linalg.norm(theta - tr)) <= apex_tol:
+                message = f"near theta_ref (<= {apex_tol:.3g}) with the region capped by the window"
                 break
         if rho < 0.25:
             r = step / 4.0
@@ -1385,7 +1409,8 @@ def _trust_region_solve(data: PreferenceData, beta: float, radius: float, eps: f
                                                      confirm=False, early=TR_SUBSAMPLE_EARLY)
         info.update(subsample=start.n, subsample_outer=info.get("subsample_outer", 0) + outer,
                     subsample_inner=info.get("subsample_inner", 0) + inner)
-    theta, lam, outer, inner, message = _trust_region_w1(data, beta, radius, eps, kappa, theta, early=TR_EARLY)
+    theta, lam, outer, inner, message = _trust_region_w1(data, beta, radius, eps, kappa, theta, early=TR_EARLY,
+                                                         apex=True)
     info.update(iterations=outer, inner_iterations=inner, message=message)
     return theta, None, info
 @single_blas_thread
@@ -1429,10 +1454,11 @@ def solve_wdpo_continuous_native(
         if res is None or not res.optimal:
             theta, alpha, info = _trust_region_solve(data, beta, radius, eps, kappa)
             res_tr = _continuous_result(theta, data, beta, radius, eps, kappa, "native-trust-region", tm.elapsed,
-                                        info, (alpha,) if alpha is not None else (), polish=True)
+                                        info, (alpha,) if alpha is not None else (), polish=True,
+                                        snap_first=str(info.get("message", "")).startswith("near theta_ref"))
             tries.append(f"native-trust-region: gap {res_tr.duality_gap:.3g} ({info.get('message')})")
-            if not res_tr.optimal and str(info.get("message", "")).startswith("accepted a step"):
-                # stopped early (TR_EARLY) but not certified: resume to the model-decrease test
+            if not res_tr.optimal and str(info.get("message", "")).startswith(("accepted a step", "near theta_ref")):
+                # stopped early (TR_EARLY, TR_APEX) but not certified: resume to the model-decrease test
                 theta, _, outer, inner, message = _trust_region_w1(data, beta, radius, eps, kappa, res_tr.theta)
                 info = {**info, "resumed_iterations": outer, "resumed_inner_iterations": inner, "message": message}
                 res_re = _continuous_result(theta, data, beta, radius, eps, kappa, "native-trust-region", tm.elapsed,
