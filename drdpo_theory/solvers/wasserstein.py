@@ -897,6 +897,12 @@ TR_MAX_WINDOW = 2048
 TR_WINDOW_N = 100_000
 
 
+#: After this many consecutive good steps (ratio > 0.75) whose region the window capped, the cap doubles,
+#: up to TR_WINDOW_GROWTH_MAX times its start (a long valley, e.g. kappa = 0.5 at n = 1e5: 25 steps of 0.004).
+TR_WINDOW_RUN = 3
+TR_WINDOW_GROWTH_MAX = 8
+
+
 def _max_window(n: int) -> int:
     """How many flip terms the trust model keeps exact at most, for ``n`` tuples."""
     return max(TR_MAX_WINDOW, int(TR_MAX_WINDOW * math.sqrt(n / TR_WINDOW_N)))
@@ -1167,8 +1173,8 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
     Returns ``(theta, lam, outer, inner, message)``.
     """
     d, w, tr = data.d, data.weights, data.theta_ref
-    max_window = _max_window(data.n)
-    capped = False
+    max_window = base_window = _max_window(data.n)
+    capped, capped_run = False, 0
     apex_tol = TR_APEX * max(1.0, radius) if apex else -1.0
     UT = np.empty((d, data.n))  # beta u_i as columns: the sums over the data are (d, n) products
     np.multiply(data.x.T, beta * signed_labels(data.y), out=UT)
@@ -1264,6 +1270,10 @@ def _trust_region_w1(data: PreferenceData, beta: float, radius: float, eps: floa
             if rho > 0.75 and pred <= early:
                 message = f"accepted a step promising {pred:.3g} <= {early:g}"
                 break
+            # a run of good steps all limited by the window: a larger window (longer steps, dearer models)
+            capped_run = capped_run + 1 if (capped and rho > 0.75) else 0
+            if capped_run >= TR_WINDOW_RUN and max_window < TR_WINDOW_GROWTH_MAX * base_window:
+                max_window, capped_run = 2 * max_window, 0
             if capped and float(np.linalg.norm(theta - tr)) <= apex_tol:
                 message = f"near theta_ref (<= {apex_tol:.3g}) with the region capped by the window"
                 break
