@@ -1380,9 +1380,9 @@ def _polish_flip_fraction(theta, data: PreferenceData, beta: float, radius: floa
 
 #: Above ``2 * TR_SUBSAMPLE`` tuples, the trust-region method is first run on a seeded subsample of
 #: this size (a warm start; the answer and its certificate come from the full data), then on nested
-#: subsamples TR_SUBSAMPLE_GROWTH times larger while they hold less than half the data. (n = 1e5, d = 8:
-#: 8192 left 4 full-data outer steps where 4096 left 7, the statistical distance of the warm start
-#: being ~1/sqrt(size) and each step limited to the window.)
+#: subsamples TR_SUBSAMPLE_GROWTH times larger while they hold less than half the data. The statistical
+#: distance of a warm start is ~1/sqrt(size) and each full-data step is limited by the window: at n = 1e5,
+#: d = 8 (4096, then 32768) left 3-5 full-data outer steps over 6 seeds where one 4096 subsample left 5-8.
 TR_SUBSAMPLE = 4096
 TR_SUBSAMPLE_GROWTH = 8
 #: The subsample's trust-region iteration stops when the model promises less than this.
@@ -1393,7 +1393,7 @@ TR_SUBSAMPLE_EARLY = 1e-4
 
 
 def _trust_region_solve(data: PreferenceData, beta: float, radius: float, eps: float, kappa: float):
-    """Warm start (DPO, then a subsample for large ``n``) and :func:`_trust_region_w1` on the data.
+    """Warm start (DPO, then nested subsamples for large ``n``) and :func:`_trust_region_w1` on the data.
 
     Returns ``(theta (d,), alpha, info)``; ``alpha`` (n,): extra flip fractions for the certificate, or
     None (the certificate polishes its own at ``theta``, :func:`_polish_flip_fraction`).
@@ -1443,7 +1443,7 @@ def solve_wdpo_continuous_native(
       (``_newton.newton_ball``) starts at the DPO solution, rejecting trial points at ``theta_ref``.
     * finite ``kappa`` (and ``kappa = inf`` when Newton does not certify, e.g. just below the
       collapse radius where the minimiser is close to the kink at ``theta_ref``): the trust-region
-      Newton method of section 8 (:func:`_trust_region_w1`), warm-started on a subsample for large
+      Newton method of section 8 (:func:`_trust_region_w1`), warm-started on nested subsamples for large
       ``n``; the certificate uses the flip fractions of the ties re-solved at the returned ``theta``.
 
     Every answer is certified in numpy (section 5). When no native answer reaches ``CERTIFIED_GAP``
