@@ -55,6 +55,7 @@ FAMILY_METHOD_LABELS = {
     "chi2_batch_sgd": ("χ²-DPO batch worst case (SGD)", "#e31a1c", (0, (4, 3)), "h"),
     "cvar_batch_sgd": ("CVaR-DPO batch worst case (SGD)", "#ff7f00", (0, (4, 3)), "p"),
     "group_batch_sgd": ("group DPO batch worst group (SGD)", "#6a3d9a", (0, (4, 3)), "*"),
+    "group_eg_sgd": ("group DPO online EG weights (SGD)", "#6a3d9a", (0, (1, 1.5)), "*"),
     "rdpo_sgd": ("rDPO (SGD)", "#b15928", (0, (4, 3)), "d"),
     "cdpo_sgd": ("cDPO (SGD)", "#737373", (0, (4, 3)), "X"),
     "dr_dpo_batch_sgd": ("Dr.DPO batch soft-min (SGD)", "#17becf", (0, (4, 3)), "8"),
@@ -64,6 +65,7 @@ FAMILY_METHOD_LABELS = {
 FAMILY_MEMBER_LABELS = {m: (FAMILY_METHOD_LABELS[m][0].replace(" (exact)", "").replace(" (local solver)", "")
                             .replace(", groups = label source", ""), FAMILY_METHOD_LABELS[m][1])
                         for m in ("chi2dpo", "cvardpo", "groupdpo", "rdpo", "cdpo", "dr_dpo")}
+FAMILY_MEMBER_LABELS["groupdpo_eg"] = ("group DPO, EG weights", "#cab2d6")
 
 #: distinct colours for the radius fractions rho/rho_c (qualitative, colour-blind safe)
 _FRAC_COLORS = ["#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00"]
@@ -374,6 +376,8 @@ def plot_shift_family(shift: pd.DataFrame, out_dir="figures", name="shift_family
     worst-case reward over alpha (per seed, then mean ± s.e. over seeds), sorted, DPO's marked.
     ``stated``: a line with the radii (drawn under the title). Legend below the panels, takeaway as title.
     """
+    import textwrap
+
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 6.2), gridspec_kw={"width_ratios": [1.25, 1]})
     alpha0 = float(shift.alpha0.iloc[0])
@@ -413,7 +417,8 @@ def plot_shift_family(shift: pd.DataFrame, out_dir="figures", name="shift_family
     ax2.set_title("filled: exact solver, hollow: SGD; dashed line: DPO (exact)", fontsize=8.5)
     n_seeds = runs.seed.nunique()
     fig.suptitle(f"Robust preference-optimisation family under the label-mixture shift, mean ± s.e. over {n_seeds} "
-                 f"seeds\n{_family_takeaway(worst, norms)}" + (f"\n{stated}" if stated else ""), fontsize=10)
+                 f"seeds\n{_family_takeaway(worst, norms)}" + (f"\n{textwrap.fill(stated, 150)}" if stated else ""),
+                 fontsize=10)
     handles, labels = ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=4, fontsize=7.5, frameon=False)
     fig.tight_layout()
@@ -452,16 +457,21 @@ def plot_family_gradients(res: dict, out_dir="figures", name="gradients_family")
         floor = float(fs.drop_duplicates(["instance", "sgd_seed"]).dpo_err.mean())
         ax2.axhline(floor, color="0.3", ls="--", lw=1, label=f"DPO SGD noise floor ({floor:.3f})")
         ax2.set_xticks(x)
-        ax2.set_xticklabels([FAMILY_MEMBER_LABELS.get(m, (m,))[0] for m in mean.index], rotation=20, fontsize=8)
+        ax2.set_xticklabels([FAMILY_MEMBER_LABELS.get(m, (m,))[0] for m in mean.index], rotation=30, ha="right",
+                            fontsize=8)
         ax2.set_yscale("log")
         ax2.set_ylabel("‖θ_SGD − θ_exact‖ (parameter units)")
-        ax2.set_xlabel("family member, SGD with its batch gradient")
+        ax2.set_xlabel("family member, SGD with its batch gradient (group DPO: batch worst group; EG: online weights)")
         ax2.grid(True, axis="y", which="both", alpha=0.25)
     title = "Robust family: batch gradients against the exact ones (group DPO: groups = prompts)"
     if worst is not None:
         b0 = int(fb.batch_size.min())
         title += (f"\nlargest bias at b = {b0}: {FAMILY_MEMBER_LABELS.get(worst, (worst,))[0]} "
                   f"({agg.xs(b0, level=1).bias[worst]:.2f}); rDPO/cDPO are per-pair losses, unbiased up to Monte-Carlo error")
+    if fs is not None and {"groupdpo", "groupdpo_eg"} <= set(fs.member):
+        e = fs.groupby("member").err.mean()
+        title += (f"\nSGD end-point error, group DPO: batch worst group {e['groupdpo']:.3f}, online EG weights "
+                  f"{e['groupdpo_eg']:.3f} (DPO's SGD noise floor {fs.drop_duplicates(['instance', 'sgd_seed']).dpo_err.mean():.3f})")
     fig.suptitle(title, fontsize=10)
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()

@@ -654,11 +654,12 @@ def block_family(r: _Results) -> str:
                      f"from pi_ref can exceed it")
         out += ["", line + "."]
         pairs = [(e, a) for a, e in (("chi2_batch_sgd", "chi2dpo"), ("cvar_batch_sgd", "cvardpo"),
-                                     ("group_batch_sgd", "groupdpo"), ("rdpo_sgd", "rdpo"), ("cdpo_sgd", "cdpo"),
-                                     ("dr_dpo_batch_sgd", "dr_dpo")) if a in w.index and e in w.index]
+                                     ("group_batch_sgd", "groupdpo"), ("group_eg_sgd", "groupdpo"), ("rdpo_sgd", "rdpo"),
+                                     ("cdpo_sgd", "cdpo"), ("dr_dpo_batch_sgd", "dr_dpo"))
+                 if a in w.index and e in w.index]
         if pairs:
             out += ["", "Batch version (SGD) minus exact solver, worst-case reward: " + "; ".join(
-                f"{e} {w.loc[a, 'worst_reward_mean'] - w.loc[e, 'worst_reward_mean']:+.3f} (||theta|| "
+                f"{w.loc[a, 'description']} {w.loc[a, 'worst_reward_mean'] - w.loc[e, 'worst_reward_mean']:+.3f} (||theta|| "
                 f"{w.loc[e, 'theta_norm_mean']:.2f} -> {w.loc[a, 'theta_norm_mean']:.2f})" for e, a in pairs) + "."]
     if isinstance(s.get("seconds"), (int, float)):
         out += ["", f"Wall time of the committed run (as recorded in its summary; shared 2-core machine, `nice`): "
@@ -672,7 +673,9 @@ def block_family(r: _Results) -> str:
         gs = g.get("stated", {})
         par = (f"chi2/CVaR at {_f(gs.get('radius_frac'), 'g')} of each collapse threshold, rDPO/cDPO eps = "
                f"{_f(gs.get('family_eps'), 'g')}, Dr.DPO beta' = {_f(gs.get('beta_prime'), 'g')}, "
-               f"group DPO's groups = the {gs.get('groups', '?')}") if gs else "parameters not recorded"
+               f"group DPO's groups = the {gs.get('groups', '?')}"
+               + (f" (groupdpo_eg: online EG weights, step {gs['group_step']:g})" if "group_step" in gs else "")) \
+            if gs else "parameters not recorded"
         out += ["", f"Gradient level (`{STUDY_FILES['gradients-family'][2]}`: P° of the gradient study's "
                     f"{gs.get('instances', '')} instances, {par}; "
                     f"{_src(r, 'gradients-family', 'summary.json')}): relative bias `||E g_b - g*|| / ||g*||` of the "

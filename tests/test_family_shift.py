@@ -111,7 +111,7 @@ def test_family_sgd_table_targets_are_the_certified_optima(instance):
     convex = t[t.member != "dr_dpo"]
     assert (convex.excess >= -1e-9).all()  # the exact optimum is a lower bound for every end point
     s = G.summarize({"family_sgd": t})
-    assert set(s["family_sgd_endpoint_error"]) == set(EXACT)
+    assert set(s["family_sgd_endpoint_error"]) == set(EXACT) | {"groupdpo_eg"}  # + group DPO's online EG weights
 
 
 # ----------------------------------------------------------------------------- the shift world
@@ -293,7 +293,28 @@ def test_gradients_family_cli(monkeypatch, tmp_path, capsys):
     assert main(["gradients", "--family", "--quick", "--json", "--out", str(tmp_path)]) == 0
     s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(s["family_batch_bias_smallest_batch"]) == set(EXACT)
-    assert set(s["family_sgd_endpoint_error"]) == set(EXACT)
+    assert set(s["family_sgd_endpoint_error"]) == set(EXACT) | {"groupdpo_eg"}
     assert (tmp_path / "family_batch.csv").is_file() and (tmp_path / "family_sgd.csv").is_file()
     assert [Path(p).name for p in s["figures"]] == ["gradients_family.png", "gradients_family.pdf"]
     assert not (tmp_path / "kl_tau.csv").exists()  # --family runs the family tables only
+
+
+def test_numpy_group_eg_equals_the_torch_trainers_state():
+    """`GroupEG` (the log-linear SGD) and `llm.family.GroupEGState` (the torch trainer) take the same
+    steps: same weights q after a sequence of batches, same per-pair multipliers."""
+    torch = pytest.importorskip("torch")
+    from drdpo_theory.llm.family import GroupEGState
+
+    rng = np.random.default_rng(7)
+    labels = np.array([3, 5, 9])
+    ours, theirs = G.GroupEG(labels, step=0.3), GroupEGState(labels, step=0.3)
+    for k in range(6):
+        n = 12
+        l = rng.exponential(0.8, n)
+        g = rng.choice(labels[: 2 + (k % 2)], n)  # some batches miss a group
+        w = np.full(n, 1 / n)
+        q = ours.pair_weights(l, w, g)
+        m, value, _ = theirs.multipliers(torch.as_tensor(l), torch.as_tensor(g), gather=False)
+        assert_allclose(q * n, m.numpy(), rtol=1e-12, atol=1e-15)
+        assert_allclose(q @ l, value, rtol=1e-12)
+        assert_allclose(ours.q, theirs.q, rtol=1e-12)

@@ -103,6 +103,7 @@ def run(args) -> int:
     summary["config_key"] = cfg.key(family=family)
     if family:  # the stated parameters (experiments.gradients.family_params)
         summary["stated"] = {"radius_frac": cfg.sgd_frac, "family_eps": cfg.family_eps, "beta_prime": cfg.beta_prime,
+                             "group_step": cfg.group_step,
                              "instances": len(cfg.instances), "groups": "prompts"}
     if out:
         from ..io import write_json

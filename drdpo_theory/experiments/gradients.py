@@ -67,6 +67,7 @@ __all__ = [
     "family_grad",
     "family_objective",
     "family_params",
+    "GroupEG",
     "family_batch_table",
     "family_sgd_table",
     "FAMILY_TABLES",
@@ -120,6 +121,8 @@ class GradientStudyConfig:
     """family tables: rdpo's flip rate and cdpo's label smoothing."""
     beta_prime: float = 1.0
     """family tables: Dr.DPO's temperature ``beta'``."""
+    group_step: float = 0.01
+    """family tables: the EG step of group DPO's online group weights (the torch trainer's default)."""
 
     @classmethod
     def quick(cls) -> "GradientStudyConfig":
@@ -140,7 +143,7 @@ class GradientStudyConfig:
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
-_FAMILY_FIELDS = ("family_eps", "beta_prime")
+_FAMILY_FIELDS = ("family_eps", "beta_prime", "group_step")
 
 
 @dataclass
@@ -638,6 +641,43 @@ def family_grad(method: str, theta, batch: PreferenceData, beta: float, *, rho: 
     return q @ G
 
 
+class GroupEG:
+    """Online exponentiated-gradient group weights of group DPO (Ramesh et al. 2024), in numpy: the
+    update of ``drdpo_theory.llm.family.GroupEGState`` (the torch trainer's default for groupdpo).
+
+    ``q`` is a distribution over ``labels`` kept across steps. :meth:`grad` on a batch with per-pair
+    ``groups``: with ``L_g`` the batch's weighted mean loss of each group present, first
+    ``q_g <- q_g exp(step L_g)`` for the present groups and renormalise; then the gradient of
+    ``sum_{g present} q_g L_g / sum_{g present} q_g`` with ``q`` held fixed.
+    """
+
+    def __init__(self, labels, step: float = 0.01):
+        self.labels = np.unique(np.asarray(labels, dtype=np.int64))
+        if not (math.isfinite(step) and step > 0):
+            raise ValueError(f"the EG step must be a finite number > 0, got {step!r}")
+        self.step = float(step)
+        self.q = np.full(self.labels.size, 1.0 / self.labels.size)
+
+    def pair_weights(self, losses, weights, groups) -> np.ndarray:
+        """EG update on these losses, then the per-pair distribution (n,) of the weighted group mean."""
+        l, p = np.asarray(losses, float), np.asarray(weights, float)
+        idx = np.searchsorted(self.labels, np.asarray(groups, dtype=np.int64))
+        mass = np.bincount(idx, weights=p, minlength=self.labels.size)
+        present = mass > 0
+        L = np.zeros(self.labels.size)
+        L[present] = np.bincount(idx, weights=p * l, minlength=self.labels.size)[present] / mass[present]
+        a = np.log(self.q) + self.step * np.where(present, L, 0.0)
+        e = np.exp(a - a.max())
+        self.q = e / e.sum()
+        pi = np.where(present, self.q, 0.0)
+        pi = pi / pi.sum()
+        return pi[idx] * p / np.where(present, mass, 1.0)[idx]
+
+    def grad(self, theta, batch: PreferenceData, beta: float, groups) -> np.ndarray:
+        q = self.pair_weights(A.batch_losses(theta, batch, beta), batch.weights, groups)
+        return q @ dpo_grad(theta, batch.x, batch.y, beta, batch.theta_ref)
+
+
 def family_objective(method: str, theta, data: PreferenceData, beta: float, **params) -> float:
     """The member's exact objective at ``theta`` (``drdpo_theory.solvers.family.<method>_objective``)."""
     from ..solvers import family as F
@@ -724,7 +764,9 @@ def family_sgd_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
 
     ``err = ||theta_SGD - theta_exact||``, ``excess`` = exact objective at the end point minus the
     solver's objective, ``dpo_err`` the DPO SGD error on the same batches (the noise floor, as the
-    ``dpo`` row of :func:`sgd_table`), ``status`` the exact solver's status.
+    ``dpo`` row of :func:`sgd_table`), ``status`` the exact solver's status. ``groupdpo_eg``: group DPO
+    trained with the online exponentiated-gradient group weights (:class:`GroupEG`, step ``cfg.group_step``)
+    instead of the batch's worst group, against the same optimum.
     """
     from ..solvers import solve
     from ..solvers.dpo import solve_dpo
@@ -745,12 +787,21 @@ def family_sgd_table(inst: Instance, cfg: GradientStudyConfig) -> pd.DataFrame:
         def grad(t, b, i, m=m, kw=kw):
             return family_grad(m, t, b, beta, **{**kw, **({"groups": kw["groups"][i]} if m == "groupdpo" else {})})
 
-        for seed in cfg.sgd_seeds:
-            th = run_sgd(grad, data, B, seed=1000 * inst.seed + seed, pass_index=True, **sgd)
-            rows.append(dict(sgd_seed=seed, member=m, status=r.status, err=float(np.linalg.norm(th - r.theta)),
-                             excess=family_objective(m, th, data, beta, **kw) - r.objective,
-                             target_dist_to_dpo=float(np.linalg.norm(r.theta - th_dpo)), dpo_err=dpo_err[seed],
-                             **_scalar_params(kw)))
+        variants = [(m, grad)]
+        if m == "groupdpo":  # also the online EG weights of Ramesh et al. (stateful: one state per SGD run)
+            variants.append(("groupdpo_eg", None))
+        for name, fn in variants:
+            for seed in cfg.sgd_seeds:
+                if fn is None:
+                    eg = GroupEG(kw["groups"], cfg.group_step)
+                    fn_s = (lambda t, b, i, eg=eg, kw=kw: eg.grad(t, b, beta, kw["groups"][i]))
+                else:
+                    fn_s = fn
+                th = run_sgd(fn_s, data, B, seed=1000 * inst.seed + seed, pass_index=True, **sgd)
+                rows.append(dict(sgd_seed=seed, member=name, status=r.status, err=float(np.linalg.norm(th - r.theta)),
+                                 excess=family_objective(m, th, data, beta, **kw) - r.objective,
+                                 target_dist_to_dpo=float(np.linalg.norm(r.theta - th_dpo)), dpo_err=dpo_err[seed],
+                                 **_scalar_params(kw)))
     return _tag(pd.DataFrame(rows), inst)
 
 

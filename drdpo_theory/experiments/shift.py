@@ -28,7 +28,8 @@ chi2dpo at ``rho = radius_frac rho_c`` (its collapse radius), cvardpo at ``alpha
 source** (group 1: the label was drawn from population 1, reward ``r_1``; group 2: from population 2),
 rdpo with flip rate ``family_eps``, cdpo with label smoothing ``family_eps``, dr_dpo with ``beta'``
 (its local solution), and each one's batch version trained by the same SGD
-(:func:`drdpo_theory.experiments.gradients.family_grad` on the mini-batch). The label source is
+(:func:`drdpo_theory.experiments.gradients.family_grad` on the mini-batch), plus group DPO with the
+online exponentiated-gradient group weights of Ramesh et al. (``group_eg_sgd``, step ``group_step``). The label source is
 drawn from its posterior given the pair and the label, from a generator of its own
 (:meth:`ShiftWorld.sample_with_source`), so the training sets are those of the other methods.
 Family rows carry ``theta_0..theta_{d-1}``, ``objective`` (the exact solver's value, NaN for SGD)
@@ -82,6 +83,7 @@ FAMILY_METHODS = {
     "chi2_batch_sgd": ("sgd", "chi2-DPO batch worst case (SGD)"),
     "cvar_batch_sgd": ("sgd", "CVaR-DPO batch worst case (SGD)"),
     "group_batch_sgd": ("sgd", "group DPO batch worst group (SGD)"),
+    "group_eg_sgd": ("sgd", "group DPO online EG weights (SGD)"),
     "rdpo_sgd": ("sgd", "rDPO (SGD)"),
     "cdpo_sgd": ("sgd", "cDPO (SGD)"),
     "dr_dpo_batch_sgd": ("sgd", "Dr.DPO batch soft-min (SGD)"),
@@ -90,7 +92,7 @@ FAMILY_METHODS = {
 #: family method -> the member of :mod:`drdpo_theory.solvers.family` whose objective it minimises
 MEMBER_OF = {"chi2dpo": "chi2dpo", "cvardpo": "cvardpo", "groupdpo": "groupdpo", "rdpo": "rdpo", "cdpo": "cdpo",
              "dr_dpo": "dr_dpo", "chi2_batch_sgd": "chi2dpo", "cvar_batch_sgd": "cvardpo",
-             "group_batch_sgd": "groupdpo", "rdpo_sgd": "rdpo", "cdpo_sgd": "cdpo", "dr_dpo_batch_sgd": "dr_dpo"}
+             "group_batch_sgd": "groupdpo", "group_eg_sgd": "groupdpo", "rdpo_sgd": "rdpo", "cdpo_sgd": "cdpo", "dr_dpo_batch_sgd": "dr_dpo"}
 
 
 @dataclass(frozen=True)
@@ -125,6 +127,8 @@ class ShiftConfig:
     """family: rdpo's flip rate and cdpo's label smoothing."""
     beta_prime: float = 1.0
     """family: Dr.DPO's temperature ``beta'``."""
+    group_step: float = 0.01
+    """family: the EG step of group DPO's online group weights (``group_eg_sgd``; the torch trainer's default)."""
 
     def __post_init__(self):
         if self.mixture not in ("label", "reward"):
@@ -137,7 +141,7 @@ class ShiftConfig:
         if not 0.0 < self.radius_frac:
             raise ValueError("radius_frac must be > 0")
         if self.has_family:
-            if self.mixture != "label" and {"groupdpo", "group_batch_sgd"} & set(self.methods):
+            if self.mixture != "label" and {"groupdpo", "group_batch_sgd", "group_eg_sgd"} & set(self.methods):
                 raise ValueError("groupdpo's groups are the label sources of the label mixture; "
                                  "the reward mixture has one source (use --mixture label)")
             if not self.radius_frac <= 1.0:
@@ -147,6 +151,8 @@ class ShiftConfig:
                 raise ValueError(f"family_eps must be in [0, 0.5), got {self.family_eps}")
             if not self.beta_prime > 0:
                 raise ValueError(f"beta_prime must be > 0, got {self.beta_prime}")
+            if not (math.isfinite(self.group_step) and self.group_step > 0):
+                raise ValueError(f"group_step must be a finite number > 0, got {self.group_step}")
 
     @property
     def has_family(self) -> bool:
@@ -162,8 +168,8 @@ class ShiftConfig:
         run (so the other runs' cells kept their names)."""
         d = asdict(self)
         if not self.has_family:
-            d.pop("family_eps")
-            d.pop("beta_prime")
+            for k in ("family_eps", "beta_prime", "group_step"):
+                d.pop(k)
         return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -328,12 +334,12 @@ def family_member_params(data: PreferenceData, cfg: ShiftConfig, groups) -> dict
 
 def _train_family(data, cfg: ShiftConfig, groups, thetas: dict, info: dict, sgd: dict) -> None:
     from ..solvers import solve
-    from .gradients import family_grad
+    from .gradients import GroupEG, family_grad
 
-    if groups is None and {"groupdpo", "group_batch_sgd"} & set(cfg.methods):
+    if groups is None and {"groupdpo", "group_batch_sgd", "group_eg_sgd"} & set(cfg.methods):
         raise ValueError("groupdpo needs the label sources as groups (ShiftWorld.sample_with_source)")
     params = family_member_params(data, cfg, np.zeros(data.n, np.int64) if groups is None else groups)
-    info.update(rho_chi2=params["chi2dpo"]["rho"], alpha_cvar=params["cvardpo"]["alpha"],
+    info.update(rho_chi2=params["chi2dpo"]["rho"], alpha_cvar=params["cvardpo"]["alpha"], group_step=cfg.group_step,
                 eps_rdpo=params["rdpo"]["eps"], eps_cdpo=params["cdpo"]["eps"],
                 beta_prime=params["dr_dpo"]["beta_prime"],
                 group1_share=float(np.mean(groups == 1)) if groups is not None else float("nan"))
@@ -348,6 +354,11 @@ def _train_family(data, cfg: ShiftConfig, groups, thetas: dict, info: dict, sgd:
             r = solve(member, data, beta, B, **kw)
             thetas[m], info[f"status_{m}"] = r.theta, r.status
             objectives[m] = float(r.objective)
+        elif m == "group_eg_sgd":  # online EG group weights, one state for the run
+            eg = GroupEG(kw["groups"], cfg.group_step)
+            thetas[m] = run_sgd(lambda th, b, i, eg=eg, g=kw["groups"]: eg.grad(th, b, beta, g[i]), data, B,
+                                pass_index=True, **sgd)
+            info["group_eg_q1"] = float(eg.q[0])  # the final weight of source 1
         else:
             def grad(th, b, i, member=member, kw=kw):
                 extra = {"groups": kw["groups"][i]} if member == "groupdpo" else {}
@@ -517,6 +528,10 @@ def _parameter(m: str, g: pd.DataFrame, frac: float | None) -> tuple[str, float]
         return f"chi2 rho = {f} rho_c", mean("rho_chi2")
     if member == "cvardpo":
         return f"alpha = 1 - {f} (1 - alpha_c)", mean("alpha_cvar")
+    if m == "group_eg_sgd":
+        step = mean("group_step")
+        return (f"2 groups = label source, EG step {step:g} (value: final weight of source 1)",
+                mean("group_eg_q1"))
     if member == "groupdpo":
         return "2 groups = label source (value: share of source 1)", mean("group1_share")
     if member == "rdpo":
@@ -603,6 +618,7 @@ def summarize_family(res: pd.DataFrame, cfg: ShiftConfig) -> dict:
     base = summarize_shift(res)
     table = family_table(res, cfg.radius_frac)
     stated = {"radius_frac": cfg.radius_frac, "family_eps": cfg.family_eps, "beta_prime": cfg.beta_prime,
+              "group_step": cfg.group_step,
               "beta": cfg.beta, "ball_radius": cfg.radius,
               "n_train": cfg.n_train, "seeds": len(cfg.seeds), "sgd_steps": cfg.sgd_steps, "sgd_batch": cfg.sgd_batch,
               "groups": "label source (1: label from reward 1, 2: from reward 2)"}
@@ -617,5 +633,6 @@ def stated_line(stated: dict, alpha0: float | None = None) -> str:
     f = stated.get("radius_frac")
     line = (f"radii: KL, χ², W1, W2 at {f:g} × each training set's collapse radius; CVaR α = 1 − {f:g}(1 − α_c); "
             f"rDPO flip rate = cDPO smoothing ε = {stated.get('family_eps'):g}; Dr.DPO β′ = {stated.get('beta_prime'):g}; "
-            f"group DPO: 2 groups = label source; n = {stated.get('n_train')} pairs per seed")
+            f"group DPO: 2 groups = label source (EG step {stated.get('group_step', float('nan')):g}); "
+            f"n = {stated.get('n_train')} pairs per seed")
     return line + (f", trained at α₀ = {alpha0:g}" if alpha0 is not None else "")
