@@ -81,10 +81,15 @@ for _lora in (False, True):
         "trl-dpo" + _sfx: ("trl", "dpo", _lora, "TRL DPOTrainer, DPO" + _lab),
         "trl-kldpo" + _sfx: ("trl", "kldpo", _lora, "TRL adapter KLDPOTrainer" + _lab),
         "trl-wdpo" + _sfx: ("trl", "wdpo", _lora, "TRL adapter WDPOTrainer finite-diff" + _lab),
+        "trl-wdpo-fulllogits" + _sfx: ("trl", "wdpo", _lora,
+                                       "TRL adapter WDPOTrainer finite-diff, lm_head='full'" + _lab),
         "align-dpo" + _sfx: ("align", "dpo", _lora, "drdpo align DPO" + _lab),
         "align-kldpo" + _sfx: ("align", "kldpo", _lora, "drdpo align KLDPO" + _lab),
         "align-wdpo" + _sfx: ("align", "wdpo", _lora, "drdpo align WDPO finite-diff" + _lab),
     })
+
+#: adapter configurations run with the model's own logits instead of TRL's fused LM head (``lm_head="full"``)
+FULL_LOGITS = {"trl-wdpo-fulllogits", "trl-wdpo-fulllogits-lora"}
 
 COLUMNS = ("config", "path", "mode", "timed_steps", "s_per_step", "s_per_1k_padded_tokens", "vs_trl_dpo",
            "vs_path_dpo", "padded_tokens_per_step", "peak_rss_mib", "process_peak_rss_mib", "wall_s")
@@ -164,6 +169,7 @@ def _child_trl(spec: dict, out: Path) -> dict:
 
         base, kw = ((trl_adapter.KLDPOTrainer, dict(KLDPO)) if spec["method"] == "kldpo"
                     else (trl_adapter.WDPOTrainer, dict(WDPO)))
+        kw["lm_head"] = spec.get("lm_head", "fused")
     tokens: list[int] = []
     seconds: list[float] = []
     hwm: list[float | None] = [None]
@@ -264,7 +270,8 @@ def run_config(name: str, a, data: Path, work: Path) -> dict:
     d = work / name
     d.mkdir(parents=True, exist_ok=True)
     spec = dict(path=path, method=method, lora=lora, model=a.model, data=str(data), steps=a.steps,
-                batch_size=a.batch_size, max_length=a.max_length, lr=a.lr, beta=a.beta, threads=a.threads)
+                batch_size=a.batch_size, max_length=a.max_length, lr=a.lr, beta=a.beta, threads=a.threads,
+                lm_head="full" if name in FULL_LOGITS else "fused")
     (d / "spec.json").write_text(json.dumps(spec, indent=1))
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",

@@ -77,8 +77,13 @@ STUDY_FILES: dict[str, tuple[str, list[tuple[str, list[str] | None]], str]] = {
     "llm-shift-sweep": ("results/llm_shift", [("sweep_results.json", None)],
                         "drdpo llm-shift --model smollm2 --out runs/llm_shift --tau 0.1,1 --rho0 0.005,0.05 "
                         "--results-json results/llm_shift/sweep_results.json"),
-    "shift-map": ("results/shift_map", [("shift_map_compact.json", None), ("shift_map_best.csv", None)],
+    "shift-map": ("results/shift_map", [("shift_map_compact.json", None),
+                                        ("shift_map_best.csv", ["shift", "angle", "ratio", "n", "alpha", "method", "frac",
+                                                                "delta_reward", "delta_reward_lo", "delta_reward_hi",
+                                                                "wins"])],
                   "drdpo shift-map --n-jobs 2 --json"),
+    "shift-map-family": ("results/shift_map_family", [("shift_map_compact.json", None)],
+                         "drdpo shift-map --family --n-jobs 2 --json"),
     # benchmarks (drdpo_theory.report_bench): each script writes one JSON with --json
     **{name: ("results/bench", [(file, None)], cmd) for name, (file, cmd) in _bench.BENCH.items()},
 }

@@ -88,13 +88,15 @@ def trl_goals(rows: list[dict]) -> list[dict]:
                 if r.get("peak_rss_mib") and trl.get("peak_rss_mib"):
                     add(f"drdpo align {m.upper()} ({tag}) peak RSS <= TRL DPO's",
                         f"{r['peak_rss_mib']:.0f} vs {trl['peak_rss_mib']:.0f} MiB", r["peak_rss_mib"] <= trl["peak_rss_mib"])
-        tw, aw = by.get("trl-wdpo" + sfx), by.get("align-wdpo" + sfx)
-        if tw and aw:
-            x = tw["s_per_step"] / aw["s_per_step"]
-            add(f"TRL adapter WDPO ({tag}) <= 1.05x drdpo align WDPO s/step", f"{x:.2f}x", x <= 1.05)
-        if tw and trl and tw.get("peak_rss_mib") and trl.get("peak_rss_mib"):
-            x = tw["peak_rss_mib"] / trl["peak_rss_mib"]
-            add(f"TRL adapter WDPO ({tag}) peak RSS <= 1.12x TRL DPO's", f"{x:.2f}x", x <= 1.12)
+        aw = by.get("align-wdpo" + sfx)
+        for cfg, head in (("trl-wdpo", ""), ("trl-wdpo-fulllogits", ", lm_head='full'")):
+            tw = by.get(cfg + sfx)
+            if tw and aw:
+                x = tw["s_per_step"] / aw["s_per_step"]
+                add(f"TRL adapter WDPO{head} ({tag}) <= 1.05x drdpo align WDPO s/step", f"{x:.2f}x", x <= 1.05)
+            if tw and trl and tw.get("peak_rss_mib") and trl.get("peak_rss_mib"):
+                x = tw["peak_rss_mib"] / trl["peak_rss_mib"]
+                add(f"TRL adapter WDPO{head} ({tag}) peak RSS <= 1.12x TRL DPO's", f"{x:.2f}x", x <= 1.12)
         for p in ("trl", "align"):
             w, dpo = by.get(f"{p}-wdpo{sfx}"), by.get(f"{p}-dpo{sfx}")
             if w and dpo:
@@ -152,7 +154,10 @@ def row_vs_trl(r) -> str:
            f"{_x(q.get('align-kldpo', {}).get('vs_trl_dpo'))}x TRL DPO s/step (LoRA "
            f"{_x(q.get('align-dpo-lora', {}).get('vs_trl_dpo'))}x / {_x(q.get('align-kldpo-lora', {}).get('vs_trl_dpo'))}x); "
            f"TRL adapter WDPO {rat('trl-wdpo', 'align-wdpo')} (LoRA {rat('trl-wdpo-lora', 'align-wdpo-lora')}) "
-           f"`drdpo align` WDPO; {len(goals) - len(missed)} of {len(goals)} goals met"
+           f"`drdpo align` WDPO"
+           + (f", with `lm_head='full'` {rat('trl-wdpo-fulllogits', 'align-wdpo')} (LoRA "
+              f"{rat('trl-wdpo-fulllogits-lora', 'align-wdpo-lora')})" if "trl-wdpo-fulllogits" in by else "")
+           + f"; {len(goals) - len(missed)} of {len(goals)} goals met"
            + (f" (missed: {'; '.join(g['goal'] + ' ' + g['value'] for g in missed)})" if missed else ""))
     return f"| 12 | train-step cost against TRL | - | {txt} | {cmd} | section 12, {_src(r, 'bench-vs-trl')} |"
 

@@ -34,7 +34,8 @@ checkpointing) stays TRL's. What is overridden:
   :func:`~drdpo_theory.llm.objectives.preference_loss`, whose policy log-probs come from
   TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)``: per-token
   log-probs in tiles, the (2B, T, V) logits are never built, also for WDPO's second
-  forward);
+  forward), or with ``lm_head="full"`` (every trainer's keyword) from the model's logits
+  as in ``drdpo align`` (:data:`LM_HEADS`);
 * ``training_step`` (WDPO ``finite-diff`` with ``rho0 > 0`` only): the two-pass estimator
   of :func:`~drdpo_theory.llm.objectives.preference_backward` (forward-backward at e, then
   at e + h g; one graph alive at a time), with both backward passes through
@@ -80,6 +81,7 @@ from trl import DPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
 from drdpo_theory.llm.family import GroupEGState
+from drdpo_theory.llm.logprobs import concatenated_logps
 from drdpo_theory.llm.objectives import LossConfig, preference_backward, preference_eval, preference_loss
 
 __all__ = [
@@ -93,6 +95,13 @@ __all__ = [
     "TESTED_TRL_VERSION",
     "WDPOTrainer",
 ]
+
+LM_HEADS = ("fused", "full")
+"""Log-prob paths of every adapter trainer (keyword ``lm_head``): ``"fused"`` (default), TRL's fused LM
+head, per-token log-probs in tiles without the (2B, T, V) logits, the logits recomputed in the backward;
+``"full"``, the model's own logits and :func:`~drdpo_theory.llm.logprobs.concatenated_logps`, as
+``drdpo align``: no recomputation, the logits held for the backward (measured on CPU, SmolLM2-135M, 4
+pairs per step: benchmarks/vs_trl.py, paper_repro.md section 12)."""
 
 GROUP_STATE_FILE = "group_weights.json"
 """File of a TRL checkpoint folder holding ``GroupDPOTrainer``'s EG group weights (``GroupEGState.state_dict()``)."""
@@ -127,6 +136,10 @@ class _RobustDPOTrainer(DPOTrainer):
     group_state: GroupEGState | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        lm_head = kwargs.pop("lm_head", "fused")
+        if lm_head not in LM_HEADS:
+            raise ValueError(f"{type(self).__name__}: lm_head must be one of {LM_HEADS}, got {lm_head!r}")
+        self._logps_fn = fused_lm_head_logps if lm_head == "fused" else concatenated_logps
         options = {k: kwargs.pop(k) for k in self._options if k in kwargs}
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if config is not None:  # fail before TRL loads a reference model or tokenises
@@ -222,7 +235,7 @@ class _RobustDPOTrainer(DPOTrainer):
         if return_outputs:
             raise NotImplementedError(f"{type(self).__name__} does not return model outputs")
         batch, ref_c, ref_r = self._batch_and_refs(inputs)
-        loss, metrics = preference_loss(model, batch, ref_c, ref_r, self.loss_config, logps_fn=fused_lm_head_logps,
+        loss, metrics = preference_loss(model, batch, ref_c, ref_r, self.loss_config, logps_fn=self._logps_fn,
                                         group_state=self.group_state)
         self._log_metrics(metrics, "train" if self.model.training else "eval")
         return loss
@@ -268,7 +281,7 @@ class _RobustDPOTrainer(DPOTrainer):
                 loss, metrics = preference_backward(
                     model, batch, ref_c, ref_r, self.loss_config,
                     loss_scale=1.0 / self.current_gradient_accumulation_steps,
-                    logps_fn=fused_lm_head_logps, backward=backward,
+                    logps_fn=self._logps_fn, backward=backward,
                 )
             self._log_metrics(metrics, "train")
             return loss.detach() / self.current_gradient_accumulation_steps
@@ -278,7 +291,7 @@ class _RobustDPOTrainer(DPOTrainer):
         inputs = self._prepare_inputs(inputs)
         batch, ref_c, ref_r = self._batch_and_refs(inputs)
         with self.compute_loss_context_manager():
-            loss, metrics = preference_eval(model, batch, ref_c, ref_r, self.loss_config, logps_fn=fused_lm_head_logps,
+            loss, metrics = preference_eval(model, batch, ref_c, ref_r, self.loss_config, logps_fn=self._logps_fn,
                                             group_state=self.group_state)
         self._log_metrics(metrics, "eval")
         return loss.detach(), None, None

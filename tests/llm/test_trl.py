@@ -184,7 +184,9 @@ def test_trl_wdpo_training_step_runs_two_passes_with_the_surrogate_gradient(tmp_
 
     calls.clear()
     g_two, loss_two = accumulate(True)
-    assert len(calls) == 4  # two backward passes per micro-batch, both through accelerate
+    # per micro-batch: pass 1, then pass 2 in fd_pass2_chunks (default 2) pair chunks, all through accelerate
+    chunks = [min(2, b["input_ids"].shape[0] // 2) for b in batches]
+    assert len(calls) == sum(1 + k for k in chunks) and max(chunks) == 2, (len(calls), chunks)
     g_one, loss_one = accumulate(False)
     err = float((g_two - g_one).norm() / g_one.norm())
     assert err < 1e-4, err
@@ -198,3 +200,23 @@ def test_trl_refuses_liger_kernel(tmp_path):
     ds = datasets.Dataset.from_list(load_preferences("toy")[:4])
     with pytest.raises(ValueError, match="use_liger_kernel=True .need False: the loss already uses TRL's fused LM head"):
         WDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
+
+
+@pytest.mark.parametrize("cls, kw", [(KLDPOTrainer, {"tau": 0.5}), (WDPOTrainer, {"wdpo_impl": "finite-diff", "rho0": 0.01})],
+                         ids=["kldpo", "wdpo"])
+def test_trl_full_logits_head_gives_the_fused_heads_loss_and_gradient(tmp_path, cls, kw):
+    """lm_head="full" (the model's logits, as drdpo align) and the default fused head: same loss and
+    training-step gradient to float32 rounding; a bad value is refused."""
+    grads, losses = [], []
+    for head in ("fused", "full"):
+        trainer, model, *_ = _trainer(cls, tmp_path / head, lm_head=head, **kw)
+        assert trainer._logps_fn.__name__ == {"fused": "fused_lm_head_logps", "full": "concatenated_logps"}[head]
+        trainer.current_gradient_accumulation_steps = 1  # set by train(); training_step reads it
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        model.zero_grad(set_to_none=True)
+        losses.append(float(trainer.training_step(trainer.model, dict(batch))))
+        grads.append(_flat_grads(model))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=0.0)
+    assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-4
+    with pytest.raises(ValueError, match="lm_head must be one of"):
+        _trainer(cls, tmp_path / "bad", lm_head="tiled", **kw)
