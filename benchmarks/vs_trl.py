@@ -88,8 +88,16 @@ for _lora in (False, True):
         "align-wdpo" + _sfx: ("align", "wdpo", _lora, "drdpo align WDPO finite-diff" + _lab),
     })
 
+# full fine-tuning only: WDPO's second pass in 2 pair chunks (less peak memory, one more forward-backward)
+CONFIGS.update({
+    "trl-wdpo-chunk2": ("trl", "wdpo", False, "TRL adapter WDPOTrainer finite-diff, fd_pass2_chunks=2"),
+    "align-wdpo-chunk2": ("align", "wdpo", False, "drdpo align WDPO finite-diff, --fd-pass2-chunks 2"),
+})
+
 #: adapter configurations run with the model's own logits instead of TRL's fused LM head (``lm_head="full"``)
 FULL_LOGITS = {"trl-wdpo-fulllogits", "trl-wdpo-fulllogits-lora"}
+#: configurations whose WDPO second pass runs in 2 pair chunks
+CHUNK2 = {"trl-wdpo-chunk2", "align-wdpo-chunk2"}
 
 COLUMNS = ("config", "path", "mode", "timed_steps", "s_per_step", "s_per_1k_padded_tokens", "vs_trl_dpo",
            "vs_path_dpo", "padded_tokens_per_step", "peak_rss_mib", "process_peak_rss_mib", "wall_s")
@@ -170,6 +178,8 @@ def _child_trl(spec: dict, out: Path) -> dict:
         base, kw = ((trl_adapter.KLDPOTrainer, dict(KLDPO)) if spec["method"] == "kldpo"
                     else (trl_adapter.WDPOTrainer, dict(WDPO)))
         kw["lm_head"] = spec.get("lm_head", "fused")
+        if spec["method"] == "wdpo":
+            kw["fd_pass2_chunks"] = spec.get("fd_pass2_chunks", 1)
     tokens: list[int] = []
     seconds: list[float] = []
     hwm: list[float | None] = [None]
@@ -227,7 +237,8 @@ def _child_align(spec: dict, out: Path) -> dict:
     if spec["method"] == "kldpo":
         argv += ["--tau", repr(KLDPO["tau"]), "--kldpo-variant", KLDPO["kldpo_variant"], "--clamp", repr(KLDPO["clamp"])]
     if spec["method"] == "wdpo":
-        argv += ["--wdpo-impl", WDPO["wdpo_impl"], "--rho0", repr(WDPO["rho0"])]
+        argv += ["--wdpo-impl", WDPO["wdpo_impl"], "--rho0", repr(WDPO["rho0"]),
+                 "--fd-pass2-chunks", str(spec.get("fd_pass2_chunks", 1))]
     if spec["lora"]:
         argv += ["--lora", "--lora-r", str(LORA["r"]), "--lora-alpha", repr(LORA["alpha"]),
                  "--lora-dropout", repr(LORA["dropout"]), "--lora-target-modules", *LORA["targets"]]
@@ -271,7 +282,7 @@ def run_config(name: str, a, data: Path, work: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     spec = dict(path=path, method=method, lora=lora, model=a.model, data=str(data), steps=a.steps,
                 batch_size=a.batch_size, max_length=a.max_length, lr=a.lr, beta=a.beta, threads=a.threads,
-                lm_head="full" if name in FULL_LOGITS else "fused")
+                lm_head="full" if name in FULL_LOGITS else "fused", fd_pass2_chunks=2 if name in CHUNK2 else 1)
     (d / "spec.json").write_text(json.dumps(spec, indent=1))
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",

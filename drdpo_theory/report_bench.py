@@ -89,7 +89,8 @@ def trl_goals(rows: list[dict]) -> list[dict]:
                     add(f"drdpo align {m.upper()} ({tag}) peak RSS <= TRL DPO's",
                         f"{r['peak_rss_mib']:.0f} vs {trl['peak_rss_mib']:.0f} MiB", r["peak_rss_mib"] <= trl["peak_rss_mib"])
         aw = by.get("align-wdpo" + sfx)
-        for cfg, head in (("trl-wdpo", ""), ("trl-wdpo-fulllogits", ", lm_head='full'")):
+        for cfg, head in (("trl-wdpo", ""), ("trl-wdpo-fulllogits", ", lm_head='full'"),
+                          ("trl-wdpo-chunk2", ", fd_pass2_chunks=2")):
             tw = by.get(cfg + sfx)
             if tw and aw:
                 x = tw["s_per_step"] / aw["s_per_step"]
@@ -98,10 +99,11 @@ def trl_goals(rows: list[dict]) -> list[dict]:
                 x = tw["peak_rss_mib"] / trl["peak_rss_mib"]
                 add(f"TRL adapter WDPO{head} ({tag}) peak RSS <= 1.12x TRL DPO's", f"{x:.2f}x", x <= 1.12)
         for p in ("trl", "align"):
-            w, dpo = by.get(f"{p}-wdpo{sfx}"), by.get(f"{p}-dpo{sfx}")
-            if w and dpo:
-                x = w["s_per_step"] / dpo["s_per_step"]
-                add(f"{p} WDPO finite-diff ({tag}) <= 2.0x {p} DPO s/step", f"{x:.2f}x", x <= 2.0)
+            for var, what in (("", ""), ("-chunk2", ", 2 chunks")):
+                w, dpo = by.get(f"{p}-wdpo{var}{sfx}"), by.get(f"{p}-dpo{sfx}")
+                if w and dpo:
+                    x = w["s_per_step"] / dpo["s_per_step"]
+                    add(f"{p} WDPO finite-diff{what} ({tag}) <= 2.0x {p} DPO s/step", f"{x:.2f}x", x <= 2.0)
     return goals
 
 

@@ -98,9 +98,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--group-init", choices=["uniform", "proportional"], default=None,
                    help="Initial EG weights: uniform, or proportional to each group's share of the data (default: uniform).")
     g.add_argument("--fd-step", type=float, default=None, help="Relative finite-difference step of WDPO finite-diff.")
-    g.add_argument("--fd-pass2-chunks", type=int, default=2, metavar="K",
+    g.add_argument("--fd-pass2-chunks", type=int, default=1, metavar="K",
                    help="WDPO finite-diff: run the second pass in K pair chunks (exact; its activations, held beside "
-                   "pass 1's gradient, shrink K-fold; plain/DDP without dropout, else 1) (default: %(default)s).")
+                   "pass 1's gradient, shrink K-fold, for K - 1 more forward-backward passes; plain/DDP without "
+                   "dropout, else 1) (default: %(default)s).")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--lr", type=float, default=None, help="Peak AdamW learning rate (default: 5e-6 full fine-tuning, "

@@ -186,13 +186,14 @@ class LossConfig:
         },
     )
     fd_pass2_chunks: int = field(
-        default=2,
+        default=1,
         metadata={
-            "help": "Pair chunks of pass 2 of the two-pass finite-diff WDPO estimator (>= 1). Pass 2's loss is a "
-            "sum over pairs, so chunking it is exact; it holds pass 1's parameter gradient, so its activations "
-            "are what WDPO adds to DPO's peak memory, and chunks cut them by that factor. Used on plain and DDP "
-            "models without active dropout (the dropout masks of pass 1 are replayed for the whole batch); "
-            "sharded engines (FSDP2, DeepSpeed) run one chunk."
+            "help": "Pair chunks of pass 2 of the two-pass finite-diff WDPO estimator (>= 1; default 1). Pass 2's "
+            "loss is a sum over pairs, so chunking it is exact; it holds pass 1's parameter gradient, so its "
+            "activations are what WDPO adds to DPO's peak memory, and K chunks cut them K-fold, at the price of "
+            "K - 1 more forward-backward passes over the weights (on small batches, where a pass costs about the "
+            "same whatever its size, that is K - 1 more passes of time). Used on plain and DDP models without "
+            "active dropout (pass 1's masks are replayed for the whole batch); FSDP2 and DeepSpeed run one chunk."
         },
     )
     alpha: float | None = field(

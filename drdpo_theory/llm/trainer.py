@@ -158,8 +158,8 @@ class TrainConfig:
         default="rows",
     )
     fd_pass2_chunks: int = _help(
-        "Pair chunks (>= 1) of the second pass of the 'finite-diff' WDPO gradient: exact, and cuts the activations "
-        "held beside pass 1's gradient; plain/DDP models without active dropout (else one chunk).", default=2
+        "Pair chunks (>= 1) of the second pass of the 'finite-diff' WDPO gradient: exact; K chunks cut the activations "
+        "held beside pass 1's gradient K-fold for K - 1 more passes; plain/DDP models without active dropout.", default=1
     )
     alpha: float | None = _help("CVaR level alpha in (0, 1] of 'cvardpo'.", default=None)
     eps: float | None = _help("Label-flip rate eps in [0, 0.5) of 'rdpo' and 'cdpo'.", default=None)

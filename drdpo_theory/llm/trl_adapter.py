@@ -315,8 +315,8 @@ class WDPOTrainer(_RobustDPOTrainer):
     Extra keyword arguments (all optional): ``rho0``, ``wdpo_impl``
     (``"double-backward"`` switches the model to eager attention; ``"finite-diff"`` keeps
     fused attention), ``fd_step``, ``wdpo_penalty`` (``"rows"`` or ``"tuple"``),
-    ``fd_pass2_chunks`` (default 2: the second finite-difference pass in pair chunks, which
-    bounds the memory it adds to DPO's); see :class:`~drdpo_theory.llm.objectives.LossConfig`.
+    ``fd_pass2_chunks`` (default 1; K > 1 runs the second finite-difference pass in K pair
+    chunks: less peak memory, K - 1 more passes); see :class:`~drdpo_theory.llm.objectives.LossConfig`.
     """
 
     _method = "wdpo"

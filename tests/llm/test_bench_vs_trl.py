@@ -55,7 +55,8 @@ def test_vs_trl_tiny_random_json(tmp_path):
 def test_vs_trl_config_filter():
     mod = _module()
     assert mod.parse_args(["--configs", "align-*", "--steps", "3"]).configs == [
-        "align-dpo", "align-kldpo", "align-wdpo", "align-dpo-lora", "align-kldpo-lora", "align-wdpo-lora"]
+        "align-dpo", "align-kldpo", "align-wdpo", "align-dpo-lora", "align-kldpo-lora", "align-wdpo-lora",
+        "align-wdpo-chunk2"]
     assert mod.parse_args(["--configs", "trl-wdpo,*-dpo-lora"]).configs == ["trl-wdpo", "trl-dpo-lora", "align-dpo-lora"]
     with pytest.raises(SystemExit):
         mod.parse_args(["--configs", "nope"])
