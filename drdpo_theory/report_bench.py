@@ -228,7 +228,10 @@ def block_solvers(r) -> str:
     out = [f"{d.get('machine', '?')}, {d.get('date', '?')}, commit {d.get('commit', '?')}, 1-minute load average "
            f"{_x(d.get('load_avg_before'), '.1f')} -> {_x(d.get('load_avg_after'), '.1f')}; "
            f"{_src(r, 'bench-solvers')}; wall time with CPU time in brackets, native: best of "
-           f"{d.get('native_repeats', '?')} runs:", "",
+           f"{d.get('native_repeats', '?')} runs; d = {d.get('d', '?')}, beta = {_x(d.get('beta'), 'g')}, KL and chi2 "
+           f"rho = {_x(d.get('rho'), 'g')}, W1 eps = {_x(d.get('eps'), 'g')} (kappa = inf for `wdpo`, "
+           f"{_x(d.get('kappa'), 'g')} for `wdpo-k1`), CVaR alpha = {_x(d.get('alpha'), 'g')}, ball B = "
+           f"{_x(d.get('B'), 'g')}:", "",
            f"    {d.get('command', BENCH['bench-solvers'][1])}", "",
            "| problem | n | native | cvxpy | cvxpy / native | d_obj cvxpy | dro | dro / native | d_obj dro | native gap |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -250,6 +253,10 @@ def block_solvers(r) -> str:
             ratio(cv, x["native_s"]), _x(x.get("d_obj_cvxpy"), ".1e"),
             cell(dr, x.get("dro_cpu_s")) if dr is not None else (x.get("dro_error") or "-"),
             ratio(dr, x["native_s"]), _x(x.get("d_obj_dro"), ".1e"), _x(x.get("native_gap"), ".1e")]) + " |")
+    goals = d.get("goals") or []
+    if goals:
+        out += ["", "Goals decided by this run:", ""]
+        out += [f"    [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['value']}" for g in goals]
     return "\n".join(out)
 
 
