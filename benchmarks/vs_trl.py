@@ -118,6 +118,10 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-5, help="learning rate, all paths (default: %(default)s)")
     p.add_argument("--beta", type=float, default=0.1, help="DPO beta, all paths (default: %(default)s)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per child (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every configuration this many times, interleaved (round 1 of all, then round 2, ...), "
+                        "and report the median over all rounds' timed steps and the median peak RSS: drift of a "
+                        "shared machine hits every configuration alike (default: %(default)s)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the table (and the run's settings) here")
     p.add_argument("--workdir", default=None, help="keep the children's folders and logs here (default: a temp dir)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per child before it is killed")
@@ -132,6 +136,8 @@ def parse_args(argv=None):
         a.configs = picked
         if a.steps <= a.warmup:
             p.error(f"--steps ({a.steps}) must exceed --warmup ({a.warmup})")
+        if a.rounds < 1:
+            p.error(f"--rounds must be >= 1, got {a.rounds}")
     return a
 
 
@@ -325,6 +331,33 @@ def run_config(name: str, a, data: Path, work: Path) -> dict:
     return row
 
 
+def merge_rounds(rounds: list[dict], warmup: int) -> dict:
+    """One row from the rounds of a configuration: the median of every round's timed steps pooled,
+    the median peak RSS, and per round its own median (``s_per_step_rounds``) and peak RSS."""
+    ok = [r for r in rounds if "error" not in r]
+    if len(rounds) == 1 or not ok:
+        return rounds[0] if len(rounds) == 1 else {**rounds[0]}
+    if len(ok) < len(rounds):  # a failed round fails the configuration: its rows would not compare
+        return next(r for r in rounds if "error" in r)
+    secs = [s for r in ok for s in r["step_seconds"][warmup:]]
+    toks = [t * len(r["step_seconds"][warmup:]) for r in ok for t in [r["padded_tokens_per_step"]]]
+    row = {**ok[0]}
+    row.update({
+        "timed_steps": len(secs),
+        "s_per_step": statistics.median(secs),
+        "s_per_1k_padded_tokens": 1000.0 * sum(secs) / sum(toks),
+        "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in ok) if all(
+            r.get("peak_rss_mib") is not None for r in ok) else None,
+        "process_peak_rss_mib": statistics.median(r["process_peak_rss_mib"] for r in ok),
+        "wall_s": round(sum(r["wall_s"] for r in ok), 1),
+        "rounds": len(ok),
+        "s_per_step_rounds": [round(r["s_per_step"], 4) for r in ok],
+        "peak_rss_mib_rounds": [r.get("peak_rss_mib") for r in ok],
+        "step_seconds": [s for r in ok for s in r["step_seconds"]],
+    })
+    return row
+
+
 def add_ratios(rows: list[dict]) -> None:
     by = {r["config"]: r for r in rows if "error" not in r}
     for r in rows:
@@ -382,13 +415,16 @@ def main(argv=None) -> int:
     print(f"# {a.model}: {len(a.configs)} configs, {a.steps} steps (median of {a.warmup + 1}-{a.steps}), "
           f"{a.batch_size} pairs/step, max_length {a.max_length}, fp32, {a.threads} thread(s); "
           f"{n_pairs} toy pairs; load {load0:.2f}", file=sys.stderr)
-    rows = []
-    for name in a.configs:
-        row = run_config(name, a, data, work)
-        state = (f"failed (exit {row['returncode']}); log tail:\n{row['error']}" if "error" in row
-                 else f"{row['s_per_step']:.3f} s/step, peak RSS {row['peak_rss_mib']} MiB")
-        print(f"# {name}: {state} [{row['wall_s']} s]", file=sys.stderr, flush=True)
-        rows.append(row)
+    runs: dict[str, list[dict]] = {name: [] for name in a.configs}
+    for k in range(a.rounds):
+        for name in a.configs:
+            row = run_config(name, a, data, work / f"round{k + 1}" if a.rounds > 1 else work)
+            state = (f"failed (exit {row['returncode']}); log tail:\n{row['error']}" if "error" in row
+                     else f"{row['s_per_step']:.3f} s/step, peak RSS {row['peak_rss_mib']} MiB")
+            tag = f" (round {k + 1}/{a.rounds})" if a.rounds > 1 else ""
+            print(f"# {name}{tag}: {state} [{row['wall_s']} s]", file=sys.stderr, flush=True)
+            runs[name].append(row)
+    rows = [merge_rounds(runs[name], a.warmup) for name in a.configs]
     add_ratios(rows)
     goals = check_goals(rows)
     load1 = os.getloadavg()[0]
@@ -408,6 +444,7 @@ def main(argv=None) -> int:
         doc = {
             "model": a.model, "steps": a.steps, "warmup": a.warmup, "batch_size": a.batch_size,
             "max_length": a.max_length, "lr": a.lr, "beta": a.beta, "threads": a.threads, "dtype": "fp32",
+            "rounds": a.rounds,
             "n_pairs": n_pairs, "trl_version": trl_version, "cpu": _meta.cpu_name(), "python": platform.python_version(),
             "load_avg_before": load0, "load_avg_after": load1,
             "command": shlex.join(["python", "benchmarks/vs_trl.py", *(sys.argv[1:] if argv is None else argv)]),

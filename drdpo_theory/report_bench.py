@@ -116,7 +116,8 @@ def block_vs_trl(r) -> str:
     head = ["path", "s/step", "s/1k padded tok", "vs TRL DPO", "vs path DPO", "tok/step", "peak RSS (train)",
             "peak RSS (process)"]
     out = [f"{d['model']}, {d['dtype']}, {d['threads']} torch thread(s), {d['batch_size']} pairs/step, max_length "
-           f"{d['max_length']}, {d['steps']} steps per configuration (median of steps {d['warmup'] + 1}-{d['steps']}), "
+           f"{d['max_length']}, {d['steps']} steps per configuration (median of steps {d['warmup'] + 1}-{d['steps']}"
+           + (f", pooled over {d['rounds']} interleaved rounds" if d.get("rounds", 1) > 1 else "") + "), "
            f"TRL {d.get('trl_version') or '-'}, {d.get('cpu', '?')}, 1-minute load average "
            f"{d['load_avg_before']:.1f} at the start and {d['load_avg_after']:.1f} at the end; "
            f"{_src(r, 'bench-vs-trl')}:", "",

@@ -62,3 +62,29 @@ def test_vs_trl_config_filter():
         mod.parse_args(["--configs", "nope"])
     with pytest.raises(SystemExit):
         mod.parse_args(["--steps", "2", "--warmup", "2"])
+
+
+def test_vs_trl_rounds_pool_the_timed_steps():
+    """--rounds: a configuration's rows merge into the median of all rounds' timed steps (warm-up
+    steps dropped per round) and the median peak RSS; one failed round fails the configuration."""
+    mod = _module()
+
+    def run(secs, rss, tokens=100.0):
+        return {"config": "align-dpo", "path": "drdpo align DPO", "mode": "full", "returncode": 0, "wall_s": 10.0,
+                "process_peak_rss_mib": rss + 5, "timed_steps": len(secs) - 1, "s_per_step": sorted(secs[1:])[1],
+                "s_per_1k_padded_tokens": 0.0, "padded_tokens_per_step": tokens, "peak_rss_mib": rss,
+                "threads": 1, "step_seconds": secs}
+
+    rounds = [run([9.0, 1.0, 2.0, 3.0], 3000.0), run([9.0, 4.0, 5.0, 6.0], 3040.0), run([9.0, 1.5, 2.5, 3.5], 3010.0)]
+    row = mod.merge_rounds(rounds, warmup=1)
+    assert row["rounds"] == 3 and row["timed_steps"] == 9
+    assert row["s_per_step"] == 3.0  # median of 1, 1.5, 2, 2.5, 3, 3.5, 4, 5, 6 (the 9.0 warm-ups dropped)
+    assert row["s_per_step_rounds"] == [2.0, 5.0, 2.5]
+    assert row["peak_rss_mib"] == 3010.0 and row["peak_rss_mib_rounds"] == [3000.0, 3040.0, 3010.0]
+    assert row["s_per_1k_padded_tokens"] == pytest.approx(1000.0 * 28.5 / 900.0)
+    assert mod.merge_rounds(rounds[:1], warmup=1) is rounds[0]
+    failed = {**rounds[1], "error": "boom", "returncode": 1}
+    assert "error" in mod.merge_rounds([rounds[0], failed], warmup=1)
+    assert mod.parse_args(["--rounds", "3"]).rounds == 3
+    with pytest.raises(SystemExit):
+        mod.parse_args(["--rounds", "0"])
