@@ -800,6 +800,7 @@ BLOCKS: dict[str, Callable[[_Results], str]] = {
     "bench-solvers": _bench.block_solvers,
     "bench-train-step": _bench.block_train_step,
     "bench-vs-trl": _bench.block_vs_trl,
+    "bench-vs-trl-rounds": lambda r: _bench.block_vs_trl(r, "bench-vs-trl-rounds"),
     **_approx.BLOCKS,  # docs/approximations.md
 }
 

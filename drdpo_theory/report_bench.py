@@ -22,6 +22,11 @@ BENCH = {
                          "python benchmarks/train_step.py --threads 1 --json results/bench/train_step.json"),
     "bench-vs-trl": ("vs_trl_smollm2.json",
                      "python benchmarks/vs_trl.py --model smollm2 --steps 10 --json results/bench/vs_trl_smollm2.json"),
+    # the configurations the goals compare, 3 rounds interleaved (a drifting shared machine hits all alike)
+    "bench-vs-trl-rounds": ("vs_trl_smollm2_rounds3.json",
+                            "python benchmarks/vs_trl.py --model smollm2 --steps 10 --rounds 3 --configs trl-dpo "
+                            "trl-wdpo align-dpo align-kldpo align-wdpo trl-dpo-lora trl-wdpo-lora align-dpo-lora "
+                            "align-kldpo-lora align-wdpo-lora --json results/bench/vs_trl_smollm2_rounds3.json"),
 }
 
 NOT_REGENERATED = "not regenerated in this checkout"
@@ -107,20 +112,20 @@ def trl_goals(rows: list[dict]) -> list[dict]:
     return goals
 
 
-def block_vs_trl(r) -> str:
-    d = _load(r, "bench-vs-trl")
+def block_vs_trl(r, bench: str = "bench-vs-trl") -> str:
+    d = _load(r, bench)
     if d is None:
-        return _missing("bench-vs-trl")
+        return _missing(bench)
     rows = d["rows"]
     ratios = trl_ratios(rows)
-    head = ["path", "s/step", "s/1k padded tok", "vs TRL DPO", "vs path DPO", "tok/step", "peak RSS (train)",
-            "peak RSS (process)"]
+    head = ["path", "s/step" + (" (each round's median)" if d.get("rounds", 1) > 1 else ""), "s/1k padded tok",
+            "vs TRL DPO", "vs path DPO", "tok/step", "peak RSS (train)", "peak RSS (process)"]
     out = [f"{d['model']}, {d['dtype']}, {d['threads']} torch thread(s), {d['batch_size']} pairs/step, max_length "
            f"{d['max_length']}, {d['steps']} steps per configuration (median of steps {d['warmup'] + 1}-{d['steps']}"
            + (f", pooled over {d['rounds']} interleaved rounds" if d.get("rounds", 1) > 1 else "") + "), "
            f"TRL {d.get('trl_version') or '-'}, {d.get('cpu', '?')}, 1-minute load average "
            f"{d['load_avg_before']:.1f} at the start and {d['load_avg_after']:.1f} at the end; "
-           f"{_src(r, 'bench-vs-trl')}:", "",
+           f"{_src(r, bench)}:", "",
            f"    {d['command']}", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
@@ -128,8 +133,10 @@ def block_vs_trl(r) -> str:
             out.append(f"| {row['path']} | failed (exit {row.get('returncode')}) |" + " |" * (len(head) - 2))
             continue
         q = ratios[row["config"]]
+        per_round = row.get("s_per_step_rounds")
+        step = _x(row["s_per_step"], ".3f") + (f" ({', '.join(f'{v:.2f}' for v in per_round)})" if per_round else "")
         out.append("| " + " | ".join([
-            row["path"], _x(row["s_per_step"], ".3f"), _x(row.get("s_per_1k_padded_tokens"), ".3f"),
+            row["path"], step, _x(row.get("s_per_1k_padded_tokens"), ".3f"),
             _x(q["vs_trl_dpo"]), _x(q["vs_path_dpo"]), _x(row.get("padded_tokens_per_step"), ".0f"),
             _x(row.get("peak_rss_mib"), ".0f") + " MiB", _x(row.get("process_peak_rss_mib"), ".0f") + " MiB"]) + " |")
     goals = trl_goals(rows)
@@ -162,6 +169,14 @@ def row_vs_trl(r) -> str:
               f"{rat('trl-wdpo-fulllogits-lora', 'align-wdpo-lora')})" if "trl-wdpo-fulllogits" in by else "")
            + f"; {len(goals) - len(missed)} of {len(goals)} goals met"
            + (f" (missed: {'; '.join(g['goal'] + ' ' + g['value'] for g in missed)})" if missed else ""))
+    rd = _load(r, "bench-vs-trl-rounds")
+    if rd is not None:
+        rg = trl_goals(rd["rows"])
+        rmiss = [g for g in rg if not g["met"]]
+        txt += (f"; over {rd.get('rounds', 1)} interleaved rounds of the goal configurations: {len(rg) - len(rmiss)} of "
+                f"{len(rg)} goals met" + (f" (missed: {'; '.join(g['goal'] + ' ' + g['value'] for g in rmiss)})"
+                                           if rmiss else ""))
+        cmd += f", `{BENCH['bench-vs-trl-rounds'][1]}`"
     return f"| 12 | train-step cost against TRL | - | {txt} | {cmd} | section 12, {_src(r, 'bench-vs-trl')} |"
 
 
