@@ -40,7 +40,7 @@ RESULTS_DIR = Path("docs/results")
 #: the documents whose generated blocks come from RESULTS_DIR
 DOCUMENTS = (Path("paper_repro.md"), Path("docs/sample_complexity_results.md"), Path("docs/approximations.md"))
 #: the marker every unverified number carries
-NOT_REGENERATED = "not regenerated in this checkout"
+NOT_REGENERATED = _bench.NOT_REGENERATED
 
 _SIG = "%.6g"
 

@@ -47,6 +47,16 @@ def _src(r, bench: str) -> str:
     return f"`docs/results/bench/{BENCH[bench][0]}`{when}"
 
 
+def _goal_lines(goals: list[dict]) -> list[str]:
+    return [f"    [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['value']}" for g in goals]
+
+
+def _missed(goals: list[dict]) -> str:
+    """" (missed: goal value; ...)" for the goals not met, "" when every one is."""
+    miss = [g for g in goals if not g["met"]]
+    return f" (missed: {'; '.join(g['goal'] + ' ' + g['value'] for g in miss)})" if miss else ""
+
+
 def _x(v, spec=".2f") -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
@@ -142,7 +152,7 @@ def block_vs_trl(r, bench: str = "bench-vs-trl") -> str:
     goals = trl_goals(rows)
     met = sum(g["met"] for g in goals)
     out += ["", f"Goals decided by this run ({met} of {len(goals)} met):", ""]
-    out += [f"    [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['value']}" for g in goals]
+    out += _goal_lines(goals)
     return "\n".join(out)
 
 
@@ -159,7 +169,6 @@ def row_vs_trl(r) -> str:
     def rat(a, b):
         return f"{by[a]['s_per_step'] / by[b]['s_per_step']:.2f}x" if a in by and b in by else "-"
 
-    missed = [g for g in goals if not g["met"]]
     txt = (f"{d['model']}, CPU, 1 thread: `drdpo align` DPO / KLDPO {_x(q.get('align-dpo', {}).get('vs_trl_dpo'))}x / "
            f"{_x(q.get('align-kldpo', {}).get('vs_trl_dpo'))}x TRL DPO s/step (LoRA "
            f"{_x(q.get('align-dpo-lora', {}).get('vs_trl_dpo'))}x / {_x(q.get('align-kldpo-lora', {}).get('vs_trl_dpo'))}x); "
@@ -167,15 +176,12 @@ def row_vs_trl(r) -> str:
            f"`drdpo align` WDPO"
            + (f", with `lm_head='full'` {rat('trl-wdpo-fulllogits', 'align-wdpo')} (LoRA "
               f"{rat('trl-wdpo-fulllogits-lora', 'align-wdpo-lora')})" if "trl-wdpo-fulllogits" in by else "")
-           + f"; {len(goals) - len(missed)} of {len(goals)} goals met"
-           + (f" (missed: {'; '.join(g['goal'] + ' ' + g['value'] for g in missed)})" if missed else ""))
+           + f"; {sum(g['met'] for g in goals)} of {len(goals)} goals met" + _missed(goals))
     rd = _load(r, "bench-vs-trl-rounds")
     if rd is not None:
         rg = trl_goals(rd["rows"])
-        rmiss = [g for g in rg if not g["met"]]
-        txt += (f"; over {rd.get('rounds', 1)} interleaved rounds of the goal configurations: {len(rg) - len(rmiss)} of "
-                f"{len(rg)} goals met" + (f" (missed: {'; '.join(g['goal'] + ' ' + g['value'] for g in rmiss)})"
-                                           if rmiss else ""))
+        txt += (f"; over {rd.get('rounds', 1)} interleaved rounds of the goal configurations: "
+                f"{sum(g['met'] for g in rg)} of {len(rg)} goals met" + _missed(rg))
         cmd += f", `{BENCH['bench-vs-trl-rounds'][1]}`"
     return f"| 12 | train-step cost against TRL | - | {txt} | {cmd} | section 12, {_src(r, 'bench-vs-trl')} |"
 
@@ -272,7 +278,7 @@ def block_solvers(r) -> str:
     goals = d.get("goals") or []
     if goals:
         out += ["", "Goals decided by this run:", ""]
-        out += [f"    [{'met' if g['met'] else 'MISSED'}] {g['goal']}: {g['value']}" for g in goals]
+        out += _goal_lines(goals)
     return "\n".join(out)
 
 
@@ -281,9 +287,13 @@ def row_solvers(r) -> str:
     cmd = f"`{BENCH['bench-solvers'][1]}`"
     if d is None:
         return f"| 2 | solver speed | - | {NOT_REGENERATED} | {cmd} | section 2 |"
+    rows = _speed_rows(d)
+    largest = {}
+    for x in rows:
+        largest[x["problem"]] = max(largest.get(x["problem"], 0), x["n"])
     parts = []
-    for x in _speed_rows(d):
-        if x["n"] != max(y["n"] for y in _speed_rows(d) if y["problem"] == x["problem"]):
+    for x in rows:
+        if x["n"] != largest[x["problem"]]:
             continue
         s = f"{x['problem']} at n = {x['n']:.0e}: native {_secs(x['native_s'])}".replace("e+0", "e")
         if x.get("cvxpy_s") is not None:
