@@ -678,23 +678,18 @@ class GroupEG:
         return q @ dpo_grad(theta, batch.x, batch.y, beta, batch.theta_ref)
 
 
+#: each member's parameter (the keyword of ``drdpo_theory.solvers.family.<method>_objective`` after beta)
+FAMILY_PARAM = {"chi2dpo": "rho", "cvardpo": "alpha", "groupdpo": "groups", "rdpo": "eps", "cdpo": "eps",
+                "dr_dpo": "beta_prime"}
+
+
 def family_objective(method: str, theta, data: PreferenceData, beta: float, **params) -> float:
     """The member's exact objective at ``theta`` (``drdpo_theory.solvers.family.<method>_objective``)."""
     from ..solvers import family as F
 
-    if method == "chi2dpo":
-        return F.chi2dpo_objective(theta, data, beta, params["rho"])
-    if method == "cvardpo":
-        return F.cvardpo_objective(theta, data, beta, params["alpha"])
-    if method == "groupdpo":
-        return F.groupdpo_objective(theta, data, beta, params["groups"])
-    if method == "rdpo":
-        return F.rdpo_objective(theta, data, beta, params["eps"])
-    if method == "cdpo":
-        return F.cdpo_objective(theta, data, beta, params["eps"])
-    if method == "dr_dpo":
-        return F.dr_dpo_objective(theta, data, beta, params["beta_prime"])
-    raise ValueError(f"unknown family member {method!r}; expected one of {FAMILY_MEMBERS}")
+    if method not in FAMILY_PARAM:
+        raise ValueError(f"unknown family member {method!r}; expected one of {FAMILY_MEMBERS}")
+    return getattr(F, f"{method}_objective")(theta, data, beta, params[FAMILY_PARAM[method]])
 
 
 def family_params(data: PreferenceData, groups, frac: float, eps: float, beta_prime: float) -> dict[str, dict]:
