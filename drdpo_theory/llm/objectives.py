@@ -85,7 +85,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field, fields
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -114,7 +114,7 @@ from drdpo_theory.llm.losses import (
     wdpo_tuple_direction,
 )
 
-__all__ = ["LossConfig", "preference_loss", "preference_backward", "preference_eval", "METHODS", "WDPO_IMPLS", "LogpsFn", "BackwardFn"]
+__all__ = ["LossConfig", "preference_loss", "pair_losses_and_penalties", "preference_backward", "preference_eval", "METHODS", "WDPO_IMPLS", "LogpsFn", "BackwardFn"]
 
 METHODS = ("dpo", "ipo", "kldpo", "wdpo") + FAMILY_METHODS
 WDPO_IMPLS = ("double-backward", "finite-diff")
@@ -506,6 +506,42 @@ class _RNGState:
         torch.set_rng_state(self.cpu)
         if self.cuda is not None:
             torch.cuda.set_rng_state_all(self.cuda)
+
+
+def pair_losses_and_penalties(
+    model: torch.nn.Module,
+    batch: Mapping[str, torch.Tensor],
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    beta: float,
+    penalties: Sequence[str] = ("rows", "tuple"),
+    *,
+    logps_fn: LogpsFn | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Per-pair DPO losses :math:`\ell_i` and WDPO squared gradient norms, detached (no parameter gradient).
+
+    One forward and one gradient to the input embeddings: ``sq[p][i]`` is the squared norm
+    that the WDPO penalty :math:`\rho_0\,\frac1B\sum_i \|\nabla_z \ell_i\|^2` of
+    :func:`preference_loss` uses for pair i with ``wdpo_penalty = p`` ("rows" or "tuple",
+    docs/llm_losses.md). Used to calibrate radii at a trained policy (``drdpo llm-shift
+    --kl-radii/--penalty-fractions``).
+
+    Returns
+    -------
+    losses : torch.Tensor, shape (B,)
+    sq : dict of str to torch.Tensor, shape (B,)
+    """
+    logps_fn = concatenated_logps if logps_fn is None else logps_fn
+    with torch.enable_grad():
+        pc, pr, probe = _embed_forward(model, batch, logps_fn, leaf=True)
+        rc, rr = _refs(ref_chosen_logps, ref_rejected_logps, pc)
+        l = dpo_loss(pc, pr, rc, rr, beta)
+        (g,) = torch.autograd.grad(l.sum(), probe.e)  # per-pair blocks: pairs do not interact
+    g = g.detach()
+    sq = {}
+    for pen in penalties:
+        sq[pen] = _penalty_sq_norms(g, batch, LossConfig(method="wdpo", beta=beta, wdpo_penalty=pen)).detach()
+    return l.detach(), sq
 
 
 def _wdpo(model, batch, ref_c, ref_r, cfg: LossConfig, logps_fn):

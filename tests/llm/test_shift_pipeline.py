@@ -273,3 +273,71 @@ def test_sampling_resumes_inside_the_stage(tmp_path):
     on_disk, clean = PL._read_jsonl_checked(tmp_path / "c.jsonl")
     assert clean and sorted(on_disk, key=key) == sorted(full, key=key) == sorted(resumed, key=key)
 
+
+
+def test_calibrated_radii_and_workers_give_the_same_results(tmp_path, capsys):
+    """--kl-radii / --penalty-fractions calibrate tau and rho0 at the seed-one DPO policy by the stated
+    rules (checked here from the per-pair values recomputed independently), and --workers 2 reproduces
+    --workers 1 exactly."""
+    import torch
+
+    from drdpo_theory.llm.losses import kl_dual_temperature
+
+    res = {}
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        argv = ["llm-shift", "--quick", "--out", str(out), "--no-progress", "--json", "--seeds", "0,1",
+                "--kl-radii", "0.1,0.5", "--penalty-fractions", "0.5", "--wdpo-penalty", "rows,tuple",
+                "--workers", str(workers)]
+        assert main(argv) == 0
+        res[workers] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        cal = json.loads((out / "calibration.json").read_text())
+        assert cal["policy"] == "dpo-seed0" and cal["n_pairs"] == 6
+        summary = json.loads((out / "results.json").read_text())
+        assert summary["calibration"] == cal
+        taus = [e["tau"] for e in cal["kl"]]
+        rho0 = cal["wdpo"][0]["rho0"]
+        assert set(res[workers]["methods"]) == {"reference", "dpo", f"kldpo-tau{taus[0]:g}", f"kldpo-tau{taus[1]:g}",
+                                                f"wdpo-rho{rho0:g}", f"wdpo-tuple-rho{rho0:g}"}
+        assert taus[0] > taus[1] > 0  # a larger ball, a colder worst case
+        # the rules, from the reported per-pair statistics
+        assert_allclose(rho0, 0.5 * cal["mean_loss"] / cal["mean_sq_norm"]["rows"], rtol=5e-3)
+        assert_allclose(cal["wdpo"][0]["penalty_rows"], 0.5 * cal["mean_loss"], rtol=5e-3)
+        for e in cal["kl"]:
+            assert_allclose(e["tau"], e["lambda"], rtol=5e-3)
+    # the calibration's losses, recomputed without the embedding probe: the trained DPO policy's
+    # sequence log-probs against the run's cached reference, then the dual temperature of radius 0.1
+    import copy
+
+    from drdpo_theory.llm.logprobs import concatenated_logps
+    from drdpo_theory.llm.losses import dpo_loss
+    from drdpo_theory.llm.models import load_model
+    from drdpo_theory.llm.shift.pipeline import ShiftConfig, _read_jsonl, _tokenize, _train_config
+    from drdpo_theory.llm.trainer import Trainer
+
+    out = tmp_path / "w1"
+    cfg = ShiftConfig.preset("quick", out=str(out))
+    model, tok = load_model("tiny-random", "fp32")
+    trainer = Trainer(_train_config(cfg, out / "train" / "dpo-seed0", "dpo", 0, {}, False), copy.deepcopy(model), tok,
+                      _tokenize(tok, _read_jsonl(out / "pairs.jsonl")), device=torch.device("cpu"))
+    trainer.fit(resume_from="auto")
+    trainer.precompute_reference()
+    batch = trainer.collate(trainer.pairs)
+    with torch.no_grad():
+        pc, pr = concatenated_logps(trainer.model.eval(), {k: v for k, v in batch.items() if k not in ("index", "weight")})
+    losses = dpo_loss(pc, pr, trainer.ref_cache[0][batch["index"]], trainer.ref_cache[1][batch["index"]], cfg.beta)
+    cal = json.loads((out / "calibration.json").read_text())
+    assert_allclose(float(losses.double().mean()), cal["mean_loss"], rtol=1e-5)
+    assert_allclose(kl_dual_temperature(losses.double(), 0.1), cal["kl"][0]["lambda"], rtol=1e-4)
+    assert res[1]["methods"] == res[2]["methods"]
+
+
+def test_calibration_flags_are_checked(tmp_path, capsys):
+    out = str(tmp_path / "x")
+    assert main(["llm-shift", "--quick", "--out", out, "--tau", "0.1", "--kl-radii", "0.1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["llm-shift", "--quick", "--out", out, "--rho0", "0.1", "--penalty-fractions", "0.1"]) == 2
+    assert "not both" in capsys.readouterr().err
+    assert main(["llm-shift", "--quick", "--out", out, "--methods", "kldpo", "--kl-radii", "0.1"]) == 2
+    assert "needs 'dpo'" in capsys.readouterr().err
+    assert main(["llm-shift", "--quick", "--out", out, "--workers", "0"]) == 2

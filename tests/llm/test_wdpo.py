@@ -645,3 +645,22 @@ def test_pass2_runs_one_chunk_with_dropout_or_a_sharded_engine(llama_factory, ba
 def test_pass2_chunks_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match="fd_pass2_chunks"):
         LossConfig(method="wdpo", fd_pass2_chunks=bad)
+
+
+@pytest.mark.parametrize("layout", ["right-padded", "mixed-padding"])
+def test_pair_losses_and_penalties_match_independent_reference(exact_float64, llama_factory, batch_factory, layout):
+    """The per-pair values llm-shift calibrates radii with equal the independent per-pair double backward."""
+    from drdpo_theory.llm.objectives import pair_losses_and_penalties
+
+    model, batch = llama_factory(), batch_factory(n_pairs=3)
+    if layout == "mixed-padding":
+        batch = _mixed_padding(batch)
+    refs = _refs(3)
+    l, sq = pair_losses_and_penalties(model, batch, refs[0], refs[1], BETA)
+    assert not l.requires_grad and all(p.grad is None for p in model.parameters())
+    for penalty in ("rows", "tuple"):
+        _, sqs, losses = _reference_objective(model, batch, refs, RHO0, penalty)
+        assert_allclose(sq[penalty].numpy(), [float(s) for s in sqs], rtol=RTOL)
+        assert_allclose(l.numpy(), losses, rtol=RTOL)
+    if layout == "mixed-padding":
+        assert float((sq["rows"] - sq["tuple"]).abs().max()) > 1e-3 * float(sq["rows"].abs().max())

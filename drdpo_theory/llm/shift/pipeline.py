@@ -71,10 +71,10 @@ __all__ = [
     "summarize",
 ]
 
-RESULT_FIELDS = ("figure", "table", "json_out", "n_boot", "progress", "threads")
+RESULT_FIELDS = ("figure", "table", "json_out", "n_boot", "progress", "threads", "workers")
 """Settings that do not change any cached stage (free to differ on a rerun)."""
 
-RUN_SET_FIELDS = ("methods", "taus", "rho0s", "wdpo_penalties", "seeds")
+RUN_SET_FIELDS = ("methods", "taus", "rho0s", "wdpo_penalties", "seeds", "kl_radii", "penalty_fractions")
 """Settings that only select which training runs to do and report: a rerun may add runs
 (another tau, rho0, WDPO penalty or seed) to a directory and reuses every cached stage; the
 summary lists the runs of the current call."""
@@ -125,6 +125,20 @@ class ShiftConfig:
         "rho0 = 0.005 makes the penalty ~0.17 (a quarter of the DPO loss log 2) and its gradient comparable to DPO's.",
         default=(0.005,),
     )
+    kl_radii: tuple[float, ...] = _h(
+        "KL radii rho > 0: if given, the KLDPO temperatures are calibrated at the DPO solution instead of "
+        "``taus``: tau(rho) is the KL dual temperature lambda*(rho) of the seed-one DPO policy's per-pair training "
+        "losses (so its KLDPO weights there are the worst case of the KL ball of radius rho), to 3 significant "
+        "digits. Needs 'dpo' in methods (docs/llm_shift.md).",
+        default=(),
+    )
+    penalty_fractions: tuple[float, ...] = _h(
+        "Fractions f > 0: if given, the WDPO coefficients are calibrated at the DPO solution instead of "
+        "``rho0s``: rho0(f) makes the rows penalty rho0 mean_i ||grad_z l_i||^2 equal f times the mean DPO loss "
+        "of the seed-one DPO policy on the training pairs, to 3 significant digits; both WDPO norms use it. "
+        "Needs 'dpo' in methods.",
+        default=(),
+    )
     wdpo_impl: str = _h("WDPO gradient: 'finite-diff' or 'double-backward'.", default="finite-diff")
     wdpo_penalties: tuple[str, ...] = _h(
         "WDPO gradient norms (one run per rho0 each): 'rows' (runs wdpo-rho<r>) and/or 'tuple' (the prompt one "
@@ -152,8 +166,15 @@ class ShiftConfig:
         "OpenMP threads per process made generation ~3x slower than one.",
         default=None,
     )
+    workers: int = _h(
+        "Training runs trained and evaluated at once, each in its own process with ``threads`` threads "
+        "(a run's result does not depend on it: every run is seeded by its own seed).",
+        default=1,
+    )
 
     def __post_init__(self) -> None:
+        self.kl_radii = tuple(float(r) for r in self.kl_radii)
+        self.penalty_fractions = tuple(float(f) for f in self.penalty_fractions)
         self.objectives = tuple(self.objectives)
         self.alphas = tuple(float(a) for a in self.alphas)
         self.methods = tuple(self.methods)
@@ -189,6 +210,12 @@ class ShiftConfig:
         if (not self.wdpo_penalties or any(p not in WDPO_PENALTIES for p in self.wdpo_penalties)
                 or len(set(self.wdpo_penalties)) != len(self.wdpo_penalties)):
             raise ValueError(f"wdpo_penalties must be distinct values among {WDPO_PENALTIES}; got {self.wdpo_penalties}")
+        if any(not r > 0 for r in self.kl_radii) or any(not f > 0 for f in self.penalty_fractions):
+            raise ValueError(f"kl_radii and penalty_fractions must be > 0; got {self.kl_radii}, {self.penalty_fractions}")
+        if (self.kl_radii or self.penalty_fractions) and "dpo" not in self.methods:
+            raise ValueError("calibrating radii at the DPO solution (kl_radii, penalty_fractions) needs 'dpo' in methods")
+        if not (isinstance(self.workers, int) and self.workers >= 1):
+            raise ValueError(f"workers must be an integer >= 1; got {self.workers}")
         if self.threads is not None and int(self.threads) < 1:
             raise ValueError(f"threads must be an integer >= 1; got {self.threads}")
 
@@ -698,7 +725,7 @@ def plot_shift(summary: dict[str, Any], path: Path) -> list[Path]:
         ax.set_xlabel(f"test mixture weight alpha (1 = all {o1}, 0 = all {o2})")
         ax.grid(alpha=0.3)
     axes[1].axhline(0.0, color="gray", lw=0.8)
-    axes[0].set_ylabel(f"mean r_alpha on test prompts\n(std units of the train pool)")
+    axes[0].set_ylabel("mean r_alpha on test prompts\n(std units of the train pool)")
     axes[1].set_ylabel("policy − DPO, paired over test prompts\n(std units)")
     axes[0].set_title(f"reward r_alpha = alpha z_{o1} + (1 − alpha) z_{o2}; bands: 95% bootstrap", fontsize=9)
     axes[1].set_title("difference to DPO; bands: 95% paired bootstrap", fontsize=9)
@@ -786,6 +813,210 @@ def _train_done(run_dir: Path, steps: int) -> bool:
     return isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= steps
 
 
+
+# ----------------------------------------------------------------------------- training runs
+def _train_config(cfg: ShiftConfig, run_dir: Path, method: str, seed: int, extra: dict[str, Any], progress: bool) -> Any:
+    from drdpo_theory.llm.trainer import TrainConfig
+
+    return TrainConfig(
+        output_dir=str(run_dir), method=method, beta=cfg.beta, kldpo_variant=cfg.kldpo_variant,
+        wdpo_impl=cfg.wdpo_impl, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps,
+        batch_size=cfg.batch_size, max_length=256, max_prompt_length=192, precision="fp32",
+        lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        lora_target_modules=cfg.lora_target_modules, reference="precompute",
+        checkpoint_every=cfg.checkpoint_every, keep_checkpoints=2, seed=seed,
+        progress=progress, model_spec=cfg.model, export=False, **extra,
+    )
+
+
+def _tokenize(tok: Any, pairs: Sequence[dict[str, Any]]) -> Any:
+    from drdpo_theory.llm.data import tokenize_preferences
+
+    return tokenize_preferences(tok, pairs, max_length=256, max_prompt_length=192)
+
+
+def _eval_policy(cfg: ShiftConfig, model: Any, tok: Any, test_prompts: Sequence[Prompt], path: Path, seed: int,
+                 desc: str, progress: bool) -> list[dict[str, Any]]:
+    """Sample ``eval_samples`` completions per test prompt (seed 10000 + seed), score them, write ``*.scored.jsonl``."""
+    rows = generate_completions(
+        model, tok, test_prompts, cfg.eval_samples, path, max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature, gen_batch=cfg.gen_batch, seed=10_000 + seed, desc=desc,
+        progress=progress, system=cfg.system_prompt,
+    )
+    order = {p.id: i for i, p in enumerate(test_prompts)}
+    rows = _score_rows(sorted(rows, key=lambda r: (order[r["prompt_id"]], r["sample"])), cfg.objectives)
+    _write_jsonl(path.with_suffix(".scored.jsonl"), rows)
+    return rows
+
+
+def _train_and_eval(cfg: ShiftConfig, run: str, method: str, extra: dict[str, Any], seed: int, model0: Any, tok: Any,
+                    tokenized: Any, test_prompts: Sequence[Prompt], progress: bool) -> dict[str, Any]:
+    """Train (or resume) run ``run`` from a copy of ``model0`` and evaluate it; returns timings and a log line."""
+    import torch
+
+    from drdpo_theory.llm.trainer import Trainer
+
+    out = Path(cfg.out)
+    run_dir = out / "train" / run
+    tcfg = _train_config(cfg, run_dir, method, seed, extra, progress)
+    t0 = time.perf_counter()
+    was_done = _train_done(run_dir, cfg.steps)
+    trainer = Trainer(tcfg, copy.deepcopy(model0), tok, tokenized, device=torch.device("cpu"))
+    res = trainer.fit(resume_from="auto")
+    if res.interrupted:
+        raise KeyboardInterrupt
+    report: dict[str, Any] = {"run": run, "timings": {}, "log": None}
+    if not was_done:
+        report["timings"][f"train:{run}"] = time.perf_counter() - t0
+        report["log"] = (f"trained {run}: steps {res.start_step}->{res.final_step}, last loss "
+                         f"{res.losses[-1] if res.losses else float('nan'):.4f}")
+    t0 = time.perf_counter()
+    policy = trainer.base.eval()
+    _eval_policy(cfg, policy, tok, test_prompts, out / "eval" / f"{run}.jsonl", seed, f"eval {run}", progress)
+    report["timings"][f"eval:{run}"] = time.perf_counter() - t0
+    return report
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(cfg_json: dict[str, Any]) -> None:
+    """Process-pool initializer: load the model, tokenizer, tokenized pairs and test prompts once per worker."""
+    import torch
+
+    from drdpo_theory.llm.models import load_model
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg = ShiftConfig(**cfg_json)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model, tok = load_model(cfg.model, "fp32")
+    pairs = _read_jsonl(Path(cfg.out) / "pairs.jsonl")
+    _WORKER.update(cfg=cfg, model=model, tok=tok, tokenized=_tokenize(tok, pairs),
+                   test_prompts=load_prompts("test", cfg.n_test))
+
+
+def _worker_job(run: str, method: str, extra: dict[str, Any], seed: int) -> dict[str, Any]:
+    w = _WORKER
+    return _train_and_eval(w["cfg"], run, method, extra, seed, w["model"], w["tok"], w["tokenized"],
+                           w["test_prompts"], progress=False)
+
+
+def _run_pool(cfg: ShiftConfig, first: list[tuple[str, str, dict[str, Any], int]],
+              second: Callable[[], list[tuple[str, str, dict[str, Any], int]]] | None, cal_run: str,
+              done: Callable[[dict[str, Any]], None]) -> None:
+    """Run the jobs in ``cfg.workers`` spawned processes; ``second()`` (the calibrated runs) is called
+    in this process once ``cal_run`` is finished (or at once when it is not among ``first``).
+
+    On an interrupt (SIGINT, or SIGTERM to this process) every worker gets SIGTERM, so that each
+    trainer writes its checkpoint and stops; a rerun resumes them.
+    """
+    import multiprocessing as mp
+    import signal
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    ex = ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn"),
+                             initializer=_worker_init, initargs=(cfg.to_json(),))
+    pending: dict[Any, str] = {}
+    try:
+        for job in first:
+            pending[ex.submit(_worker_job, *job)] = job[0]
+        waiting = second is not None
+        if waiting and cal_run not in pending.values():
+            waiting = False
+            for job in second():
+                pending[ex.submit(_worker_job, *job)] = job[0]
+        while pending:
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                run = pending.pop(fut)
+                done(fut.result())  # re-raises a worker's error here
+                if waiting and run == cal_run:
+                    waiting = False
+                    for job in second():
+                        pending[ex.submit(_worker_job, *job)] = job[0]
+    except BaseException:
+        for proc in list(getattr(ex, "_processes", {}).values()):
+            if proc.is_alive():
+                proc.terminate()
+        ex.shutdown(wait=True, cancel_futures=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+    ex.shutdown(wait=True)
+
+
+def calibrate_radii(cfg: ShiftConfig, model0: Any, tok: Any, tokenized: Any, seed: int) -> dict[str, Any]:
+    r"""Per-pair losses and WDPO squared gradient norms of the trained ``dpo-seed<seed>`` policy on the
+    training pairs, and the radii they calibrate (``cfg.kl_radii`` -> taus, ``cfg.penalty_fractions`` -> rho0s).
+
+    * KLDPO: :math:`\tau(\rho) = \lambda^*(\rho)`, the KL dual temperature of the N training losses
+      (:func:`drdpo_theory.llm.losses.kl_dual_temperature`): the KLDPO weights
+      :math:`\propto e^{\ell_i/\tau}` at the DPO solution are then the worst case of the KL ball of radius
+      :math:`\rho` around the training pairs.
+    * WDPO: :math:`\rho_0(f) = f\,\bar\ell / \overline{\|\nabla_z\ell\|^2}` (rows norm): the penalty at the
+      DPO solution is f times its mean DPO loss.
+
+    Both are rounded to 3 significant digits (they name the runs).
+    """
+    import torch
+
+    from drdpo_theory.llm.losses import effective_sample_size, kl_dual_temperature
+    from drdpo_theory.llm.objectives import pair_losses_and_penalties
+    from drdpo_theory.llm.trainer import Trainer
+
+    run = f"dpo-seed{seed}"
+    run_dir = Path(cfg.out) / "train" / run
+    if not _train_done(run_dir, cfg.steps):
+        raise RuntimeError(f"calibration needs the finished run {run_dir}")
+    trainer = Trainer(_train_config(cfg, run_dir, "dpo", seed, {}, False), copy.deepcopy(model0), tok, tokenized,
+                      device=torch.device("cpu"))
+    res = trainer.fit(resume_from="auto")  # finished: loads the final checkpoint, trains nothing
+    if res.interrupted:
+        raise KeyboardInterrupt
+    if trainer.ref_cache is None:
+        trainer.precompute_reference()
+    model = trainer.model.eval()
+    ls, sq = [], {"rows": [], "tuple": []}
+    n = len(trainer.pairs)
+    for i in range(0, n, cfg.batch_size):
+        idx = list(range(i, min(n, i + cfg.batch_size)))
+        batch = trainer.collate([trainer.pairs[j] for j in idx])
+        batch = {k: v for k, v in batch.items() if k not in ("index", "weight")}
+        l, s = pair_losses_and_penalties(model, batch, trainer.ref_cache[0][idx], trainer.ref_cache[1][idx], cfg.beta)
+        ls.append(l.double())
+        for k in sq:
+            sq[k].append(s[k].double())
+    losses = torch.cat(ls)
+    sqs = {k: torch.cat(v) for k, v in sq.items()}
+    mean_l = float(losses.mean())
+    kl = []
+    for rho in cfg.kl_radii:
+        lam = kl_dual_temperature(losses, rho)
+        if not 0 < lam < float("inf"):
+            raise ValueError(f"KL radius {rho} gives dual temperature {lam} on the {n} DPO losses "
+                             f"(needs 0 < rho < log N = {np.log(n):.3f} and losses that differ)")
+        tau = float(f"{lam:.3g}")
+        w = torch.softmax(losses / tau, 0) * n
+        kl.append({"rho": rho, "lambda": lam, "tau": tau, "ess": effective_sample_size(w),
+                   "weight_min": float(w.min()), "weight_max": float(w.max())})
+    wd = []
+    mean_rows = float(sqs["rows"].mean())
+    for f in cfg.penalty_fractions:
+        rho0 = float(f"{f * mean_l / mean_rows:.3g}")
+        wd.append({"fraction": f, "rho0": rho0, "penalty_rows": rho0 * mean_rows,
+                   "penalty_tuple": rho0 * float(sqs["tuple"].mean())})
+    return {
+        "policy": run, "n_pairs": n, "mean_loss": mean_l, "loss_min": float(losses.min()), "loss_max": float(losses.max()),
+        "mean_sq_norm": {k: float(v.mean()) for k, v in sqs.items()},
+        "kl_radii": list(cfg.kl_radii), "penalty_fractions": list(cfg.penalty_fractions), "kl": kl, "wdpo": wd,
+    }
+
+
 def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResult:
     """Run (or resume) every stage of the experiment; see the module docstring.
 
@@ -795,9 +1026,7 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
     """
     import torch
 
-    from drdpo_theory.llm.data import tokenize_preferences
     from drdpo_theory.llm.models import load_model
-    from drdpo_theory.llm.trainer import Trainer, TrainConfig
 
     t_start = time.perf_counter()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -885,68 +1114,109 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
     ref_path = out / "eval" / "reference.jsonl"
     n_eval_rows = len(test_prompts) * cfg.eval_samples
 
-    def eval_policy(model: Any, tok: Any, path: Path, seed: int, desc: str) -> list[dict[str, Any]]:
-        rows = generate_completions(
-            model, tok, test_prompts, cfg.eval_samples, path, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, gen_batch=cfg.gen_batch, seed=10_000 + seed, desc=desc,
-            progress=cfg.progress, system=cfg.system_prompt,
-        )
-        return rows
-
     def scored_eval(path: Path) -> list[dict[str, Any]] | None:
         rows = _read_jsonl(path.with_suffix(".scored.jsonl"))
         return rows if len(rows) == n_eval_rows else None
-
-    def finish_eval(path: Path, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        order = {p.id: i for i, p in enumerate(test_prompts)}
-        rows = _score_rows(sorted(rows, key=lambda r: (order[r["prompt_id"]], r["sample"])), cfg.objectives)
-        _write_jsonl(path.with_suffix(".scored.jsonl"), rows)
-        return rows
 
     rows = scored_eval(ref_path)
     if rows is None:
         t0 = time.perf_counter()
         model, tok = base()
-        rows = finish_eval(ref_path, eval_policy(model, tok, ref_path, eval_seed0, "eval reference"))
+        rows = _eval_policy(cfg, model, tok, test_prompts, ref_path, eval_seed0, "eval reference", cfg.progress)
         record("eval:reference", t0)
     evals["reference"] = [rows]
 
-    tokenized = None
+    # the runs: fixed radii first; calibrated ones after the seed-one DPO run they are calibrated at
+    calibrated = {m for m, on in (("kldpo", cfg.kl_radii), ("wdpo", cfg.penalty_fractions)) if on}
+    tokenized_cache: list[Any] = []
+
+    def tokenized() -> Any:
+        if not tokenized_cache:
+            tokenized_cache.append(_tokenize(base()[1], pairs))
+        return tokenized_cache[0]
+
+    def jobs_of(runs: Sequence[tuple[str, str, dict[str, Any]]]) -> list[tuple[str, str, dict[str, Any], int]]:
+        return [(f"{name}-seed{seed}", method, extra, seed) for name, method, extra in runs for seed in cfg.seeds
+                if scored_eval(out / "eval" / f"{name}-seed{seed}.jsonl") is None]
+
+    calibration: dict[str, Any] | None = None
+    cal_path = out / "calibration.json"
+    cal_seed = cfg.seeds[0]
+
+    def calibrate() -> dict[str, Any]:
+        key = {"policy": f"dpo-seed{cal_seed}", "kl_radii": list(cfg.kl_radii),
+               "penalty_fractions": list(cfg.penalty_fractions)}
+        cal = read_json(cal_path)
+        if isinstance(cal, dict) and all(cal.get(k) == v for k, v in key.items()):
+            return cal
+        t0 = time.perf_counter()
+        model0, tok = base()
+        cal = calibrate_radii(cfg, model0, tok, tokenized(), cal_seed)
+        _write_json(cal_path, cal)
+        record("calibrate", t0)
+        return cal
+
+    def apply(cal: dict[str, Any]) -> None:
+        if cfg.kl_radii:
+            cfg.taus = tuple(e["tau"] for e in cal["kl"])
+        if cfg.penalty_fractions:
+            cfg.rho0s = tuple(e["rho0"] for e in cal["wdpo"])
+        log("calibrated at the DPO solution (" + f"dpo-seed{cal_seed}): "
+            + ", ".join([f"KL rho={e['rho']:g} -> tau={e['tau']:g}" for e in cal["kl"]]
+                        + [f"penalty {e['fraction']:g} x DPO loss -> rho0={e['rho0']:g}" for e in cal["wdpo"]]))
+
+    fixed_runs = [r for r in cfg.runs() if r[1] not in calibrated]
+    first = jobs_of(fixed_runs)
+    need_cal = bool(calibrated)
+    if need_cal:  # the calibration run goes first
+        first.sort(key=lambda j: j[0] != f"dpo-seed{cal_seed}")
+    total = len(first) + (len(jobs_of([r for r in cfg.runs() if r[1] in calibrated])) if not need_cal else 0)
+    bar = None
+    if cfg.progress and (first or need_cal):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total or None, desc="train + eval runs", unit="run")
+
+    def done(report: dict[str, Any]) -> None:
+        for k, v in report["timings"].items():
+            timings[k] = round(timings.get(k, 0.0) + v, 2)
+            stages_run.append(k)
+        _write_json(timings_path, timings)
+        if report["log"]:
+            log(report["log"])
+        if bar is not None:
+            bar.update(1)
+
+    def second_jobs() -> list[tuple[str, str, dict[str, Any], int]]:
+        nonlocal calibration
+        calibration = calibrate()
+        apply(calibration)
+        jobs = jobs_of([r for r in cfg.runs() if r[1] in calibrated])
+        if bar is not None:
+            bar.total = (bar.total or 0) + len(jobs)
+            bar.refresh()
+        return jobs
+
+    if cfg.workers == 1:
+        for job in first:
+            model0, tok = base()
+            done(_train_and_eval(cfg, *job, model0, tok, tokenized(), test_prompts, cfg.progress))
+        for job in (second_jobs() if need_cal else []):
+            model0, tok = base()
+            done(_train_and_eval(cfg, *job, model0, tok, tokenized(), test_prompts, cfg.progress))
+    elif first or need_cal:
+        _run_pool(cfg, first, second_jobs if need_cal else None, f"dpo-seed{cal_seed}", done)
+    if bar is not None:
+        bar.close()
+    if need_cal and calibration is None:
+        calibration = calibrate()
+        apply(calibration)
     for name, method, extra in cfg.runs():
         evals[name] = []
         for seed in cfg.seeds:
-            run = f"{name}-seed{seed}"
-            epath = out / "eval" / f"{run}.jsonl"
-            rows = scored_eval(epath)
+            rows = scored_eval(out / "eval" / f"{name}-seed{seed}.jsonl")
             if rows is None:
-                model0, tok = base()
-                if tokenized is None:
-                    tokenized = tokenize_preferences(tok, pairs, max_length=256, max_prompt_length=192)
-                run_dir = out / "train" / run
-                tcfg = TrainConfig(
-                    output_dir=str(run_dir), method=method, beta=cfg.beta, kldpo_variant=cfg.kldpo_variant,
-                    wdpo_impl=cfg.wdpo_impl, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps,
-                    batch_size=cfg.batch_size, max_length=256, max_prompt_length=192, precision="fp32",
-                    lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                    lora_target_modules=cfg.lora_target_modules, reference="precompute",
-                    checkpoint_every=cfg.checkpoint_every, keep_checkpoints=2, seed=seed,
-                    progress=cfg.progress, model_spec=cfg.model, export=False, **extra,
-                )
-                t0 = time.perf_counter()
-                was_done = _train_done(run_dir, cfg.steps)
-                trainer = Trainer(tcfg, copy.deepcopy(model0), tok, tokenized, device=torch.device("cpu"))
-                res = trainer.fit(resume_from="auto")
-                if res.interrupted:
-                    raise KeyboardInterrupt
-                if not was_done:
-                    record(f"train:{run}", t0)
-                    log(f"trained {run}: steps {res.start_step}->{res.final_step}, last loss "
-                        f"{res.losses[-1] if res.losses else float('nan'):.4f}")
-                t0 = time.perf_counter()
-                policy = trainer.base.eval()
-                rows = finish_eval(epath, eval_policy(policy, tok, epath, seed, f"eval {run}"))
-                record(f"eval:{run}", t0)
-                del trainer, policy
+                raise RuntimeError(f"run {name}-seed{seed} has no complete evaluation after training")
             evals[name].append(rows)
 
     # 6. summary, table, figure
@@ -955,7 +1225,7 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
         "model": cfg.model, "objectives": list(cfg.objectives), "alpha0": cfg.alpha0, "alphas": list(cfg.alphas),
         "normalizer": norm.to_json(), "n_train_prompts": len(train_prompts), "n_pairs": len(pairs),
         "n_test_prompts": len(test_prompts), "eval_samples": cfg.eval_samples, "seeds": list(cfg.seeds),
-        "objective_conflict": conflict,
+        "objective_conflict": conflict, "calibration": calibration,
         "policies": policies, "timings_s": timings, "smoke_test": cfg.smoke_test,
         "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
