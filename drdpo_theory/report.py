@@ -38,7 +38,8 @@ __all__ = ["RESULTS_DIR", "DOCUMENTS", "STUDY_FILES", "collect", "render_blocks"
 #: where the committed summaries live (relative to the repository root)
 RESULTS_DIR = Path("docs/results")
 #: the documents whose generated blocks come from RESULTS_DIR
-DOCUMENTS = (Path("paper_repro.md"), Path("docs/sample_complexity_results.md"), Path("docs/approximations.md"))
+DOCUMENTS = (Path("paper_repro.md"), Path("docs/sample_complexity_results.md"), Path("docs/approximations.md"),
+             Path("docs/llm_shift.md"))
 #: the marker every unverified number carries
 NOT_REGENERATED = _bench.NOT_REGENERATED
 
@@ -77,6 +78,11 @@ STUDY_FILES: dict[str, tuple[str, list[tuple[str, list[str] | None]], str]] = {
     "llm-shift-sweep": ("results/llm_shift", [("sweep_results.json", None)],
                         "drdpo llm-shift --model smollm2 --out runs/llm_shift --tau 0.1,1 --rho0 0.005,0.05 "
                         "--results-json results/llm_shift/sweep_results.json"),
+    "llm-shift-emotion": ("results/llm_shift", [("emotion_results.json", None)],
+                          "drdpo llm-shift --model smollm2 --preset emotion --out runs/llm_shift_emotion --n-train 200 --k 4 --"
+                          "pairs-per-prompt 2 --eval-samples 2 --steps 38 --seeds 0,1,2 --methods dpo,kldpo,wdpo --kl-radii 0.0"
+                          "5,0.5 --penalty-fractions 0.1,1 --wdpo-penalty rows,tuple --workers 2 --figure figures/llm_shift_emo"
+                          "tion.png --table results/llm_shift/emotion_table.md --results-json results/llm_shift/emotion_results.json --json"),
     "shift-map": ("results/shift_map", [("shift_map_compact.json", None),
                                         ("shift_map_best.csv", ["shift", "angle", "ratio", "n", "alpha", "method", "frac",
                                                                 "delta_reward", "delta_reward_lo", "delta_reward_hi",
@@ -88,7 +94,7 @@ STUDY_FILES: dict[str, tuple[str, list[tuple[str, list[str] | None]], str]] = {
     **{name: ("results/bench", [(file, None)], cmd) for name, (file, cmd) in _bench.BENCH.items()},
 }
 
-_DEST = {"llm-shift-seeds01": "llm-shift", "llm-shift-sweep": "llm-shift", "shift-family": "family",
+_DEST = {"llm-shift-seeds01": "llm-shift", "llm-shift-sweep": "llm-shift", "llm-shift-emotion": "llm-shift", "shift-family": "family",
          **{name: "bench" for name in _bench.BENCH}}
 
 
@@ -410,6 +416,8 @@ def block_shift(r: _Results) -> str:
 def _llm_label(name: str) -> str:
     if name.startswith("kldpo-tau"):
         return f"KLDPO (tau = {name[len('kldpo-tau'):]})"
+    if name.startswith("wdpo-tuple-rho"):
+        return f"WDPO tuple (rho0 = {name[len('wdpo-tuple-rho'):]})"
     if name.startswith("wdpo-rho"):
         return f"WDPO (rho0 = {name[len('wdpo-rho'):]})"
     return {"reference": "initial policy", "dpo": "DPO", "ipo": "IPO"}.get(name, name)
@@ -441,6 +449,122 @@ def block_llm_shift(r: _Results) -> str:
         out.append(f"| {_llm_label(name)} | " + " | ".join(
             f"{e['mean'][i]:+.3f} [{e['lo'][i]:+.3f}, {e['hi'][i]:+.3f}]" for i in idx) + " |")
     return "\n".join(out)
+
+
+def _emotion_radius(name: str, cal: dict | None) -> str:
+    """The calibration rule behind a run's radius ("KL rho = 0.05", "penalty 1 x DPO loss"), or ""."""
+    if not cal:
+        return ""
+    if name.startswith("kldpo-tau"):
+        tau = float(name[len("kldpo-tau"):])
+        hit = [e for e in cal.get("kl", []) if abs(e["tau"] - tau) <= 1e-12 * max(1.0, tau)]
+        return f"KL rho = {hit[0]['rho']:g}" if hit else ""
+    if name.startswith("wdpo-"):
+        rho0 = float(name.rsplit("rho", 1)[1])
+        hit = [e for e in cal.get("wdpo", []) if abs(e["rho0"] - rho0) <= 1e-12 * max(1.0, rho0)]
+        return f"penalty {hit[0]['fraction']:g} x DPO loss" if hit else ""
+    return ""
+
+
+def _emotion_sig(s: dict) -> list[tuple[str, list[float], list[float]]]:
+    """Per robust run: (name, alphas significantly above DPO, alphas significantly below), by the
+    seed-and-prompt interval where there are several seeds (else the prompt interval)."""
+    out = []
+    for n, e in s["policies"].items():
+        d = e.get("diff")
+        if n in ("reference", "dpo") or not d:
+            continue
+        lo, hi = d.get("seed_prompt_lo", d["lo"]), d.get("seed_prompt_hi", d["hi"])
+        out.append((n, [a for a, v in zip(s["alphas"], lo) if v > 0], [a for a, v in zip(s["alphas"], hi) if v < 0]))
+    return out
+
+
+def _alpha_span(al: list[float]) -> str:
+    return f"[{min(al):g}, {max(al):g}]"
+
+
+def block_llm_shift_emotion(r: _Results) -> str:
+    rel = "llm-shift/emotion_results.json"
+    s = r.json(rel)
+    if s is None:
+        return _missing("llm-shift-emotion")
+    idx = _alpha_idx(s["alphas"])
+    a0 = s["alpha0"]
+    cal = s.get("calibration") or {}
+    c = s.get("objective_conflict") or {}
+    o1, o2 = s["objectives"]
+    seeds = s.get("seeds", [])
+    secs = sum((s.get("timings_s") or {}).values())
+    head = " | ".join(f"alpha = {s['alphas'][i]:g}" + (" (train)" if abs(s["alphas"][i] - a0) < 1e-9 else "") for i in idx)
+    out = [f"{s['model']}, objectives r_1 = {o1}, r_2 = {o2} (NRC lexicon shares; r_alpha = alpha z_{o1} + "
+           f"(1 - alpha) z_{o2}), alpha0 = {a0:g}: {s['n_pairs']} training pairs from {s['n_train_prompts']} prompts, "
+           f"seeds {', '.join(map(str, seeds))}, {s['n_test_prompts']} test prompts x {s['eval_samples']} samples "
+           f"(`docs/results/{rel}`; the stages' CPU time adds up to {secs / 3600:.1f} h).", ""]
+    if c:
+        out += [f"Conflict on the initial policy's samples: Pearson r({o1}, {o2}) = {c['pearson']:+.2f} over "
+                f"{c['n_samples']} samples; the two objectives rank the {c['n_pairs']} training pairs oppositely in "
+                f"{100 * c['pairs_opposite']:.0f}% and at least one ties in {100 * c['pairs_one_tied']:.0f}%.", ""]
+    if cal:
+        out += [f"Radii calibrated at the DPO solution (`{cal['policy']}`, mean training DPO loss "
+                f"{cal['mean_loss']:.3f}, per-pair losses {cal['loss_min']:.3f}-{cal['loss_max']:.3f}; mean "
+                f"||grad_z l||^2 {cal['mean_sq_norm']['rows']:.1f} rows / {cal['mean_sq_norm']['tuple']:.1f} tuple): "
+                + "; ".join([f"KL rho = {e['rho']:g} -> tau = {e['tau']:g} (weights {e['weight_min']:.2f}-"
+                             f"{e['weight_max']:.2f}, ESS {e['ess']:.0f} of {cal['n_pairs']})" for e in cal.get("kl", [])]
+                            + [f"penalty {e['fraction']:g} x DPO loss -> rho0 = {e['rho0']:g} (tuple penalty there "
+                               f"{e['penalty_tuple']:.3f})" for e in cal.get("wdpo", [])]) + ".", ""]
+    out += ["Mean `r_alpha` (standard-deviation units of the train pool) with 95% bootstrap intervals over test prompts:",
+            "", f"| policy | radius rule | {head} |", "| --- | --- | --- | --- | --- |"]
+    for name, e in s["policies"].items():
+        out.append(f"| {_llm_label(name)} | {_emotion_radius(name, cal) or '-'} | " + " | ".join(
+            f"{e['mean'][i]:+.3f} [{e['lo'][i]:+.3f}, {e['hi'][i]:+.3f}]" for i in idx) + " |")
+    out += ["", "Paired difference to DPO (same test prompts and sampling seeds), mean over seeds with the 95% "
+            "interval of the two-level bootstrap (seeds and prompts), and the per-seed means:", "",
+            f"| policy | {head} | per seed at alpha = 0 / 0.5 / 1 |", "| --- | --- | --- | --- | --- |"]
+    for name, e in s["policies"].items():
+        d = e.get("diff")
+        if name in ("reference", "dpo") or not d:
+            continue
+        lo, hi = d.get("seed_prompt_lo", d["lo"]), d.get("seed_prompt_hi", d["hi"])
+        ps = d.get("per_seed") or []
+        out.append(f"| {_llm_label(name)} | " + " | ".join(
+            f"{d['mean'][i]:+.3f} [{lo[i]:+.3f}, {hi[i]:+.3f}]" for i in idx) + " | "
+            + "; ".join(" / ".join(f"{row[i]:+.2f}" for i in idx) for row in ps) + " |")
+    sig = _emotion_sig(s)
+    above = [(n, a) for n, a, _ in sig if a]
+    below = [(n, b) for n, _, b in sig if b]
+    out += ["", "Significant (interval excludes 0): "
+            + ("; ".join(f"{_llm_label(n)} above DPO at alpha in {_alpha_span(a)}" for n, a in above) or "no robust run above DPO at any alpha")
+            + "; " + ("; ".join(f"{_llm_label(n)} below DPO at alpha in {_alpha_span(b)}" for n, b in below)
+                      or "no robust run below DPO at any alpha") + "."]
+    return "\n".join(out)
+
+
+def _row_llm_emotion(r: _Results) -> str | None:
+    s = r.json("llm-shift/emotion_results.json")
+    if s is None:
+        return None
+    sig = _emotion_sig(s)
+    above = [(n, a) for n, a, _ in sig if a]
+    below = [(n, b) for n, _, b in sig if b]
+    c = s.get("objective_conflict") or {}
+    cal = s.get("calibration") or {}
+    if above:
+        verdict = ("robust training pays here: " + "; ".join(
+            f"{_llm_label(n)} ({_emotion_radius(n, cal)}) above DPO at alpha in {_alpha_span(a)}" for n, a in above))
+    else:
+        verdict = (f"robust training does not pay here: none of the {len(sig)} robust runs is significantly above DPO "
+                   f"at any test alpha")
+    kl_radii = ", ".join(f"{e['rho']:g}" for e in cal.get("kl", []))
+    fractions = ", ".join(f"{e['fraction']:g}" for e in cal.get("wdpo", []))
+    cond = (f"{s['model']}, NRC {s['objectives'][0]} vs {s['objectives'][1]} (r = {c.get('pearson', float('nan')):+.2f}; "
+            f"{100 * c.get('pairs_opposite', float('nan')):.0f}% of pairs ranked oppositely), {s['n_pairs']} pairs, "
+            f"seeds {', '.join(map(str, s.get('seeds', [])))}, radii calibrated at the DPO solution "
+            f"(KL rho {kl_radii}; WDPO penalty {fractions} x DPO loss; rows and tuple norms)")
+    tail = ("; " + "; ".join(f"{_llm_label(n)} below DPO at alpha in {_alpha_span(b)}" for n, b in below)) if below else ""
+    return (f"| 10 | robustness under preference shift (LLM) | WDPO/KLDPO keep alignment under shift | "
+            f"{verdict}{tail} (two-level bootstrap over seeds and prompts). Conditions: {cond} | "
+            f"`{STUDY_FILES['llm-shift-emotion'][2]}` | "
+            f"`figures/llm_shift_emotion.png` |")
 
 
 def _summary_rows(r: _Results) -> list[str]:
@@ -516,7 +640,10 @@ def _summary_rows(r: _Results) -> list[str]:
         rows.append(f"| 6-8 | gradient approximations | - | {NOT_REGENERATED} | {gcmd} | - |")
     rows.append(_row_robustness_loglinear(r))
     got = _llm_best(r)
-    if got is not None:
+    emotion = _row_llm_emotion(r)
+    if emotion is not None:
+        rows.append(emotion)
+    elif got is not None:
         study, rel, s = got
         idx = _alpha_idx(s["alphas"])
         pol = s["policies"]
@@ -794,6 +921,7 @@ BLOCKS: dict[str, Callable[[_Results], str]] = {
     "approximations": block_approximations,
     "shift": block_shift,
     "llm-shift": block_llm_shift,
+    "llm-shift-emotion": block_llm_shift_emotion,
     "shift-map": block_shift_map,
     "shift-map-family": block_shift_map_family,
     "family": block_family,
@@ -978,9 +1106,12 @@ def regenerate_figures(root: str | Path = ".", results_dir: str | Path | None = 
 
     from_docs = None
     for rel, name in (("llm-shift/results.json", "llm_shift"), ("llm-shift/seeds01_results.json", "llm_shift_seeds01"),
-                      ("llm-shift/sweep_results.json", "llm_shift_sweep")):
+                      ("llm-shift/sweep_results.json", "llm_shift_sweep"),
+                      ("llm-shift/emotion_results.json", "llm_shift_emotion")):
         s = r.json(rel)
-        if s is None:
+        if s is None and name == "llm_shift_emotion":
+            log(f"[skip] {name}: {rel} not committed")
+        elif s is None:
             from_docs = llm_tables_from_docs(root / "docs/llm_shift.md") if from_docs is None else from_docs
             s = from_docs.get(name)
             log(f"[docs] {name}: {rel} not committed; drawn from the tables of docs/llm_shift.md"

@@ -239,3 +239,47 @@ def test_llm_tables_of_the_docs_parse_into_summaries():
     assert sweep["policies"]["kldpo-tau0.1"]["diff"]["hi"][0] < 0
     assert got["llm_shift_seeds01"]["seeds"] == [0, 1]
     assert all(R.NOT_REGENERATED in s["provenance"] for s in got.values())
+
+
+def _emotion_summary(lo_shift: float) -> dict:
+    """A synthetic emotion summary: one KLDPO and one WDPO run; the WDPO run's seed-and-prompt interval
+    is shifted by ``lo_shift`` (above 0 at alpha >= 0.5 when lo_shift > 0)."""
+    alphas = [0.0, 0.5, 1.0]
+    pol = {"reference": {"mean": [0.0] * 3, "lo": [-0.1] * 3, "hi": [0.1] * 3, "diff": None},
+           "dpo": {"mean": [0.2] * 3, "lo": [0.1] * 3, "hi": [0.3] * 3, "diff": None}}
+    diff_k = {"vs": "dpo", "mean": [-0.1] * 3, "lo": [-0.2] * 3, "hi": [-0.05] * 3,
+              "per_seed": [[-0.1] * 3] * 3, "seed_prompt_lo": [-0.3] * 3, "seed_prompt_hi": [-0.01, 0.1, 0.1]}
+    diff_w = {"vs": "dpo", "mean": [0.0, 0.1, 0.2], "lo": [-0.1, 0.05, 0.1], "hi": [0.1, 0.2, 0.3],
+              "per_seed": [[0.0, 0.1, 0.2]] * 3,
+              "seed_prompt_lo": [-0.1, -0.05 + lo_shift, -0.05 + lo_shift], "seed_prompt_hi": [0.1, 0.3, 0.4]}
+    pol["kldpo-tau0.2"] = {"mean": [0.1] * 3, "lo": [0.0] * 3, "hi": [0.2] * 3, "diff": diff_k}
+    pol["wdpo-tuple-rho0.003"] = {"mean": [0.2, 0.3, 0.4], "lo": [0.1] * 3, "hi": [0.5] * 3, "diff": diff_w}
+    return {"model": "smollm2", "objectives": ["joy", "anger"], "alpha0": 0.5, "alphas": alphas, "n_pairs": 314,
+            "n_train_prompts": 200, "n_test_prompts": 100, "eval_samples": 2, "seeds": [0, 1, 2],
+            "objective_conflict": {"pearson": -0.16, "n_samples": 800, "n_pairs": 314, "pairs_opposite": 0.13,
+                                   "pairs_one_tied": 0.74},
+            "calibration": {"policy": "dpo-seed0", "n_pairs": 314, "mean_loss": 0.5, "loss_min": 0.1, "loss_max": 1.2,
+                            "mean_sq_norm": {"rows": 30.0, "tuple": 25.0},
+                            "kl": [{"rho": 0.05, "lambda": 0.2001, "tau": 0.2, "ess": 300.0, "weight_min": 0.5,
+                                    "weight_max": 3.0}],
+                            "wdpo": [{"fraction": 0.1, "rho0": 0.003, "penalty_rows": 0.09, "penalty_tuple": 0.075}]},
+            "policies": pol, "timings_s": {"train:dpo-seed0": 3600.0}}
+
+
+@pytest.mark.parametrize("lo_shift", [0.0, 0.1])
+def test_emotion_verdict_follows_the_seed_and_prompt_intervals(tmp_path, lo_shift):
+    """Row 10 and the emotion block read the two-level intervals: a run counts as above / below DPO exactly
+    where its seed-and-prompt interval excludes 0, and the radius rule behind each run is named."""
+    (tmp_path / "llm-shift").mkdir()
+    (tmp_path / "llm-shift" / "emotion_results.json").write_text(json.dumps(_emotion_summary(lo_shift)))
+    res = R._Results(tmp_path)
+    row = R._row_llm_emotion(res)
+    block = R.block_llm_shift_emotion(res)
+    assert "KLDPO (tau = 0.2) below DPO at alpha in [0, 0]" in row  # only alpha = 0 has hi < 0
+    if lo_shift > 0:
+        assert row.split(" | ")[3].startswith("robust training pays here: WDPO tuple (rho0 = 0.003) "
+                                             "(penalty 0.1 x DPO loss) above DPO at alpha in [0.5, 1]")
+    else:
+        assert "does not pay here: none of the 2 robust runs" in row
+    assert "KL rho = 0.05 -> tau = 0.2" in block and "| KLDPO (tau = 0.2) | KL rho = 0.05 |" in block
+    assert "-0.10 / -0.10 / -0.10" in block  # per-seed means

@@ -89,6 +89,29 @@ def test_bootstrap_interval_brackets_mean_and_shrinks_with_n():
     assert PL.bootstrap_mean_ci(const, 50)[1][0] == PL.bootstrap_mean_ci(const, 50)[2][0] == 1.0
 
 
+def test_seed_and_prompt_bootstrap_covers_the_seed_spread():
+    """Seeds that disagree widen the two-level interval; with identical seeds it matches the prompt bootstrap's width."""
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(1, 400, 1)) * np.ones((3, 1, 1))  # three identical seeds
+    lo, hi = PL.bootstrap_seeds_prompts_ci(base, 1000)
+    _, plo, phi = PL.bootstrap_mean_ci(base[0], 1000)
+    assert_allclose(hi - lo, phi - plo, rtol=0.15)
+    shifted = base + np.array([-1.0, 0.0, 1.0])[:, None, None]  # seed effects of +-1
+    lo2, hi2 = PL.bootstrap_seeds_prompts_ci(shifted, 1000)
+    assert hi2[0] - lo2[0] > 5 * (hi[0] - lo[0])
+    assert lo2[0] < shifted.mean() < hi2[0]
+    # the seed means of the summary: policy seed s minus baseline seed s
+    rows = lambda shift: [{"prompt_id": i, "scores": {"joy": 0.1 * i + shift, "anger": 0.0}, "n_tokens": 3} for i in range(4)]
+    ev = {"dpo": [rows(0.0), rows(0.0)], "x": [rows(0.2), rows(0.4)]}
+    from drdpo_theory.llm.shift.rewards import Normalizer
+
+    out = PL.summarize(ev, ("joy", "anger"), Normalizer((0.0, 0.0), (1.0, 1.0)), (0.0, 1.0), [0, 1, 2, 3], 200)
+    d = out["x"]["diff"]
+    assert_allclose(d["per_seed"], [[0.0, 0.2], [0.0, 0.4]], atol=1e-12)  # r_alpha = alpha z_joy + (1-alpha) z_anger
+    assert_allclose(d["mean"], [0.0, 0.3], atol=1e-12)
+    assert d["seed_prompt_lo"][1] <= 0.2 + 1e-12 and d["seed_prompt_hi"][1] >= 0.4 - 1e-12
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="objectives"):
         PL.ShiftConfig(objectives=("positivity", "positivity"))

@@ -62,6 +62,8 @@ __all__ = [
     "ShiftConfig",
     "ShiftResult",
     "bootstrap_mean_ci",
+    "bootstrap_seeds_prompts_ci",
+    "calibrate_radii",
     "build_pairs",
     "generate_completions",
     "markdown_table",
@@ -532,6 +534,30 @@ def bootstrap_mean_ci(
     return values.mean(axis=0), np.quantile(boots, q, axis=0), np.quantile(boots, 1.0 - q, axis=0)
 
 
+def bootstrap_seeds_prompts_ci(values: np.ndarray, n_boot: int, seed: int = 0, level: float = 0.95
+                               ) -> tuple[np.ndarray, np.ndarray]:
+    """Two-level percentile-bootstrap interval of the mean of ``values`` (S seeds, n prompts, A).
+
+    Each resample draws S seeds with replacement and, independently, n prompts with replacement,
+    and takes the mean over the drawn (seed, prompt) cells; so the interval covers the variation
+    between training seeds as well as between test prompts (with few seeds it is coarse).
+
+    Returns
+    -------
+    lo, hi : numpy.ndarray, each of shape (A,)
+    """
+    values = np.asarray(values, dtype=np.float64)
+    s, n = values.shape[:2]
+    rng = np.random.default_rng(seed)
+    boots = np.empty((n_boot,) + values.shape[2:])
+    for b in range(n_boot):
+        si = rng.integers(0, s, size=s)
+        pi = rng.integers(0, n, size=n)
+        boots[b] = values[si][:, pi].mean(axis=(0, 1))
+    q = (1.0 - level) / 2.0
+    return np.quantile(boots, q, axis=0), np.quantile(boots, 1.0 - q, axis=0)
+
+
 def _per_prompt(rows: Sequence[dict[str, Any]], objectives: Sequence[str], norm: Normalizer,
                 alphas: np.ndarray, prompt_ids: Sequence[int]) -> np.ndarray:
     """Mean r_alpha per test prompt, shape (n_prompts, A)."""
@@ -570,12 +596,18 @@ def summarize(
     dict
         ``{policy: {"mean": [A], "lo": [A], "hi": [A], "raw_mean": {objective: float},
         "diff": {...} or None}}``; a policy's per-prompt values are averaged over its seeds and samples.
+        ``diff`` (policy minus baseline, paired by prompt) has ``mean``/``lo``/``hi`` (bootstrap over
+        prompts) and, with >= 2 seeds, ``per_seed`` (S x A: seed s minus the baseline's seed s, whose
+        evaluation used the same sampling seed) and ``seed_prompt_lo``/``seed_prompt_hi``
+        (:func:`bootstrap_seeds_prompts_ci`).
     """
     a = np.asarray(alphas, dtype=np.float64)
     per = {}
+    per_seed = {}
     raw = {}
     for name, seed_rows in evals.items():
-        per[name] = np.mean([_per_prompt(rows, objectives, norm, a, prompt_ids) for rows in seed_rows], axis=0)
+        per_seed[name] = np.stack([_per_prompt(rows, objectives, norm, a, prompt_ids) for rows in seed_rows])  # (S, n, A)
+        per[name] = per_seed[name].mean(axis=0)
         allrows = [r for rows in seed_rows for r in rows]
         raw[name] = {o: float(np.mean([r["scores"][o] for r in allrows])) for o in OBJECTIVES
                      if all(o in r["scores"] for r in allrows)}  # the objectives scored in this run
@@ -587,6 +619,11 @@ def summarize(
         if baseline in per and name != baseline:
             dm, dlo, dhi = bootstrap_mean_ci(v - per[baseline], n_boot, seed=0)
             entry["diff"] = {"vs": baseline, "mean": dm.tolist(), "lo": dlo.tolist(), "hi": dhi.tolist()}
+            if per_seed[name].shape[0] == per_seed[baseline].shape[0] > 1:  # seed s paired with the baseline's seed s
+                d = per_seed[name] - per_seed[baseline]  # (S, n, A)
+                slo, shi = bootstrap_seeds_prompts_ci(d, n_boot, seed=0)
+                entry["diff"].update(per_seed=d.mean(axis=1).tolist(), seed_prompt_lo=slo.tolist(),
+                                     seed_prompt_hi=shi.tolist())
         out[name] = entry
     return out
 
