@@ -466,15 +466,19 @@ def _emotion_radius(name: str, cal: dict | None) -> str:
     return ""
 
 
-def _emotion_sig(s: dict) -> list[tuple[str, list[float], list[float]]]:
+def _emotion_sig(s: dict, level: str = "seeds") -> list[tuple[str, list[float], list[float]]]:
     """Per robust run: (name, alphas significantly above DPO, alphas significantly below), by the
-    seed-and-prompt interval where there are several seeds (else the prompt interval)."""
+    seed-and-prompt interval where there are several seeds (else, or with ``level="prompts"``, the
+    prompt interval, which holds the training seeds fixed)."""
     out = []
     for n, e in s["policies"].items():
         d = e.get("diff")
         if n in ("reference", "dpo") or not d:
             continue
-        lo, hi = d.get("seed_prompt_lo", d["lo"]), d.get("seed_prompt_hi", d["hi"])
+        if level == "prompts":
+            lo, hi = d["lo"], d["hi"]
+        else:
+            lo, hi = d.get("seed_prompt_lo", d["lo"]), d.get("seed_prompt_hi", d["hi"])
         out.append((n, [a for a, v in zip(s["alphas"], lo) if v > 0], [a for a, v in zip(s["alphas"], hi) if v < 0]))
     return out
 
@@ -549,11 +553,11 @@ def _row_llm_emotion(r: _Results) -> str | None:
     c = s.get("objective_conflict") or {}
     cal = s.get("calibration") or {}
     if above:
-        verdict = ("robust training pays here: " + "; ".join(
+        verdict = ("robust training pays here (two-level bootstrap over seeds and prompts): " + "; ".join(
             f"{_llm_label(n)} ({_emotion_radius(n, cal)}) above DPO at alpha in {_alpha_span(a)}" for n, a in above))
     else:
         verdict = (f"robust training does not pay here: none of the {len(sig)} robust runs is significantly above DPO "
-                   f"at any test alpha")
+                   f"at any test alpha (two-level bootstrap over seeds and prompts)")
     kl_radii = ", ".join(f"{e['rho']:g}" for e in cal.get("kl", []))
     fractions = ", ".join(f"{e['fraction']:g}" for e in cal.get("wdpo", []))
     cond = (f"{s['model']}, NRC {s['objectives'][0]} vs {s['objectives'][1]} (r = {c.get('pearson', float('nan')):+.2f}; "
@@ -561,8 +565,22 @@ def _row_llm_emotion(r: _Results) -> str | None:
             f"seeds {', '.join(map(str, s.get('seeds', [])))}, radii calibrated at the DPO solution "
             f"(KL rho {kl_radii}; WDPO penalty {fractions} x DPO loss; rows and tuple norms)")
     tail = ("; " + "; ".join(f"{_llm_label(n)} below DPO at alpha in {_alpha_span(b)}" for n, b in below)) if below else ""
+    robust = [(n, e) for n, e in s["policies"].items() if n not in ("reference", "dpo") and e.get("diff")]
+    if robust:
+        n_best, i_best = max(((n, i) for n, e in robust for i in range(len(s["alphas"]))),
+                             key=lambda t: dict(robust)[t[0]]["diff"]["mean"][t[1]])
+        tail += (f"; largest point estimate above DPO {dict(robust)[n_best]['diff']['mean'][i_best]:+.3f} "
+                 f"({_llm_label(n_best)} at alpha = {s['alphas'][i_best]:g})")
+    fixed = [(n, b) for n, _, b in _emotion_sig(s, "prompts") if b]
+    fixed_up = [(n, a) for n, a, _ in _emotion_sig(s, "prompts") if a]
+    if len(s.get("seeds", [])) > 1:
+        tail += ("; with the training seeds held fixed (interval over prompts only): "
+                 + ("; ".join(f"{_llm_label(n)} above DPO at alpha in {_alpha_span(a)}" for n, a in fixed_up) + "; "
+                    if fixed_up else "")
+                 + ("; ".join(f"{_llm_label(n)} below DPO at alpha in {_alpha_span(b)}" for n, b in fixed)
+                    or "no run below DPO"))
     return (f"| 10 | robustness under preference shift (LLM) | WDPO/KLDPO keep alignment under shift | "
-            f"{verdict}{tail} (two-level bootstrap over seeds and prompts). Conditions: {cond} | "
+            f"{verdict}{tail}. Conditions: {cond} | "
             f"`{STUDY_FILES['llm-shift-emotion'][2]}` | "
             f"`figures/llm_shift_emotion.png` |")
 

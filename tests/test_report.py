@@ -277,7 +277,8 @@ def test_emotion_verdict_follows_the_seed_and_prompt_intervals(tmp_path, lo_shif
     block = R.block_llm_shift_emotion(res)
     assert "KLDPO (tau = 0.2) below DPO at alpha in [0, 0]" in row  # only alpha = 0 has hi < 0
     if lo_shift > 0:
-        assert row.split(" | ")[3].startswith("robust training pays here: WDPO tuple (rho0 = 0.003) "
+        assert row.split(" | ")[3].startswith("robust training pays here (two-level bootstrap over seeds and prompts): "
+                                             "WDPO tuple (rho0 = 0.003) "
                                              "(penalty 0.1 x DPO loss) above DPO at alpha in [0.5, 1]")
     else:
         assert "does not pay here: none of the 2 robust runs" in row

@@ -724,11 +724,19 @@ def _takeaway(summary: dict[str, Any]) -> str:
             above.append(f"{_label(name)} at alpha {min(up):g}-{max(up):g}")
         if down:
             below.append(_label(name))
+    fixed = " over prompts, training seeds fixed" if len(summary.get("seeds", [])) > 1 else ""
     if above:
-        return "Significantly above DPO (95% paired interval): " + "; ".join(above)
-    text = "No robust policy is significantly above DPO at any alpha (95% paired intervals)"
+        return f"Significantly above DPO (95% paired interval{fixed}): " + "; ".join(above)
+    text = f"No robust policy is significantly above DPO at any alpha (95% paired intervals{fixed})"
     if below:
         text += "; below it at some alpha: " + ", ".join(below)
+    two_level = [name for name, e in summary["policies"].items() if (e.get("diff") or {}).get("seed_prompt_lo")]
+    if fixed and two_level:
+        sig = [name for name in two_level
+               if any(lo > 0 or hi < 0 for lo, hi in zip(summary["policies"][name]["diff"]["seed_prompt_lo"],
+                                                          summary["policies"][name]["diff"]["seed_prompt_hi"]))]
+        text += ("\nresampling seeds as well: " + (", ".join(_label(n) for n in sig) + " differ from DPO at some alpha"
+                                                   if sig else "no robust policy differs significantly from DPO"))
     return text
 
 
