@@ -116,8 +116,21 @@ def _git_commit(root: Path) -> str | None:
         return None
 
 
+def _round_floats(obj, digits: int = 6):
+    """``obj`` with every float rounded to ``digits`` significant digits (lists and dicts recursively)."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}")
+    if isinstance(obj, list):
+        return [_round_floats(v, digits) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _round_floats(v, digits) for k, v in obj.items()}
+    return obj
+
+
 def _slim_json(study: str, name: str, obj):
     """Drop what is bulky and not a number the docs quote (llm-shift: per-stage configs)."""
+    if study == "llm-shift-emotion" and isinstance(obj, dict):  # 6 significant digits (as the collected CSVs)
+        return _round_floats({k: v for k, v in obj.items() if k not in ("config",)})
     if study.startswith("llm-shift") and isinstance(obj, dict):
         return {k: v for k, v in obj.items() if k not in ("config",)}
     if study == "shift-map-family" and isinstance(obj, dict):
