@@ -27,6 +27,10 @@ BENCH = {
                             "python benchmarks/vs_trl.py --model smollm2 --steps 10 --rounds 3 --configs trl-dpo "
                             "trl-wdpo align-dpo align-kldpo align-wdpo trl-dpo-lora trl-wdpo-lora align-dpo-lora "
                             "align-kldpo-lora align-wdpo-lora --json results/bench/vs_trl_smollm2_rounds3.json"),
+    # LoRA: the adapter's WDPO through TRL's fused head and through the model's logits (the LoRA default)
+    "bench-vs-trl-lora-heads": ("vs_trl_lora_heads.json",
+                                "python benchmarks/vs_trl.py --configs trl-dpo-lora trl-wdpo-lora trl-wdpo-fulllogits-lora "
+                                "align-wdpo-lora --rounds 2 --json results/bench/vs_trl_lora_heads.json"),
 }
 
 NOT_REGENERATED = "not regenerated in this checkout"

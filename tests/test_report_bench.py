@@ -17,7 +17,7 @@ def _results(base):
     return R._Results(Path(base))
 
 
-@pytest.mark.parametrize("bench", ["bench-vs-trl", "bench-vs-trl-rounds"])
+@pytest.mark.parametrize("bench", ["bench-vs-trl", "bench-vs-trl-rounds", "bench-vs-trl-lora-heads"])
 def test_vs_trl_goals_and_ratios_recomputed_equal_the_benchmark_run(bench):
     path = RESULTS / "bench" / B.BENCH[bench][0]
     if bench != "bench-vs-trl" and not path.is_file():

@@ -35,7 +35,7 @@ checkpointing) stays TRL's. What is overridden:
   TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)``: per-token
   log-probs in tiles, the (2B, T, V) logits are never built, also for WDPO's second
   forward), or with ``lm_head="full"`` (every trainer's keyword) from the model's logits
-  as in ``drdpo align`` (:data:`LM_HEADS`);
+  as in ``drdpo align``; the default ``"auto"`` takes ``"full"`` for a PEFT model (:data:`LM_HEADS`);
 * ``training_step`` (WDPO ``finite-diff`` with ``rho0 > 0`` only): the two-pass estimator
   of :func:`~drdpo_theory.llm.objectives.preference_backward` (forward-backward at e, then
   at e + h g; one graph alive at a time), with both backward passes through
@@ -96,12 +96,14 @@ __all__ = [
     "WDPOTrainer",
 ]
 
-LM_HEADS = ("fused", "full")
-"""Log-prob paths of every adapter trainer (keyword ``lm_head``): ``"fused"`` (default), TRL's fused LM
-head, per-token log-probs in tiles without the (2B, T, V) logits, the logits recomputed in the backward;
+LM_HEADS = ("auto", "fused", "full")
+"""Log-prob paths of every adapter trainer (keyword ``lm_head``): ``"fused"``, TRL's fused LM head,
+per-token log-probs in tiles without the (2B, T, V) logits, the logits recomputed in the backward;
 ``"full"``, the model's own logits and :func:`~drdpo_theory.llm.logprobs.concatenated_logps`, as
-``drdpo align``: no recomputation, the logits held for the backward (measured on CPU, SmolLM2-135M, 4
-pairs per step: benchmarks/vs_trl.py, paper_repro.md section 12)."""
+``drdpo align``: no recomputation, the logits held for the backward; ``"auto"`` (default): ``"full"``
+for a PEFT (LoRA) model, whose backward is cheap enough that the recomputed head shows, ``"fused"``
+otherwise, where holding the logits costs peak memory (both measured on CPU, SmolLM2-135M, 4 pairs per
+step: benchmarks/vs_trl.py, paper_repro.md section 12). ``trainer.lm_head`` is the resolved value."""
 
 GROUP_STATE_FILE = "group_weights.json"
 """File of a TRL checkpoint folder holding ``GroupDPOTrainer``'s EG group weights (``GroupEGState.state_dict()``)."""
@@ -136,10 +138,11 @@ class _RobustDPOTrainer(DPOTrainer):
     group_state: GroupEGState | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        lm_head = kwargs.pop("lm_head", "fused")
+        lm_head = kwargs.pop("lm_head", "auto")
         if lm_head not in LM_HEADS:
             raise ValueError(f"{type(self).__name__}: lm_head must be one of {LM_HEADS}, got {lm_head!r}")
-        self._logps_fn = fused_lm_head_logps if lm_head == "fused" else concatenated_logps
+        self.lm_head = lm_head
+        self._logps_fn = fused_lm_head_logps if lm_head in ("fused", "auto") else concatenated_logps
         options = {k: kwargs.pop(k) for k in self._options if k in kwargs}
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if config is not None:  # fail before TRL loads a reference model or tokenises
@@ -154,6 +157,9 @@ class _RobustDPOTrainer(DPOTrainer):
         # log-probs, so the head is patched again (outermost wrapper wins) with that one output: less work per call
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
         add_fused_lm_head(target, outputs=("log_probs",))
+        if self.lm_head == "auto":  # the model is PEFT-wrapped by now when a peft_config was given
+            self.lm_head = "full" if is_peft_model(self.model) else "fused"
+            self._logps_fn = fused_lm_head_logps if self.lm_head == "fused" else concatenated_logps
 
     def _check_args(self, a: Any) -> None:
         problems = []

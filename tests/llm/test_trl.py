@@ -221,3 +221,17 @@ def test_trl_full_logits_head_gives_the_fused_heads_loss_and_gradient(tmp_path, 
     assert float((grads[1] - grads[0]).norm() / grads[0].norm()) < 1e-4
     with pytest.raises(ValueError, match="lm_head must be one of"):
         _trainer(cls, tmp_path / "bad", lm_head="tiled", **kw)
+
+
+def test_trl_lm_head_auto_is_full_for_peft_and_fused_otherwise(tmp_path):
+    """The default lm_head="auto" resolves after TRL wraps the model: the model's logits for a LoRA model,
+    TRL's fused head for full fine-tuning."""
+    from peft import LoraConfig
+
+    trainer, *_ = _trainer(KLDPOTrainer, tmp_path / "full", tau=0.5)
+    assert trainer.lm_head == "fused" and trainer._logps_fn.__name__ == "fused_lm_head_logps"
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer, *_ = _trainer(KLDPOTrainer, tmp_path / "lora", tau=0.5, peft_config=lora)
+    assert trainer.lm_head == "full" and trainer._logps_fn.__name__ == "concatenated_logps"
+    trainer, *_ = _trainer(KLDPOTrainer, tmp_path / "lora-fused", tau=0.5, peft_config=lora, lm_head="fused")
+    assert trainer.lm_head == "fused" and trainer._logps_fn.__name__ == "fused_lm_head_logps"
