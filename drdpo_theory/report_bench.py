@@ -187,6 +187,16 @@ def row_vs_trl(r) -> str:
         txt += (f"; over {rd.get('rounds', 1)} interleaved rounds of the goal configurations: "
                 f"{sum(g['met'] for g in rg)} of {len(rg)} goals met" + _missed(rg))
         cmd += f", `{BENCH['bench-vs-trl-rounds'][1]}`"
+    hd = _load(r, "bench-vs-trl-lora-heads")
+    if hd is not None:
+        hb = {x["config"]: x for x in hd["rows"] if _ok(x)}
+        if {"trl-wdpo-lora", "trl-wdpo-fulllogits-lora", "align-wdpo-lora"} <= set(hb):
+            aw = hb["align-wdpo-lora"]["s_per_step"]
+            txt += (f"; LoRA over {hd.get('rounds', 1)} interleaved rounds: TRL adapter WDPO "
+                    f"{hb['trl-wdpo-fulllogits-lora']['s_per_step'] / aw:.2f}x `drdpo align` WDPO with the model's logits "
+                    f"(the LoRA default, `lm_head='auto'`), {hb['trl-wdpo-lora']['s_per_step'] / aw:.2f}x through TRL's "
+                    f"fused head")
+            cmd += f", `{BENCH['bench-vs-trl-lora-heads'][1]}`"
     return f"| 12 | train-step cost against TRL | - | {txt} | {cmd} | section 12, {_src(r, 'bench-vs-trl')} |"
 
 

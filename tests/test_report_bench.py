@@ -115,3 +115,14 @@ def test_collect_only_names(monkeypatch, tmp_path, capsys):
     assert main(["reproduce", "--collect", "--only", "bench"]) == 0  # nothing measured here: every bench skipped
     out = capsys.readouterr().out
     assert all(f"[skip] {b}" in out for b in B.BENCH)
+
+
+def test_row_12_quotes_the_lora_heads_run():
+    """Row 12 quotes the LoRA log-prob-path run: both adapter WDPO ratios, recomputed from its rows."""
+    d = json.loads((RESULTS / "bench" / B.BENCH["bench-vs-trl-lora-heads"][0]).read_text())
+    by = {x["config"]: x["s_per_step"] for x in d["rows"]}
+    row = B.row_vs_trl(_results(RESULTS))
+    full = by["trl-wdpo-fulllogits-lora"] / by["align-wdpo-lora"]
+    fused = by["trl-wdpo-lora"] / by["align-wdpo-lora"]
+    assert f"TRL adapter WDPO {full:.2f}x `drdpo align` WDPO with the model's logits" in row
+    assert f"{fused:.2f}x through TRL's fused head" in row
