@@ -483,17 +483,9 @@ def _emotion_sig(s: dict, level: str = "seeds") -> list[tuple[str, list[float], 
     """Per robust run: (name, alphas significantly above DPO, alphas significantly below), by the
     seed-and-prompt interval where there are several seeds (else, or with ``level="prompts"``, the
     prompt interval, which holds the training seeds fixed)."""
-    out = []
-    for n, e in s["policies"].items():
-        d = e.get("diff")
-        if n in ("reference", "dpo") or not d:
-            continue
-        if level == "prompts":
-            lo, hi = d["lo"], d["hi"]
-        else:
-            lo, hi = d.get("seed_prompt_lo", d["lo"]), d.get("seed_prompt_hi", d["hi"])
-        out.append((n, [a for a, v in zip(s["alphas"], lo) if v > 0], [a for a, v in zip(s["alphas"], hi) if v < 0]))
-    return out
+    from .llm.shift.pipeline import paired_significance
+
+    return paired_significance(s, two_level=level != "prompts")
 
 
 def _alpha_span(al: list[float]) -> str:
@@ -584,8 +576,9 @@ def _row_llm_emotion(r: _Results) -> str | None:
                              key=lambda t: dict(robust)[t[0]]["diff"]["mean"][t[1]])
         tail += (f"; largest point estimate above DPO {dict(robust)[n_best]['diff']['mean'][i_best]:+.3f} "
                  f"({_llm_label(n_best)} at alpha = {s['alphas'][i_best]:g})")
-    fixed = [(n, b) for n, _, b in _emotion_sig(s, "prompts") if b]
-    fixed_up = [(n, a) for n, a, _ in _emotion_sig(s, "prompts") if a]
+    by_prompts = _emotion_sig(s, "prompts")
+    fixed = [(n, b) for n, _, b in by_prompts if b]
+    fixed_up = [(n, a) for n, a, _ in by_prompts if a]
     if len(s.get("seeds", [])) > 1:
         tail += ("; with the training seeds held fixed (interval over prompts only): "
                  + ("; ".join(f"{_llm_label(n)} above DPO at alpha in {_alpha_span(a)}" for n, a in fixed_up) + "; "

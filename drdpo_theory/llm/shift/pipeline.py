@@ -65,6 +65,7 @@ __all__ = [
     "bootstrap_seeds_prompts_ci",
     "calibrate_radii",
     "build_pairs",
+    "paired_significance",
     "generate_completions",
     "markdown_table",
     "objective_conflict",
@@ -710,16 +711,26 @@ def _run_title(summary: dict[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
-def _takeaway(summary: dict[str, Any]) -> str:
-    """One line from the paired differences to DPO: is any robust policy significantly above DPO?"""
-    a = summary["alphas"]
-    above, below = [], []
+def paired_significance(summary: dict[str, Any], two_level: bool = False
+                        ) -> list[tuple[str, list[float], list[float]]]:
+    """Per policy with a paired difference to DPO: ``(name, alphas where it is significantly above,
+    alphas where it is significantly below)``, by the 95% interval over prompts, or with ``two_level``
+    the seed-and-prompt interval (``seed_prompt_lo``/``_hi``; the prompt interval where a run has none)."""
+    out = []
     for name, e in summary["policies"].items():
         d = e.get("diff")
         if name == "reference" or not d:
             continue
-        up = [x for x, lo in zip(a, d["lo"]) if lo > 0]
-        down = [x for x, hi in zip(a, d["hi"]) if hi < 0]
+        lo, hi = (d.get("seed_prompt_lo", d["lo"]), d.get("seed_prompt_hi", d["hi"])) if two_level else (d["lo"], d["hi"])
+        out.append((name, [x for x, v in zip(summary["alphas"], lo) if v > 0],
+                    [x for x, v in zip(summary["alphas"], hi) if v < 0]))
+    return out
+
+
+def _takeaway(summary: dict[str, Any]) -> str:
+    """One line from the paired differences to DPO: is any robust policy significantly above DPO?"""
+    above, below = [], []
+    for name, up, down in paired_significance(summary):
         if up:
             above.append(f"{_label(name)} at alpha {min(up):g}-{max(up):g}")
         if down:
@@ -730,11 +741,10 @@ def _takeaway(summary: dict[str, Any]) -> str:
     text = f"No robust policy is significantly above DPO at any alpha (95% paired intervals{fixed})"
     if below:
         text += "; below it at some alpha: " + ", ".join(below)
-    two_level = [name for name, e in summary["policies"].items() if (e.get("diff") or {}).get("seed_prompt_lo")]
+    two_level = {name for name, e in summary["policies"].items() if (e.get("diff") or {}).get("seed_prompt_lo")}
     if fixed and two_level:
-        sig = [name for name in two_level
-               if any(lo > 0 or hi < 0 for lo, hi in zip(summary["policies"][name]["diff"]["seed_prompt_lo"],
-                                                          summary["policies"][name]["diff"]["seed_prompt_hi"]))]
+        sig = [name for name, up, down in paired_significance(summary, two_level=True)
+               if name in two_level and (up or down)]
         text += ("\nresampling seeds as well: " + (", ".join(_label(n) for n in sig) + " differ from DPO at some alpha"
                                                    if sig else "no robust policy differs significantly from DPO"))
     return text
@@ -858,15 +868,18 @@ def _train_done(run_dir: Path, steps: int) -> bool:
     return isinstance(state, dict) and isinstance(state.get("step"), int) and state["step"] >= steps
 
 
-
 # ----------------------------------------------------------------------------- training runs
+MAX_LENGTH, MAX_PROMPT_LENGTH = 256, 192
+"""Token limits of every training run (prompt + answer, prompt): the tokenisation and the TrainConfig agree."""
+
+
 def _train_config(cfg: ShiftConfig, run_dir: Path, method: str, seed: int, extra: dict[str, Any], progress: bool) -> Any:
     from drdpo_theory.llm.trainer import TrainConfig
 
     return TrainConfig(
         output_dir=str(run_dir), method=method, beta=cfg.beta, kldpo_variant=cfg.kldpo_variant,
         wdpo_impl=cfg.wdpo_impl, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps,
-        batch_size=cfg.batch_size, max_length=256, max_prompt_length=192, precision="fp32",
+        batch_size=cfg.batch_size, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, precision="fp32",
         lora=cfg.lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
         lora_target_modules=cfg.lora_target_modules, reference="precompute",
         checkpoint_every=cfg.checkpoint_every, keep_checkpoints=2, seed=seed,
@@ -877,7 +890,7 @@ def _train_config(cfg: ShiftConfig, run_dir: Path, method: str, seed: int, extra
 def _tokenize(tok: Any, pairs: Sequence[dict[str, Any]]) -> Any:
     from drdpo_theory.llm.data import tokenize_preferences
 
-    return tokenize_preferences(tok, pairs, max_length=256, max_prompt_length=192)
+    return tokenize_preferences(tok, pairs, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
 
 
 def _eval_policy(cfg: ShiftConfig, model: Any, tok: Any, test_prompts: Sequence[Prompt], path: Path, seed: int,
@@ -1026,13 +1039,14 @@ def calibrate_radii(cfg: ShiftConfig, model0: Any, tok: Any, tokenized: Any, see
     if trainer.ref_cache is None:
         trainer.precompute_reference()
     model = trainer.model.eval()
-    ls, sq = [], {"rows": [], "tuple": []}
+    ls, sq = [], {k: [] for k in WDPO_PENALTIES}
     n = len(trainer.pairs)
     for i in range(0, n, cfg.batch_size):
         idx = list(range(i, min(n, i + cfg.batch_size)))
         batch = trainer.collate([trainer.pairs[j] for j in idx])
         batch = {k: v for k, v in batch.items() if k not in ("index", "weight")}
-        l, s = pair_losses_and_penalties(model, batch, trainer.ref_cache[0][idx], trainer.ref_cache[1][idx], cfg.beta)
+        l, s = pair_losses_and_penalties(model, batch, trainer.ref_cache[0][idx], trainer.ref_cache[1][idx], cfg.beta,
+                                         WDPO_PENALTIES)
         ls.append(l.double())
         for k in sq:
             sq[k].append(s[k].double())
@@ -1087,10 +1101,13 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
     timings = timings if isinstance(timings, dict) else {}
     stages_run: list[str] = []
 
-    def record(stage: str, t0: float) -> None:
-        timings[stage] = round(timings.get(stage, 0.0) + time.perf_counter() - t0, 2)
+    def add_time(stage: str, seconds: float) -> None:
+        timings[stage] = round(timings.get(stage, 0.0) + seconds, 2)
         _write_json(timings_path, timings)
         stages_run.append(stage)
+
+    def record(stage: str, t0: float) -> None:
+        add_time(stage, time.perf_counter() - t0)
 
     train_prompts = load_prompts("train", cfg.n_train)
     test_prompts = load_prompts("test", cfg.n_test)
@@ -1215,18 +1232,15 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
     need_cal = bool(calibrated)
     if need_cal:  # the calibration run goes first
         first.sort(key=lambda j: j[0] != f"dpo-seed{cal_seed}")
-    total = len(first) + (len(jobs_of([r for r in cfg.runs() if r[1] in calibrated])) if not need_cal else 0)
     bar = None
-    if cfg.progress and (first or need_cal):
+    if cfg.progress and (first or need_cal):  # the calibrated runs are added to the total once known
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total or None, desc="train + eval runs", unit="run")
+        bar = tqdm(total=len(first) or None, desc="train + eval runs", unit="run")
 
     def done(report: dict[str, Any]) -> None:
         for k, v in report["timings"].items():
-            timings[k] = round(timings.get(k, 0.0) + v, 2)
-            stages_run.append(k)
-        _write_json(timings_path, timings)
+            add_time(k, v)
         if report["log"]:
             log(report["log"])
         if bar is not None:
@@ -1242,20 +1256,19 @@ def run_shift(cfg: ShiftConfig, log: Callable[[str], None] = print) -> ShiftResu
             bar.refresh()
         return jobs
 
+    def run_here(jobs: list[tuple[str, str, dict[str, Any], int]]) -> None:
+        for job in jobs:
+            model0, tok = base()
+            done(_train_and_eval(cfg, *job, model0, tok, tokenized(), test_prompts, cfg.progress))
+
     if cfg.workers == 1:
-        for job in first:
-            model0, tok = base()
-            done(_train_and_eval(cfg, *job, model0, tok, tokenized(), test_prompts, cfg.progress))
-        for job in (second_jobs() if need_cal else []):
-            model0, tok = base()
-            done(_train_and_eval(cfg, *job, model0, tok, tokenized(), test_prompts, cfg.progress))
-    elif first or need_cal:
+        run_here(first)
+        if need_cal:
+            run_here(second_jobs())
+    elif first or need_cal:  # second_jobs (the calibration included) runs in this process
         _run_pool(cfg, first, second_jobs if need_cal else None, f"dpo-seed{cal_seed}", done)
     if bar is not None:
         bar.close()
-    if need_cal and calibration is None:
-        calibration = calibrate()
-        apply(calibration)
     for name, method, extra in cfg.runs():
         evals[name] = []
         for seed in cfg.seeds:
