@@ -142,7 +142,6 @@ class _RobustDPOTrainer(DPOTrainer):
         if lm_head not in LM_HEADS:
             raise ValueError(f"{type(self).__name__}: lm_head must be one of {LM_HEADS}, got {lm_head!r}")
         self.lm_head = lm_head
-        self._logps_fn = fused_lm_head_logps if lm_head in ("fused", "auto") else concatenated_logps
         options = {k: kwargs.pop(k) for k in self._options if k in kwargs}
         config = kwargs.get("args", args[2] if len(args) > 2 else None)
         if config is not None:  # fail before TRL loads a reference model or tokenises
@@ -159,7 +158,7 @@ class _RobustDPOTrainer(DPOTrainer):
         add_fused_lm_head(target, outputs=("log_probs",))
         if self.lm_head == "auto":  # the model is PEFT-wrapped by now when a peft_config was given
             self.lm_head = "full" if is_peft_model(self.model) else "fused"
-            self._logps_fn = fused_lm_head_logps if self.lm_head == "fused" else concatenated_logps
+        self._logps_fn = fused_lm_head_logps if self.lm_head == "fused" else concatenated_logps
 
     def _check_args(self, a: Any) -> None:
         problems = []
