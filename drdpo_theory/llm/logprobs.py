@@ -7,15 +7,26 @@ aligned with ``input_ids``), the sequence log-probability is
 
 the logits at position j-1 predicting token j (the shift is done here). One forward of
 the model over all rows.
+
+Only the scored positions reach the LM head: a forward pre-hook on the model's output
+embeddings (:class:`ScoredPositions`) hands it the hidden states of the K positions whose
+next token is an answer token, so the head computes (K, V) logits instead of (N, T, V):
+the prompt and padding positions cost neither the head's matmul nor the log-softmax's
+memory (TRL scores only those positions too, on Triton devices). The model's own forward
+runs unchanged otherwise, so DDP, FSDP2, DeepSpeed and PEFT wrappers see an ordinary call.
+A model whose head is not called on the (N, T, D) hidden states falls back to the full
+logits (same values).
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping
 
+import contextlib
+
 import torch
 
-__all__ = ["sequence_logps", "concatenated_logps", "token_logps"]
+__all__ = ["sequence_logps", "concatenated_logps", "token_logps", "ScoredPositions"]
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -39,6 +50,55 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)  # (N, T)
     # gather minus logsumexp avoids materialising the full (N, T, V) log_softmax.
     return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The module under DDP / DeepSpeed wrappers (``.module``); PEFT models answer themselves."""
+    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+class ScoredPositions:
+    r"""Context manager: the model's LM head sees only the hidden states at ``sel``.
+
+    A forward pre-hook on ``model.get_output_embeddings()`` replaces its input
+    :math:`H \in \mathbb{R}^{N\times T\times D}` by ``H[sel]`` (K, D), so the forward returns
+    (K, V) logits, rows in row-major order of ``sel``. ``fired`` tells whether the head was
+    called on an (N, T, D) input (else it was left alone: e.g. a model without output
+    embeddings, or one that calls its head on another shape).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Hugging Face causal LM, or a DDP / DeepSpeed / PEFT wrapper of one.
+    sel : torch.Tensor of bool, shape (N, T)
+    """
+
+    def __init__(self, model: torch.nn.Module, sel: torch.Tensor):
+        self.sel = sel
+        self.fired = False
+        get = getattr(_unwrap(model), "get_output_embeddings", None)
+        head = get() if callable(get) else None
+        self.head = head if isinstance(head, torch.nn.Module) and not getattr(model, "_drdpo_full_logits", False) else None
+        self.handle = None
+
+    def _hook(self, module, args):
+        h = args[0] if args else None
+        if self.fired or not torch.is_tensor(h) or h.dim() != 3 or tuple(h.shape[:2]) != tuple(self.sel.shape):
+            return None
+        self.fired = True
+        return (h[self.sel.to(h.device)],) + tuple(args[1:])
+
+    def __enter__(self) -> "ScoredPositions":
+        if self.head is not None:
+            self.handle = self.head.register_forward_pre_hook(self._hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.handle is not None:
+            self.handle.remove()
+            self.handle = None
 
 
 def _model_logits(model, input_ids, attention_mask, inputs_embeds):
@@ -88,7 +148,28 @@ def sequence_logps(
         :math:`\sum_{j\ge2} m_j \log p(t_j|t_{<j})`; float32 for half-precision
         models, else the model dtype.
     """
-    logits = _model_logits(model, input_ids, attention_mask, inputs_embeds)  # (N, T, V)
+    scored = loss_mask[:, 1:] != 0  # (N, T-1): position j scores token j+1
+    sel = torch.nn.functional.pad(scored, (0, 1))  # (N, T): the hidden states the head needs
+    k = int(scored.sum())
+    with ScoredPositions(model, sel) as probe:
+        logits = _model_logits(model, input_ids, attention_mask, inputs_embeds)
+    if probe.fired and not (logits.dim() == 2 and logits.shape[0] == k):
+        # the head ran on the scored rows but the model reshaped its output: score everything instead
+        model._drdpo_full_logits = True
+        return sequence_logps(model, input_ids, attention_mask, loss_mask, inputs_embeds)
+    if probe.fired:  # (K, V): the scored positions, row-major
+        tok = token_logps(logits, input_ids[:, 1:][scored])  # (K,)
+        mask = loss_mask[:, 1:][scored].to(tok.dtype)  # (K,), 1 for an ordinary answer mask
+        # scattered back to (N, T-1) and summed per row: deterministic (no index_add atomics)
+        out = tok.new_zeros(scored.shape).masked_scatter(scored, tok * mask).sum(-1)
+        with torch.no_grad():  # TRL's logits/chosen|rejected: mean logit over answer tokens and vocabulary
+            mean_v = logits.detach().float().mean(-1)  # (K,)
+            m = mask.detach().float()
+            stats_sum = mean_v.new_zeros(scored.shape).masked_scatter(scored, mean_v * m).sum(-1)
+            count = torch.zeros(scored.shape, dtype=torch.float32, device=m.device).masked_scatter(scored, m).sum(-1)
+            out.logit_stats = torch.stack([stats_sum, count], dim=-1)  # (N, 2): sum, count
+        return out
+    # (N, T, V): the head was not hooked (no output embeddings, or called on another shape)
     logp = token_logps(logits[:, :-1, :], input_ids[:, 1:])  # (N, T-1): token j+1 given <= j
     mask = loss_mask[:, 1:].to(logp.dtype)  # (N, T-1), aligned with the predicted tokens
     out = (logp * mask).sum(-1)

@@ -19,7 +19,7 @@ from scipy.optimize import brentq
 from scipy.special import logsumexp, softmax
 from torch.testing import assert_close
 
-from drdpo_theory.llm.logprobs import concatenated_logps, sequence_logps
+from drdpo_theory.llm.logprobs import ScoredPositions, concatenated_logps, sequence_logps
 from drdpo_theory.llm.losses import (
     dpo_loss,
     effective_sample_size,
@@ -357,6 +357,86 @@ def test_sequence_logps_match_per_row_unpadded(exact_float64, llama_factory, bat
     assert_close(got_e, got, rtol=RTOL, atol=ATOL)
     c, r = concatenated_logps(model, batch)
     assert_close(torch.cat([c, r]), got, rtol=RTOL, atol=ATOL)
+
+
+def _full_logits_logps(model, ids, am, lm):
+    """Independent reference: the model's (N, T, V) logits, log_softmax, summed over the mask."""
+    logp = model(input_ids=ids, attention_mask=am, position_ids=(am.cumsum(-1) - 1).clamp(min=0)).logits.log_softmax(-1)
+    tok = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # (N, T-1)
+    return (tok * lm[:, 1:].to(tok.dtype)).sum(-1)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_head_scores_only_answer_positions_same_values_and_gradients(exact_float64, llama_factory, batch_factory, lora):
+    model = llama_factory("eager")
+    if lora:
+        peft = pytest.importorskip("peft")
+        model = peft.get_peft_model(model, peft.LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    batch = batch_factory(n_pairs=3)
+    ids, am = batch["input_ids"], batch["attention_mask"]
+    lm = batch["loss_mask"].to(torch.float64)
+    lm[1] = 0.0  # a row without answer tokens
+    lm[2, 5] = 0.5  # a weighted token
+    scored = lm[:, 1:] != 0
+    seen = []
+    head = model.get_output_embeddings()
+    hnd = head.register_forward_hook(lambda mod, args, out: seen.append((tuple(args[0].shape), tuple(out.shape))))
+    got = sequence_logps(model, ids, am, lm)
+    hnd.remove()
+    # the head ran once, on the K scored positions only
+    assert seen == [((int(scored.sum()), 32), (int(scored.sum()), 64))]
+    params = [p for p in model.parameters() if p.requires_grad]
+    w = torch.linspace(0.5, 2.0, ids.shape[0], dtype=torch.float64)
+    g_got = torch.autograd.grad((got * w).sum(), params)
+    want = _full_logits_logps(model, ids, am, lm)
+    g_want = torch.autograd.grad((want * w).sum(), params)
+    assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert got[1] == 0.0
+    for a, b in zip(g_got, g_want):
+        assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # TRL's mean-logit statistic over the answer tokens, from the (N, T, V) logits
+    logits = model(input_ids=ids, attention_mask=am).logits[:, :-1].mean(-1)
+    m = lm[:, 1:]
+    assert_close(got.logit_stats[:, 0], (logits * m).sum(-1).float(), rtol=1e-5, atol=1e-6)
+    assert_close(got.logit_stats[:, 1], m.sum(-1).float())
+
+
+def test_head_not_hooked_when_called_on_other_shapes(exact_float64, llama_factory, batch_factory):
+    """A model that calls its head on flattened hidden states keeps the full-logits path (same values)."""
+    model = llama_factory("eager")
+    batch = batch_factory(n_pairs=2)
+    ids, am, lm = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+
+    class Flat(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_output_embeddings(self):
+            return self.inner.lm_head
+
+        def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, **kw):
+            h = self.inner.model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                 **kw).last_hidden_state
+            n, t, d = h.shape
+            return SimpleNamespace(logits=self.inner.lm_head(h.reshape(n * t, d)).view(n, t, -1))
+
+    wrapped = Flat(model)
+    sel = torch.nn.functional.pad(lm[:, 1:] != 0, (0, 1))
+    with ScoredPositions(wrapped, sel) as probe:
+        wrapped(input_ids=ids, attention_mask=am)
+    assert not probe.fired
+    assert_close(sequence_logps(wrapped, ids, am, lm), _full_logits_logps(model, ids, am, lm), rtol=1e-12, atol=1e-12)
+
+
+def test_head_with_no_answer_tokens_gives_zero_and_a_gradient_path(llama_factory, batch_factory):
+    model = llama_factory("eager", dtype=torch.float32)
+    batch = batch_factory(n_pairs=2)
+    got = sequence_logps(model, batch["input_ids"], batch["attention_mask"], torch.zeros_like(batch["loss_mask"]))
+    assert torch.equal(got, torch.zeros(4))
+    got.sum().backward()  # connected to the model: an all-masked micro-batch backpropagates zeros
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())
 
 
 def test_llm_package_import_is_light_and_independent_of_solvers():
