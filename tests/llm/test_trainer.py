@@ -398,3 +398,80 @@ def test_cli_module_does_not_import_torch():
            "c.register(p.add_subparsers()); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+# --------------------------------------------------------------------------- tied embeddings
+
+
+def _tied(model):
+    """Tie the tiny model's head to its embedding table (SmolLM2, Llama-3.2-1B and Qwen2.5 are tied)."""
+    model.lm_head.weight = model.get_input_embeddings().weight
+    model.config.tie_word_embeddings = True
+    return model
+
+
+@pytest.mark.parametrize("kw", [
+    {"method": "dpo"},
+    {"method": "wdpo", "wdpo_impl": "finite-diff", "rho0": 0.05},
+    {"method": "wdpo", "wdpo_impl": "double-backward", "rho0": 0.05},
+], ids=["dpo", "wdpo-fd", "wdpo-db"])
+def test_sparse_tied_embedding_gradient_equals_the_dense_one(exact_float64, llama_factory, batch_factory, kw):
+    """The lookup term as a sparse tensor: the tied table's .grad is dense and the same, every estimator."""
+    from drdpo_theory.llm.objectives import LossConfig, preference_backward
+    from drdpo_theory.llm.trainer import sparse_tied_embedding_grad
+
+    batch = batch_factory(n_pairs=3)
+    cfg = LossConfig(beta=0.5, **kw)
+    grads, c = [], 1.0
+    for sparse in (False, True):
+        model = _tied(llama_factory("eager", init_std=0.2))
+        if sparse:
+            assert sparse_tied_embedding_grad(model)
+        assert model.get_input_embeddings().sparse is sparse
+        _, m = preference_backward(model, batch, None, None, cfg)
+        if "wdpo/fd_h" in m:  # two-pass: rounding of either sum is amplified by c = 2 rho0 / h (as above)
+            c = max(c, 2 * cfg.rho0 / m["wdpo/fd_h"])
+        g = model.get_input_embeddings().weight.grad
+        assert g is not None and g.layout == torch.strided  # dense: what the optimizer and clipping need
+        assert float(g.abs().sum()) > 0
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    g_max = max(float(g.abs().max()) for g in grads[0].values())
+    atol = TWO_PASS_ROUND * torch.finfo(torch.float64).eps * c * g_max
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0.0, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+def test_sparse_embedding_gradient_only_for_tied_trained_tables(llama_factory):
+    from drdpo_theory.llm.trainer import sparse_tied_embedding_grad
+
+    untied = llama_factory("eager")
+    assert not sparse_tied_embedding_grad(untied) and not untied.get_input_embeddings().sparse
+    frozen = _tied(llama_factory("eager"))
+    frozen.get_input_embeddings().weight.requires_grad_(False)
+    assert not sparse_tied_embedding_grad(frozen) and not frozen.get_input_embeddings().sparse
+
+
+def test_trainer_with_tied_embeddings_matches_the_dense_gradient_run(tmp_path, monkeypatch):
+    """3 DPO steps on a tied model: sparse lookup gradient (the default, one process) and the dense one give
+    the same losses and weights (summation order only); LoRA (frozen table) leaves it off."""
+    import drdpo_theory.llm.trainer as T
+
+    def run(out, sparse):
+        cfg, model, tok, pairs = _setup(output_dir=str(out), method="dpo", max_steps=3)
+        if not sparse:
+            monkeypatch.setattr(T, "sparse_tied_embedding_grad", lambda m: False)
+        trainer = Trainer(cfg, _tied(model), tok, pairs)
+        monkeypatch.undo()
+        assert trainer.sparse_embedding_grad is sparse
+        trainer.fit()
+        return trainer
+
+    a, b = run(tmp_path / "sparse", True), run(tmp_path / "dense", False)
+    rows_a, rows_b = _rows(tmp_path / "sparse" / "metrics.csv"), _rows(tmp_path / "dense" / "metrics.csv")
+    torch.testing.assert_close(torch.tensor([float(r["loss"]) for r in rows_a]),
+                               torch.tensor([float(r["loss"]) for r in rows_b]), rtol=ACCUM_RTOL, atol=ACCUM_ATOL)
+    # Adam divides by sqrt(v): a near-zero gradient entry turns summation-order noise into a visible step
+    for (n, p), q in zip(a.base.named_parameters(), b.base.parameters()):
+        torch.testing.assert_close(p, q, rtol=DDP_RTOL, atol=DDP_ATOL, msg=lambda m: f"{n}: {m}")
+    cfg, model, tok, pairs = _setup(output_dir=str(tmp_path / "lora"), lora=True, lora_r=4)
+    assert Trainer(cfg, _tied(model), tok, pairs).sparse_embedding_grad is False
