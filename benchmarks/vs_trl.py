@@ -8,8 +8,11 @@ after the other, each in its own process (this script re-run with ``--child``):
 
 =================  ===========================================================================
 ``trl-dpo``        ``trl.DPOTrainer`` (its own DPO loss), ``precompute_ref_log_probs=True``
-``trl-kldpo``      ``drdpo_theory.llm.trl_adapter.KLDPOTrainer`` (clamped, tau 1)
-``trl-wdpo``       ``drdpo_theory.llm.trl_adapter.WDPOTrainer``, finite-diff, rho0 0.01
+``trl-kldpo``      ``drdpo_theory.llm.trl_adapter.KLDPOTrainer`` (clamped, tau 1; default ``lm_head``)
+``trl-wdpo``       ``drdpo_theory.llm.trl_adapter.WDPOTrainer``, finite-diff, rho0 0.01, TRL's fused
+                   LM head (``lm_head="fused"``; also ``trl-wdpo-chunk2``)
+``trl-wdpo-fulllogits``  the same with ``lm_head="full"`` (the adapter's default on CPU: the
+                   model's own forward, its head on the completion positions only)
 ``align-dpo``      ``drdpo align --method dpo`` (``drdpo_theory.cli.main``, ``--no-export``)
 ``align-kldpo``    ``drdpo align --method kldpo`` (clamped, tau 1)
 ``align-wdpo``     ``drdpo align --method wdpo --wdpo-impl finite-diff --rho0 0.01``
@@ -80,9 +83,9 @@ for _lora in (False, True):
     CONFIGS.update({
         "trl-dpo" + _sfx: ("trl", "dpo", _lora, "TRL DPOTrainer, DPO" + _lab),
         "trl-kldpo" + _sfx: ("trl", "kldpo", _lora, "TRL adapter KLDPOTrainer" + _lab),
-        "trl-wdpo" + _sfx: ("trl", "wdpo", _lora, "TRL adapter WDPOTrainer finite-diff" + _lab),
+        "trl-wdpo" + _sfx: ("trl", "wdpo", _lora, "TRL adapter WDPOTrainer finite-diff, lm_head='fused'" + _lab),
         "trl-wdpo-fulllogits" + _sfx: ("trl", "wdpo", _lora,
-                                       "TRL adapter WDPOTrainer finite-diff, lm_head='full'" + _lab),
+                                       "TRL adapter WDPOTrainer finite-diff, lm_head='full' (CPU default)" + _lab),
         "align-dpo" + _sfx: ("align", "dpo", _lora, "drdpo align DPO" + _lab),
         "align-kldpo" + _sfx: ("align", "kldpo", _lora, "drdpo align KLDPO" + _lab),
         "align-wdpo" + _sfx: ("align", "wdpo", _lora, "drdpo align WDPO finite-diff" + _lab),
@@ -288,7 +291,7 @@ def run_config(name: str, a, data: Path, work: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     spec = dict(path=path, method=method, lora=lora, model=a.model, data=str(data), steps=a.steps,
                 batch_size=a.batch_size, max_length=a.max_length, lr=a.lr, beta=a.beta, threads=a.threads,
-                lm_head="full" if name in FULL_LOGITS else "fused", fd_pass2_chunks=2 if name in CHUNK2 else 1)
+                lm_head="full" if name in FULL_LOGITS else "auto" if method == "kldpo" else "fused", fd_pass2_chunks=2 if name in CHUNK2 else 1)
     (d / "spec.json").write_text(json.dumps(spec, indent=1))
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",

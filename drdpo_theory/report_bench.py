@@ -108,7 +108,7 @@ def trl_goals(rows: list[dict]) -> list[dict]:
                     add(f"drdpo align {m.upper()} ({tag}) peak RSS <= TRL DPO's",
                         f"{r['peak_rss_mib']:.0f} vs {trl['peak_rss_mib']:.0f} MiB", r["peak_rss_mib"] <= trl["peak_rss_mib"])
         aw = by.get("align-wdpo" + sfx)
-        for cfg, head in (("trl-wdpo", ""), ("trl-wdpo-fulllogits", ", lm_head='full'"),
+        for cfg, head in (("trl-wdpo", ", lm_head='fused'"), ("trl-wdpo-fulllogits", ", lm_head='full'"),
                           ("trl-wdpo-chunk2", ", fd_pass2_chunks=2")):
             tw = by.get(cfg + sfx)
             if tw and aw:
@@ -176,8 +176,8 @@ def row_vs_trl(r) -> str:
     txt = (f"{d['model']}, CPU, 1 thread: `drdpo align` DPO / KLDPO {_x(q.get('align-dpo', {}).get('vs_trl_dpo'))}x / "
            f"{_x(q.get('align-kldpo', {}).get('vs_trl_dpo'))}x TRL DPO s/step (LoRA "
            f"{_x(q.get('align-dpo-lora', {}).get('vs_trl_dpo'))}x / {_x(q.get('align-kldpo-lora', {}).get('vs_trl_dpo'))}x); "
-           f"TRL adapter WDPO {rat('trl-wdpo', 'align-wdpo')} (LoRA {rat('trl-wdpo-lora', 'align-wdpo-lora')}) "
-           f"`drdpo align` WDPO"
+           f"TRL adapter WDPO through TRL's fused head {rat('trl-wdpo', 'align-wdpo')} (LoRA "
+           f"{rat('trl-wdpo-lora', 'align-wdpo-lora')}) `drdpo align` WDPO"
            + (f", with `lm_head='full'` {rat('trl-wdpo-fulllogits', 'align-wdpo')} (LoRA "
               f"{rat('trl-wdpo-fulllogits-lora', 'align-wdpo-lora')})" if "trl-wdpo-fulllogits" in by else "")
            + f"; {sum(g['met'] for g in goals)} of {len(goals)} goals met" + _missed(goals))
@@ -194,7 +194,7 @@ def row_vs_trl(r) -> str:
             aw = hb["align-wdpo-lora"]["s_per_step"]
             txt += (f"; LoRA over {hd.get('rounds', 1)} interleaved rounds: TRL adapter WDPO "
                     f"{hb['trl-wdpo-fulllogits-lora']['s_per_step'] / aw:.2f}x `drdpo align` WDPO with the model's logits "
-                    f"(the LoRA default, `lm_head='auto'`), {hb['trl-wdpo-lora']['s_per_step'] / aw:.2f}x through TRL's "
+                    f"(`lm_head='full'`, the default for LoRA and on CPU), {hb['trl-wdpo-lora']['s_per_step'] / aw:.2f}x through TRL's "
                     f"fused head")
             cmd += f", `{BENCH['bench-vs-trl-lora-heads'][1]}`"
     return f"| 12 | train-step cost against TRL | - | {txt} | {cmd} | section 12, {_src(r, 'bench-vs-trl')} |"

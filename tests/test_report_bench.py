@@ -48,12 +48,12 @@ def test_goals_flip_with_the_numbers():
     g = {x["goal"]: x for x in B.trl_goals(rows)}
     assert g["drdpo align DPO (full) <= 0.90x TRL DPO s/step"] == {"goal": "drdpo align DPO (full) <= 0.90x TRL DPO s/step",
                                                                   "value": "0.85x", "met": True}
-    assert g["TRL adapter WDPO (full) <= 1.05x drdpo align WDPO s/step"]["met"] is False  # 3.9 / 3.6 = 1.083
-    assert g["TRL adapter WDPO (full) peak RSS <= 1.12x TRL DPO's"]["value"] == "1.15x"
+    assert g["TRL adapter WDPO, lm_head='fused' (full) <= 1.05x drdpo align WDPO s/step"]["met"] is False  # 3.9 / 3.6 = 1.083
+    assert g["TRL adapter WDPO, lm_head='fused' (full) peak RSS <= 1.12x TRL DPO's"]["value"] == "1.15x"
     assert g["align WDPO finite-diff (full) <= 2.0x align DPO s/step"]["value"] == "2.12x"
     rows[3]["s_per_step"] = 3.8
     g = {x["goal"]: x for x in B.trl_goals(rows)}
-    assert g["TRL adapter WDPO (full) <= 1.05x drdpo align WDPO s/step"]["met"] is True  # 3.9 / 3.8 = 1.026
+    assert g["TRL adapter WDPO, lm_head='fused' (full) <= 1.05x drdpo align WDPO s/step"]["met"] is True  # 3.9 / 3.8 = 1.026
 
 
 def test_train_step_block_ratios(tmp_path):

@@ -737,6 +737,42 @@ def _pair_rows(batch: Mapping[str, torch.Tensor], idx: torch.Tensor, b: int):
     return sub, rows
 
 
+def _lookup_by_hand(model: torch.nn.Module) -> torch.nn.Embedding | None:
+    r"""The trained ``nn.Embedding`` whose lookup gradient pass 2 of :func:`_wdpo_two_pass` adds by hand, or None.
+
+    In pass 2 ``.grad`` already holds pass 1's gradient, so autograd accumulates every new
+    term in place, except that the table's terms wait for each other: a tied table's head
+    term (V, D) is computed first and held until the lookup term arrives at the very end
+    of the backward (an untied one's lookup term is a dense (V, D) tensor built there).
+    Cutting the lookup's gradient path (the probe's leaf) and adding
+    :math:`\sum_{t: \text{id}_t = v} \partial/\partial e_t` to row v of ``W.grad`` afterwards
+    (``index_add_``) removes that (V, D) buffer from pass 2's peak. One process only (a
+    hand-made addition would bypass DDP's all-reduce and FSDP2's / ZeRO's sharding), and
+    only for the plain lookup (no ``max_norm``, ``scale_grad_by_freq`` or subclass forward).
+    """
+    if _engine(model) != "plain":
+        return None
+    emb = _embedding_module(model)
+    if type(emb).forward is not torch.nn.Embedding.forward or not isinstance(emb, torch.nn.Embedding):
+        return None
+    if emb.max_norm is not None or emb.scale_grad_by_freq or not emb.weight.requires_grad:
+        return None
+    return emb
+
+
+def _add_lookup_grad(emb: torch.nn.Embedding, input_ids: torch.Tensor, grad_e: torch.Tensor) -> None:
+    """``emb.weight.grad[v] += sum of grad_e at the positions holding token v`` (padding_idx rows excluded)."""
+    ids = input_ids.reshape(-1).to(emb.weight.device)
+    rows = grad_e.reshape(ids.shape[0], -1)
+    if emb.padding_idx is not None:
+        keep = ids != emb.padding_idx
+        ids, rows = ids[keep], rows[keep]
+    with torch.no_grad():
+        if emb.weight.grad is None:
+            emb.weight.grad = torch.zeros_like(emb.weight)
+        emb.weight.grad.index_add_(0, ids, rows.to(emb.weight.grad.dtype))
+
+
 def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: float, logps_fn, backward):
     r"""WDPO finite-diff as two forward-backward passes, one graph alive at a time.
 
@@ -749,8 +785,9 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
        gradient becomes previous :math:`+ (1-c) P_1` (:class:`_GradInStore` or
        :class:`_GradByHooks`);
     2. forward at :math:`E(\text{ids}) + hg` (the hook adds the detached :math:`hg`, the
-       embedding table keeps its gradient path), with the RNG state of pass 1 (same dropout
-       masks); ``backward`` of :math:`\text{loss\_scale}\,c/B\cdot\sum_i\ell_i(e+hg)`,
+       embedding table keeps its gradient path; one process: the lookup's term is added to
+       the table's ``.grad`` by hand, :func:`_lookup_by_hand`), with the RNG state of pass 1
+       (same dropout masks); ``backward`` of :math:`\text{loss\_scale}\,c/B\cdot\sum_i\ell_i(e+hg)`,
        in ``cfg.fd_pass2_chunks`` pair chunks (:func:`_pass2_chunks`): pass 2 holds pass 1's
        gradient, so its activations are what the estimator adds to DPO's peak memory.
 
@@ -801,6 +838,7 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
     advanced = _RNGState()
     rng.restore()  # pass 2 draws the dropout masks of pass 1
     chunks = _pass2_chunks(model, cfg, b)
+    lookup = _lookup_by_hand(model)
     with store.pass2():
         for j, idx in enumerate(torch.arange(b, device=l.device).chunk(chunks)):
             last = j == chunks - 1
@@ -810,11 +848,16 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
             # pass 2's loss is a sum over pairs: one chunk's backward adds that chunk's terms (DDP: no
             # all-reduce before the last chunk)
             with contextlib.nullcontext() if last else _no_sync(model):
-                pc2, pr2, _ = _embed_forward(model, sub, logps_fn, delta=h * g[rows])
+                by_hand = dict(leaf=True, capture_grad=True) if lookup is not None else {}
+                pc2, pr2, probe2 = _embed_forward(model, sub, logps_fn, delta=h * g[rows], **by_hand)
                 l2 = dpo_loss(pc2, pr2, rcj, rrj, cfg.beta)
                 with _no_autocast(l2):
                     backward(_wsum(l2, vj) * (c * (loss_scale / b)), last)
-            del pc2, pr2, l2
+                if lookup is not None:
+                    if probe2.grad is None:
+                        raise RuntimeError("no gradient reached the input embeddings in pass 2 of WDPO finite-diff")
+                    _add_lookup_grad(lookup, sub["input_ids"], probe2.grad)
+            del pc2, pr2, l2, probe2
     advanced.restore()  # the RNG continues as after one forward
     loss = (_wmean(l.detach(), v) + penalty).detach()
     metrics["wdpo/fd_h"] = float(h)

@@ -34,8 +34,9 @@ checkpointing) stays TRL's. What is overridden:
   :func:`~drdpo_theory.llm.objectives.preference_loss`, whose policy log-probs come from
   TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)``: per-token
   log-probs in tiles, the (2B, T, V) logits are never built, also for WDPO's second
-  forward), or with ``lm_head="full"`` (every trainer's keyword) from the model's logits
-  as in ``drdpo align``; the default ``"auto"`` takes ``"full"`` for a PEFT model (:data:`LM_HEADS`);
+  forward), or with ``lm_head="full"`` (every trainer's keyword) from the model's own forward
+  as in ``drdpo align`` (the head on the completion positions only); the default ``"auto"`` takes
+  ``"full"`` on CPU and for a PEFT model (:data:`LM_HEADS`);
 * ``training_step`` (WDPO ``finite-diff`` with ``rho0 > 0`` only): the two-pass estimator
   of :func:`~drdpo_theory.llm.objectives.preference_backward` (forward-backward at e, then
   at e + h g; one graph alive at a time), with both backward passes through
@@ -83,6 +84,7 @@ from trl.trainer.utils import add_fused_lm_head
 from drdpo_theory.llm.family import GroupEGState
 from drdpo_theory.llm.logprobs import concatenated_logps
 from drdpo_theory.llm.objectives import LossConfig, preference_backward, preference_eval, preference_loss
+from drdpo_theory.llm.trainer import sparse_tied_embedding_grad
 
 __all__ = [
     "CDPOTrainer",
@@ -98,12 +100,19 @@ __all__ = [
 
 LM_HEADS = ("auto", "fused", "full")
 """Log-prob paths of every adapter trainer (keyword ``lm_head``): ``"fused"``, TRL's fused LM head,
-per-token log-probs in tiles without the (2B, T, V) logits, the logits recomputed in the backward;
-``"full"``, the model's own logits and :func:`~drdpo_theory.llm.logprobs.concatenated_logps`, as
-``drdpo align``: no recomputation, the logits held for the backward; ``"auto"`` (default): ``"full"``
-for a PEFT (LoRA) model, whose backward is cheap enough that the recomputed head shows, ``"fused"``
-otherwise, where holding the logits costs peak memory (both measured on CPU, SmolLM2-135M, 4 pairs per
-step: benchmarks/vs_trl.py, paper_repro.md section 12). ``trainer.lm_head`` is the resolved value."""
+per-token log-probs in tiles without the (2B, T, V) logits, the tiles' logits recomputed in the
+backward (on CPU it scores every position; on Triton devices only the completion's); ``"full"``, the
+model's own forward and :func:`~drdpo_theory.llm.logprobs.concatenated_logps`, as ``drdpo align``: the
+head runs on the K completion positions only, (K, V) logits held for the backward, nothing recomputed;
+``"auto"`` (default): ``"full"`` on CPU and for a PEFT (LoRA) model, where it was measured faster at
+the same peak memory (SmolLM2-135M, 4 pairs per step: benchmarks/vs_trl.py, paper_repro.md section 12),
+``"fused"`` for full fine-tuning on an accelerator, where long completions would make the held (K, V)
+logits the larger cost (not measured here). ``trainer.lm_head`` is the resolved value."""
+
+def auto_lm_head(peft: bool, device_type: str) -> str:
+    """What ``lm_head="auto"`` resolves to (:data:`LM_HEADS`): ``"full"`` for a PEFT model or on CPU, else ``"fused"``."""
+    return "full" if peft or device_type == "cpu" else "fused"
+
 
 GROUP_STATE_FILE = "group_weights.json"
 """File of a TRL checkpoint folder holding ``GroupDPOTrainer``'s EG group weights (``GroupEGState.state_dict()``)."""
@@ -157,8 +166,12 @@ class _RobustDPOTrainer(DPOTrainer):
         target = self.model.get_base_model() if is_peft_model(self.model) else self.model
         add_fused_lm_head(target, outputs=("log_probs",))
         if self.lm_head == "auto":  # the model is PEFT-wrapped by now when a peft_config was given
-            self.lm_head = "full" if is_peft_model(self.model) else "fused"
+            self.lm_head = auto_lm_head(is_peft_model(self.model), self.args.device.type)
         self._logps_fn = fused_lm_head_logps if self.lm_head == "fused" else concatenated_logps
+        # one process without a sharding engine: a tied, trained embedding table takes its lookup gradient sparse,
+        # as in drdpo align (drdpo_theory.llm.trainer.sparse_tied_embedding_grad: same gradient, less peak memory)
+        self.sparse_embedding_grad = (self.args.world_size == 1 and not self.is_deepspeed_enabled
+                                      and not self.is_fsdp_enabled and sparse_tied_embedding_grad(self.model))
 
     def _check_args(self, a: Any) -> None:
         problems = []

@@ -39,8 +39,10 @@ def _offline_one_thread(monkeypatch):
     torch.set_num_threads(n)
 
 
-def _trainer(cls, tmp_path, max_steps=2, eval_dataset=False, config=None, **kw):
+def _trainer(cls, tmp_path, max_steps=2, eval_dataset=False, config=None, model_hook=None, **kw):
     model, tok = load_model("tiny-random")
+    if model_hook is not None:
+        model = model_hook(model)
     records = load_preferences("toy")[:N_PAIRS]
     args = trl.DPOConfig(**{
         **dict(
@@ -136,7 +138,6 @@ def test_trl_evaluate_reports_the_method_objective(tmp_path, cls, kw):
     receives a gradient.
     """
     from drdpo_theory.llm.objectives import preference_eval
-    from drdpo_theory.llm.trl_adapter import fused_lm_head_logps
 
     trainer, model, *_ = _trainer(cls, tmp_path, eval_dataset=True, **kw)
     model.zero_grad(set_to_none=True)
@@ -149,7 +150,7 @@ def test_trl_evaluate_reports_the_method_objective(tmp_path, cls, kw):
     for inputs in trainer.get_eval_dataloader():
         inputs = trainer._prepare_inputs(inputs)
         batch, rc, rr = trainer._batch_and_refs(inputs)
-        loss, _ = preference_eval(trainer.model, batch, rc, rr, trainer.loss_config, logps_fn=fused_lm_head_logps)
+        loss, _ = preference_eval(trainer.model, batch, rc, rr, trainer.loss_config, logps_fn=trainer._logps_fn)
         losses.append(float(loss))
     torch.testing.assert_close(out["eval_loss"], sum(losses) / len(losses), rtol=1e-5, atol=0.0)
     if cls is WDPOTrainer:
@@ -223,15 +224,51 @@ def test_trl_full_logits_head_gives_the_fused_heads_loss_and_gradient(tmp_path, 
         _trainer(cls, tmp_path / "bad", lm_head="tiled", **kw)
 
 
-def test_trl_lm_head_auto_is_full_for_peft_and_fused_otherwise(tmp_path):
-    """The default lm_head="auto" resolves after TRL wraps the model: the model's logits for a LoRA model,
-    TRL's fused head for full fine-tuning."""
+def test_trl_lm_head_auto_is_full_on_cpu_and_for_peft(tmp_path):
+    """The default lm_head="auto" resolves after TRL wraps the model: the model's own forward (head on the
+    completion positions) on CPU and for a LoRA model; TRL's fused head for full fine-tuning on an accelerator."""
     from peft import LoraConfig
 
+    from drdpo_theory.llm.trl_adapter import auto_lm_head
+
     trainer, *_ = _trainer(KLDPOTrainer, tmp_path / "full", tau=0.5)
-    assert trainer.lm_head == "fused" and trainer._logps_fn.__name__ == "fused_lm_head_logps"
+    assert trainer.lm_head == "full" and trainer._logps_fn.__name__ == "concatenated_logps"
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
     trainer, *_ = _trainer(KLDPOTrainer, tmp_path / "lora", tau=0.5, peft_config=lora)
     assert trainer.lm_head == "full" and trainer._logps_fn.__name__ == "concatenated_logps"
-    trainer, *_ = _trainer(KLDPOTrainer, tmp_path / "lora-fused", tau=0.5, peft_config=lora, lm_head="fused")
+    trainer, *_ = _trainer(KLDPOTrainer, tmp_path / "fused", tau=0.5, lm_head="fused")
     assert trainer.lm_head == "fused" and trainer._logps_fn.__name__ == "fused_lm_head_logps"
+    assert [auto_lm_head(p, d) for p, d in [(False, "cpu"), (True, "cpu"), (True, "cuda"), (False, "cuda")]] == [
+        "full", "full", "full", "fused"]
+
+
+@pytest.mark.parametrize("head", ["fused", "full"])
+def test_trl_tied_embedding_gradient_sparse_in_one_process_same_gradient(tmp_path, head):
+    """One process, tied table: the adapter's trainers take the lookup gradient sparse (as drdpo align); the
+    training-step gradient equals the dense one's and .grad stays dense. Untied or LoRA: off."""
+    kw = {"wdpo_impl": "finite-diff", "rho0": 0.01, "fd_step": 1e-2, "lm_head": head}
+    trainer, model, *_ = _trainer(WDPOTrainer, tmp_path / "untied", **kw)
+    assert trainer.sparse_embedding_grad is False and model.get_input_embeddings().sparse is False
+    grads = []
+    for sparse in (True, False):
+        trainer, model, *_ = _trainer(WDPOTrainer, tmp_path / f"tied-{sparse}", model_hook=_tie, **kw)
+        emb = model.get_input_embeddings()
+        assert trainer.sparse_embedding_grad is True and emb.sparse is True
+        emb.sparse = sparse
+        trainer.current_gradient_accumulation_steps = 1
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        model.zero_grad(set_to_none=True)
+        trainer.training_step(trainer.model, dict(batch))
+        assert emb.weight.grad.layout == torch.strided
+        grads.append(_flat_grads(model))
+    assert float((grads[0] - grads[1]).norm() / grads[1].norm()) < 1e-5
+    from peft import LoraConfig
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    trainer, *_ = _trainer(KLDPOTrainer, tmp_path / "lora", tau=0.5, peft_config=lora, model_hook=_tie)
+    assert trainer.sparse_embedding_grad is False
+
+
+def _tie(model):
+    model.lm_head.weight = model.get_input_embeddings().weight
+    return model

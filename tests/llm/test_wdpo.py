@@ -220,15 +220,29 @@ def _two_pass_vs_surrogate(model, batch, refs, cfg):
 
 
 @pytest.mark.parametrize("penalty", ["rows", "tuple"])
-@pytest.mark.parametrize("frozen_table", [False, True], ids=["table-trained", "table-frozen"])
+@pytest.mark.parametrize("table", ["trained", "frozen", "tied", "tied-padding-idx"])
 @pytest.mark.parametrize("fd_step", [None, 1e-4], ids=["default-step", "step-1e-4"])
-def test_preference_backward_two_pass_equals_surrogate_gradient(exact_float64, llama_factory, batch_factory, fd_step, frozen_table, penalty):
+def test_preference_backward_two_pass_equals_surrogate_gradient(exact_float64, llama_factory, batch_factory, fd_step, table, penalty,
+                                                                 monkeypatch):
+    """Pass 2 adds the lookup's table gradient by hand (one process, a trained table: untied, tied to the head, with
+    a padding_idx the surrogate's autograd leaves out); frozen: no table gradient at all."""
     model, batch = llama_factory(), batch_factory(n_pairs=3)
-    if frozen_table:  # LoRA-like: the embeddings are a leaf, no gradient to the table
-        model.get_input_embeddings().weight.requires_grad_(False)
+    emb = model.get_input_embeddings()
+    if table == "frozen":  # LoRA-like: the embeddings are a leaf, no gradient to the table
+        emb.weight.requires_grad_(False)
+    if table.startswith("tied"):
+        model.lm_head.weight = emb.weight
+    if table == "tied-padding-idx":
+        emb.padding_idx = int(batch["input_ids"][0, 1])  # a prompt token: autograd leaves its table row out
+    import drdpo_theory.llm.objectives as O
+
+    added = []
+    orig = O._add_lookup_grad
+    monkeypatch.setattr(O, "_add_lookup_grad", lambda *a: (added.append(1), orig(*a)))
     refs = _refs(3)
     cfg = LossConfig(method="wdpo", beta=BETA, rho0=RHO0, wdpo_impl="finite-diff", fd_step=fd_step, wdpo_penalty=penalty)
     g_sur, got, (loss_sur, m_sur), (loss, m) = _two_pass_vs_surrogate(model, batch, refs, cfg)
+    assert len(added) == (0 if table == "frozen" else 1)
     c = 2 * RHO0 / m["wdpo/fd_h"]
     assert c > 1.0  # the cancellation regime (1 - c < 0), as in practice
     atol = TWO_PASS_ROUND * torch.finfo(torch.float64).eps * c * float(g_sur.abs().max())
