@@ -953,7 +953,6 @@ BLOCKS: dict[str, Callable[[_Results], str]] = {
     "bench-train-step": _bench.block_train_step,
     "bench-vs-trl": _bench.block_vs_trl,
     "bench-vs-trl-rounds": lambda r: _bench.block_vs_trl(r, "bench-vs-trl-rounds"),
-    "bench-vs-trl-lora-heads": lambda r: _bench.block_vs_trl(r, "bench-vs-trl-lora-heads"),
     **_approx.BLOCKS,  # docs/approximations.md
 }
 

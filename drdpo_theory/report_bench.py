@@ -22,15 +22,12 @@ BENCH = {
                          "python benchmarks/train_step.py --threads 1 --json results/bench/train_step.json"),
     "bench-vs-trl": ("vs_trl_smollm2.json",
                      "python benchmarks/vs_trl.py --model smollm2 --steps 10 --json results/bench/vs_trl_smollm2.json"),
-    # the configurations the goals compare, 3 rounds interleaved (a drifting shared machine hits all alike)
-    "bench-vs-trl-rounds": ("vs_trl_smollm2_rounds3.json",
-                            "python benchmarks/vs_trl.py --model smollm2 --steps 10 --rounds 3 --configs trl-dpo "
-                            "trl-wdpo align-dpo align-kldpo align-wdpo trl-dpo-lora trl-wdpo-lora align-dpo-lora "
-                            "align-kldpo-lora align-wdpo-lora --json results/bench/vs_trl_smollm2_rounds3.json"),
-    # LoRA: the adapter's WDPO through TRL's fused head and through the model's logits (the LoRA default)
-    "bench-vs-trl-lora-heads": ("vs_trl_lora_heads.json",
-                                "python benchmarks/vs_trl.py --configs trl-dpo-lora trl-wdpo-lora trl-wdpo-fulllogits-lora "
-                                "align-wdpo-lora --rounds 2 --json results/bench/vs_trl_lora_heads.json"),
+    # the configurations the goals compare, 2 rounds interleaved (a drifting shared machine hits all alike)
+    "bench-vs-trl-rounds": ("vs_trl_smollm2_rounds.json",
+                            "python benchmarks/vs_trl.py --model smollm2 --steps 10 --rounds 2 --configs trl-dpo "
+                            "trl-wdpo trl-wdpo-fulllogits align-dpo align-kldpo align-wdpo trl-dpo-lora trl-wdpo-lora "
+                            "trl-wdpo-fulllogits-lora align-dpo-lora align-kldpo-lora align-wdpo-lora "
+                            "--json results/bench/vs_trl_smollm2_rounds.json"),
 }
 
 NOT_REGENERATED = "not regenerated in this checkout"
@@ -187,16 +184,14 @@ def row_vs_trl(r) -> str:
         txt += (f"; over {rd.get('rounds', 1)} interleaved rounds of the goal configurations: "
                 f"{sum(g['met'] for g in rg)} of {len(rg)} goals met" + _missed(rg))
         cmd += f", `{BENCH['bench-vs-trl-rounds'][1]}`"
-    hd = _load(r, "bench-vs-trl-lora-heads")
-    if hd is not None:
-        hb = {x["config"]: x for x in hd["rows"] if _ok(x)}
-        if {"trl-wdpo-lora", "trl-wdpo-fulllogits-lora", "align-wdpo-lora"} <= set(hb):
-            aw = hb["align-wdpo-lora"]["s_per_step"]
-            txt += (f"; LoRA over {hd.get('rounds', 1)} interleaved rounds: TRL adapter WDPO "
-                    f"{hb['trl-wdpo-fulllogits-lora']['s_per_step'] / aw:.2f}x `drdpo align` WDPO with the model's logits "
-                    f"(`lm_head='full'`, the default for LoRA and on CPU), {hb['trl-wdpo-lora']['s_per_step'] / aw:.2f}x through TRL's "
-                    f"fused head")
-            cmd += f", `{BENCH['bench-vs-trl-lora-heads'][1]}`"
+        # the adapter's WDPO through each log-prob path, pooled over the rounds
+        hb = {x["config"]: x["s_per_step"] for x in rd["rows"] if _ok(x)}
+        heads = [f"{tag} {hb['trl-wdpo-fulllogits' + sfx] / hb['align-wdpo' + sfx]:.2f}x with `lm_head='full'` (the "
+                 f"default on CPU), {hb['trl-wdpo' + sfx] / hb['align-wdpo' + sfx]:.2f}x through TRL's fused head"
+                 for sfx, tag in (("", "full fine-tuning"), ("-lora", "LoRA"))
+                 if {"trl-wdpo" + sfx, "trl-wdpo-fulllogits" + sfx, "align-wdpo" + sfx} <= set(hb)]
+        if heads:
+            txt += "; over the rounds, TRL adapter WDPO vs `drdpo align` WDPO s/step: " + "; ".join(heads)
     return f"| 12 | train-step cost against TRL | - | {txt} | {cmd} | section 12, {_src(r, 'bench-vs-trl')} |"
 
 

@@ -17,7 +17,7 @@ def _results(base):
     return R._Results(Path(base))
 
 
-@pytest.mark.parametrize("bench", ["bench-vs-trl", "bench-vs-trl-rounds", "bench-vs-trl-lora-heads"])
+@pytest.mark.parametrize("bench", ["bench-vs-trl", "bench-vs-trl-rounds"])
 def test_vs_trl_goals_and_ratios_recomputed_equal_the_benchmark_run(bench):
     path = RESULTS / "bench" / B.BENCH[bench][0]
     if bench != "bench-vs-trl" and not path.is_file():
@@ -117,12 +117,12 @@ def test_collect_only_names(monkeypatch, tmp_path, capsys):
     assert all(f"[skip] {b}" in out for b in B.BENCH)
 
 
-def test_row_12_quotes_the_lora_heads_run():
-    """Row 12 quotes the LoRA log-prob-path run: both adapter WDPO ratios, recomputed from its rows."""
-    d = json.loads((RESULTS / "bench" / B.BENCH["bench-vs-trl-lora-heads"][0]).read_text())
+def test_row_12_quotes_both_log_prob_paths_of_the_rounds_run():
+    """Row 12 quotes the adapter's WDPO through each log-prob path, recomputed from the rounds run's rows."""
+    d = json.loads((RESULTS / "bench" / B.BENCH["bench-vs-trl-rounds"][0]).read_text())
     by = {x["config"]: x["s_per_step"] for x in d["rows"]}
     row = B.row_vs_trl(_results(RESULTS))
-    full = by["trl-wdpo-fulllogits-lora"] / by["align-wdpo-lora"]
-    fused = by["trl-wdpo-lora"] / by["align-wdpo-lora"]
-    assert f"TRL adapter WDPO {full:.2f}x `drdpo align` WDPO with the model's logits" in row
-    assert f"{fused:.2f}x through TRL's fused head" in row
+    for sfx, tag in (("", "full fine-tuning"), ("-lora", "LoRA")):
+        full = by["trl-wdpo-fulllogits" + sfx] / by["align-wdpo" + sfx]
+        fused = by["trl-wdpo" + sfx] / by["align-wdpo" + sfx]
+        assert f"{tag} {full:.2f}x with `lm_head='full'` (the default on CPU), {fused:.2f}x through TRL's fused head" in row

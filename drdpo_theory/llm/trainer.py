@@ -478,7 +478,7 @@ def sparse_tied_embedding_grad(model: torch.nn.Module) -> bool:
     LM head's (dense, computed first) and the lookup's. Autograd sums them before
     accumulating into ``W.grad``; the dense lookup backward builds a second (V, D) tensor
     for it at the end of the backward, when every other gradient is already allocated, so
-    it sets the step's peak memory (113 MiB in fp32 for SmolLM2-135M's 49152 x 576 table,
+    it sets the step's peak memory (108 MiB in fp32 for SmolLM2-135M's 49152 x 576 table,
     ~1 GiB for Llama-3.2-1B's 128256 x 2048). As a sparse tensor (one row per token) the
     lookup term is added into the head's dense term in place: same gradient (up to the
     order of the fp sums), dense ``.grad``, no second table.

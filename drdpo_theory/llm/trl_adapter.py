@@ -190,8 +190,9 @@ class _RobustDPOTrainer(DPOTrainer):
                             "label smoothing is CDPOTrainer(eps=...))")
         if getattr(a, "use_liger_kernel", False):
             problems.append(
-                "use_liger_kernel=True (need False: the loss already uses TRL's fused LM head, which never builds "
-                "the full logits; Liger's layer kernels are not tested with WDPO's embedding hook)"
+                "use_liger_kernel=True (need False: the loss computes its own log-probs, through TRL's fused LM head "
+                "or the head on the completion positions, neither of which builds the full logits; Liger's layer "
+                "kernels are not tested with WDPO's embedding hook)"
             )
         if problems:
             raise ValueError(f"{type(self).__name__} replaces TRL's loss; unsupported DPOConfig: {'; '.join(problems)}")

@@ -200,7 +200,7 @@ def test_trl_refuses_liger_kernel(tmp_path):
     args = trl.DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_length=128,
                          precompute_ref_log_probs=True, use_liger_kernel=True)
     ds = datasets.Dataset.from_list(load_preferences("toy")[:4])
-    with pytest.raises(ValueError, match="use_liger_kernel=True .need False: the loss already uses TRL's fused LM head"):
+    with pytest.raises(ValueError, match="use_liger_kernel=True .need False: the loss computes its own log-probs"):
         WDPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok)
 
 
