@@ -364,3 +364,59 @@ def test_calibration_flags_are_checked(tmp_path, capsys):
     assert main(["llm-shift", "--quick", "--out", out, "--methods", "kldpo", "--kl-radii", "0.1"]) == 2
     assert "needs 'dpo'" in capsys.readouterr().err
     assert main(["llm-shift", "--quick", "--out", out, "--workers", "0"]) == 2
+
+
+def test_sigterm_with_workers_checkpoints_the_running_jobs_and_leaves_no_process(tmp_path):
+    """--workers 2: SIGTERM to `drdpo llm-shift` is sent on to the workers; each running trainer writes a
+    checkpoint at the step it reached and stops; the command exits with the interrupt status and no process
+    of its session is left; a rerun would resume from those checkpoints (read back here)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from drdpo_theory.llm.trainer import latest_checkpoint, read_checkpoint_state
+
+    out = tmp_path / "run"
+    steps = 100_000  # far more than the test waits for: the runs are mid-training when the signal comes
+    argv = [sys.executable, "-m", "drdpo_theory.cli", "llm-shift", "--quick", "--out", str(out), "--no-progress",
+            "--workers", "2", "--steps", str(steps)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group: the workers' too
+    try:
+        deadline, running = time.monotonic() + 240, []
+        while time.monotonic() < deadline and len(running) < 2:
+            assert proc.poll() is None, proc.communicate()
+            running = [m.parent for m in (out / "train").glob("*/metrics.csv") if len(m.read_text().splitlines()) >= 3]
+            time.sleep(0.2)
+        assert len(running) == 2, "two runs never got going"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err
+    assert "drdpo llm-shift: interrupted" in err
+    deadline = time.monotonic() + 30  # no worker outlives the command (allowing them to finish exiting)
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        left = []
+        for d in os.listdir("/proc"):
+            try:
+                if d.isdigit() and os.getpgid(int(d)) == proc.pid:
+                    left.append(open(f"/proc/{d}/cmdline").read().replace("\0", " ")[:120])
+            except OSError:
+                pass
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"processes left in the command's group: {left}")
+    for run_dir in running:
+        ck = latest_checkpoint(run_dir)
+        assert ck is not None, f"{run_dir.name}: no checkpoint after SIGTERM"
+        step = read_checkpoint_state(ck)["step"]
+        assert 2 <= step < steps, (run_dir.name, step)

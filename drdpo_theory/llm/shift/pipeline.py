@@ -948,16 +948,32 @@ def _worker_init(cfg_json: dict[str, Any]) -> None:
     cfg = ShiftConfig(**cfg_json)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    import signal
+
+    # between jobs a SIGTERM is remembered (a trainer replaces this handler during its fit and restores it)
+    signal.signal(signal.SIGTERM, _worker_on_term)
     model, tok = load_model(cfg.model, "fp32")
     pairs = _read_jsonl(Path(cfg.out) / "pairs.jsonl")
     _WORKER.update(cfg=cfg, model=model, tok=tok, tokenized=_tokenize(tok, pairs),
                    test_prompts=load_prompts("test", cfg.n_test))
 
 
+def _worker_on_term(signum: int, frame: Any) -> None:
+    _WORKER["stop"] = True
+
+
 def _worker_job(run: str, method: str, extra: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One run in a worker; once the worker was asked to stop (SIGTERM), no job starts: the executor may
+    already have queued some to this process."""
     w = _WORKER
-    return _train_and_eval(w["cfg"], run, method, extra, seed, w["model"], w["tok"], w["tokenized"],
-                           w["test_prompts"], progress=False)
+    if w.get("stop"):
+        raise KeyboardInterrupt
+    try:
+        return _train_and_eval(w["cfg"], run, method, extra, seed, w["model"], w["tok"], w["tokenized"],
+                               w["test_prompts"], progress=False)
+    except KeyboardInterrupt:  # the trainer stopped on SIGTERM (and checkpointed)
+        w["stop"] = True
+        raise
 
 
 def _run_pool(cfg: ShiftConfig, first: list[tuple[str, str, dict[str, Any], int]],
@@ -989,7 +1005,9 @@ def _run_pool(cfg: ShiftConfig, first: list[tuple[str, str, dict[str, Any], int]
             for job in second():
                 pending[ex.submit(_worker_job, *job)] = job[0]
         while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            # a timeout, not an unbounded wait: a process-directed SIGTERM may be delivered to one of the
+            # executor's threads, and the main thread runs the Python handler only once it wakes up
+            finished, _ = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
             for fut in finished:
                 run = pending.pop(fut)
                 done(fut.result())  # re-raises a worker's error here
