@@ -50,6 +50,10 @@ def test_vs_trl_tiny_random_json(tmp_path):
     trl, align = doc["rows"]
     assert trl["vs_trl_dpo"] == 1.0 and align["vs_path_dpo"] == 1.0
     assert align["padded_tokens_per_step"] == trl["padded_tokens_per_step"]  # same data, same order, same padding
+    # the children's logs and metrics stay in --workdir; drdpo align's checkpoint does not (disk)
+    work = tmp_path / "work"
+    assert (work / "align-dpo" / "log.txt").is_file() and (work / "align-dpo" / "align" / "metrics.csv").is_file()
+    assert not list(work.rglob("checkpoints"))
 
 
 def test_vs_trl_config_filter():
