@@ -292,7 +292,8 @@ def run_config(name: str, a, data: Path, work: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     spec = dict(path=path, method=method, lora=lora, model=a.model, data=str(data), steps=a.steps,
                 batch_size=a.batch_size, max_length=a.max_length, lr=a.lr, beta=a.beta, threads=a.threads,
-                lm_head="full" if name in FULL_LOGITS else "auto" if method == "kldpo" else "fused", fd_pass2_chunks=2 if name in CHUNK2 else 1)
+                lm_head="full" if name in FULL_LOGITS else "auto" if method == "kldpo" else "fused",
+                fd_pass2_chunks=2 if name in CHUNK2 else 1)
     (d / "spec.json").write_text(json.dumps(spec, indent=1))
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "MKL_NUM_THREADS": str(a.threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import contextlib
-
 import torch
+
+from drdpo_theory.llm.attention import _unwrap
 
 __all__ = ["sequence_logps", "concatenated_logps", "token_logps", "ScoredPositions"]
 
@@ -50,13 +50,6 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     picked = torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1)  # (N, T)
     # gather minus logsumexp avoids materialising the full (N, T, V) log_softmax.
     return picked - torch.logsumexp(logits, dim=-1)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The module under DDP / DeepSpeed wrappers (``.module``); PEFT models answer themselves."""
-    while not hasattr(model, "get_output_embeddings") and isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
 
 
 class ScoredPositions:
@@ -157,24 +150,19 @@ def sequence_logps(
         # the head ran on the scored rows but the model reshaped its output: score everything instead
         model._drdpo_full_logits = True
         return sequence_logps(model, input_ids, attention_mask, loss_mask, inputs_embeds)
-    if probe.fired:  # (K, V): the scored positions, row-major
+    if probe.fired:  # (K, V): the scored positions, row-major, scattered back to (N, T-1) (zeros elsewhere)
         tok = token_logps(logits, input_ids[:, 1:][scored])  # (K,)
-        mask = loss_mask[:, 1:][scored].to(tok.dtype)  # (K,), 1 for an ordinary answer mask
-        # scattered back to (N, T-1) and summed per row: deterministic (no index_add atomics)
-        out = tok.new_zeros(scored.shape).masked_scatter(scored, tok * mask).sum(-1)
-        with torch.no_grad():  # TRL's logits/chosen|rejected: mean logit over answer tokens and vocabulary
-            mean_v = logits.detach().float().mean(-1)  # (K,)
-            m = mask.detach().float()
-            stats_sum = mean_v.new_zeros(scored.shape).masked_scatter(scored, mean_v * m).sum(-1)
-            count = torch.zeros(scored.shape, dtype=torch.float32, device=m.device).masked_scatter(scored, m).sum(-1)
-            out.logit_stats = torch.stack([stats_sum, count], dim=-1)  # (N, 2): sum, count
-        return out
-    # (N, T, V): the head was not hooked (no output embeddings, or called on another shape)
-    logp = token_logps(logits[:, :-1, :], input_ids[:, 1:])  # (N, T-1): token j+1 given <= j
+        logp = tok.new_zeros(scored.shape).masked_scatter(scored, tok)
+        with torch.no_grad():
+            mean_logit = logits.detach().float().mean(-1)  # (K,)
+            mean_v = mean_logit.new_zeros(scored.shape).masked_scatter(scored, mean_logit)
+    else:  # (N, T, V): the head was not hooked (no output embeddings, or called on another shape)
+        logp = token_logps(logits[:, :-1, :], input_ids[:, 1:])  # (N, T-1): token j+1 given <= j
+        with torch.no_grad():
+            mean_v = logits[:, :-1, :].detach().float().mean(-1)  # (N, T-1)
     mask = loss_mask[:, 1:].to(logp.dtype)  # (N, T-1), aligned with the predicted tokens
     out = (logp * mask).sum(-1)
     with torch.no_grad():  # TRL's logits/chosen|rejected: mean logit over answer tokens and vocabulary
-        mean_v = logits[:, :-1, :].detach().float().mean(-1)  # (N, T-1)
         m = mask.detach().float()
         out.logit_stats = torch.stack([(mean_v * m).sum(-1), m.sum(-1)], dim=-1)  # (N, 2): sum, count
     return out

@@ -753,7 +753,7 @@ def _lookup_by_hand(model: torch.nn.Module) -> torch.nn.Embedding | None:
     if _engine(model) != "plain":
         return None
     emb = _embedding_module(model)
-    if type(emb).forward is not torch.nn.Embedding.forward or not isinstance(emb, torch.nn.Embedding):
+    if not isinstance(emb, torch.nn.Embedding) or type(emb).forward is not torch.nn.Embedding.forward:
         return None
     if emb.max_norm is not None or emb.scale_grad_by_freq or not emb.weight.requires_grad:
         return None
@@ -839,6 +839,7 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
     rng.restore()  # pass 2 draws the dropout masks of pass 1
     chunks = _pass2_chunks(model, cfg, b)
     lookup = _lookup_by_hand(model)
+    by_hand = dict(leaf=True, capture_grad=True) if lookup is not None else {}  # the probe hands over grad_e
     with store.pass2():
         for j, idx in enumerate(torch.arange(b, device=l.device).chunk(chunks)):
             last = j == chunks - 1
@@ -848,7 +849,6 @@ def _wdpo_two_pass(model, batch, ref_c, ref_r, cfg: LossConfig, loss_scale: floa
             # pass 2's loss is a sum over pairs: one chunk's backward adds that chunk's terms (DDP: no
             # all-reduce before the last chunk)
             with contextlib.nullcontext() if last else _no_sync(model):
-                by_hand = dict(leaf=True, capture_grad=True) if lookup is not None else {}
                 pc2, pr2, probe2 = _embed_forward(model, sub, logps_fn, delta=h * g[rows], **by_hand)
                 l2 = dpo_loss(pc2, pr2, rcj, rrj, cfg.beta)
                 with _no_autocast(l2):

@@ -26,6 +26,13 @@ def make_tiny_llama(attn: str = "eager", dtype: torch.dtype = torch.float64, see
     return model
 
 
+def tie_embeddings(model):
+    """Tie the model's LM head to its input-embedding table, in place (SmolLM2, Llama-3.2-1B and Qwen2.5 are tied)."""
+    model.lm_head.weight = model.get_input_embeddings().weight
+    model.config.tie_word_embeddings = True
+    return model
+
+
 def make_batch(n_pairs: int = 3, prompt_len: int = 4, max_answer: int = 5, seed: int = 1):
     """Right-padded preference batch: rows 0..B-1 chosen, B..2B-1 rejected.
 

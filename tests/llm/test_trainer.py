@@ -29,6 +29,7 @@ from drdpo_theory.llm.trainer import (  # noqa: E402
     latest_checkpoint,
     train,
 )
+from tests.llm.conftest import tie_embeddings  # noqa: E402
 
 pytestmark = [pytest.mark.llm, pytest.mark.filterwarnings("ignore:WDPO double-backward needs")]
 
@@ -403,13 +404,6 @@ def test_cli_module_does_not_import_torch():
 # --------------------------------------------------------------------------- tied embeddings
 
 
-def _tied(model):
-    """Tie the tiny model's head to its embedding table (SmolLM2, Llama-3.2-1B and Qwen2.5 are tied)."""
-    model.lm_head.weight = model.get_input_embeddings().weight
-    model.config.tie_word_embeddings = True
-    return model
-
-
 @pytest.mark.parametrize("kw", [
     {"method": "dpo"},
     {"method": "wdpo", "wdpo_impl": "finite-diff", "rho0": 0.05},
@@ -424,7 +418,7 @@ def test_sparse_tied_embedding_gradient_equals_the_dense_one(exact_float64, llam
     cfg = LossConfig(beta=0.5, **kw)
     grads, c = [], 1.0
     for sparse in (False, True):
-        model = _tied(llama_factory("eager", init_std=0.2))
+        model = tie_embeddings(llama_factory("eager", init_std=0.2))
         if sparse:
             assert sparse_tied_embedding_grad(model)
         assert model.get_input_embeddings().sparse is sparse
@@ -446,7 +440,7 @@ def test_sparse_embedding_gradient_only_for_tied_trained_tables(llama_factory):
 
     untied = llama_factory("eager")
     assert not sparse_tied_embedding_grad(untied) and not untied.get_input_embeddings().sparse
-    frozen = _tied(llama_factory("eager"))
+    frozen = tie_embeddings(llama_factory("eager"))
     frozen.get_input_embeddings().weight.requires_grad_(False)
     assert not sparse_tied_embedding_grad(frozen) and not frozen.get_input_embeddings().sparse
 
@@ -460,7 +454,7 @@ def test_trainer_with_tied_embeddings_matches_the_dense_gradient_run(tmp_path, m
         cfg, model, tok, pairs = _setup(output_dir=str(out), method="dpo", max_steps=3)
         if not sparse:
             monkeypatch.setattr(T, "sparse_tied_embedding_grad", lambda m: False)
-        trainer = Trainer(cfg, _tied(model), tok, pairs)
+        trainer = Trainer(cfg, tie_embeddings(model), tok, pairs)
         monkeypatch.undo()
         assert trainer.sparse_embedding_grad is sparse
         trainer.fit()
@@ -474,4 +468,4 @@ def test_trainer_with_tied_embeddings_matches_the_dense_gradient_run(tmp_path, m
     for (n, p), q in zip(a.base.named_parameters(), b.base.parameters()):
         torch.testing.assert_close(p, q, rtol=DDP_RTOL, atol=DDP_ATOL, msg=lambda m: f"{n}: {m}")
     cfg, model, tok, pairs = _setup(output_dir=str(tmp_path / "lora"), lora=True, lora_r=4)
-    assert Trainer(cfg, _tied(model), tok, pairs).sparse_embedding_grad is False
+    assert Trainer(cfg, tie_embeddings(model), tok, pairs).sparse_embedding_grad is False

@@ -14,6 +14,7 @@ from drdpo_theory.llm.logprobs import concatenated_logps  # noqa: E402
 from drdpo_theory.llm.models import load_model  # noqa: E402
 from drdpo_theory.llm.objectives import LossConfig, preference_loss  # noqa: E402
 from drdpo_theory.llm.trl_adapter import TESTED_TRL_VERSION, KLDPOTrainer, WDPOTrainer  # noqa: E402
+from tests.llm.conftest import tie_embeddings  # noqa: E402
 
 pytestmark = [
     pytest.mark.llm,
@@ -251,7 +252,7 @@ def test_trl_tied_embedding_gradient_sparse_in_one_process_same_gradient(tmp_pat
     assert trainer.sparse_embedding_grad is False and model.get_input_embeddings().sparse is False
     grads = []
     for sparse in (True, False):
-        trainer, model, *_ = _trainer(WDPOTrainer, tmp_path / f"tied-{sparse}", model_hook=_tie, **kw)
+        trainer, model, *_ = _trainer(WDPOTrainer, tmp_path / f"tied-{sparse}", model_hook=tie_embeddings, **kw)
         emb = model.get_input_embeddings()
         assert trainer.sparse_embedding_grad is True and emb.sparse is True
         emb.sparse = sparse
@@ -265,10 +266,5 @@ def test_trl_tied_embedding_gradient_sparse_in_one_process_same_gradient(tmp_pat
     from peft import LoraConfig
 
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    trainer, *_ = _trainer(KLDPOTrainer, tmp_path / "lora", tau=0.5, peft_config=lora, model_hook=_tie)
+    trainer, *_ = _trainer(KLDPOTrainer, tmp_path / "lora", tau=0.5, peft_config=lora, model_hook=tie_embeddings)
     assert trainer.sparse_embedding_grad is False
-
-
-def _tie(model):
-    model.lm_head.weight = model.get_input_embeddings().weight
-    return model
